@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# Boot the L1 "host" (Debian cloud kernel) in QEMU TCG with emulated AMD SVM
+# + NPT, using an initramfs from mk-l1-initramfs.sh, and exit with the code
+# its /e2e.sh reported ("E2E-EXIT <code>" on the serial console).
+#
+# Usage: run-l1.sh [--initrd FILE] [--kernel FILE] [--timeout SECS] [--log FILE]
+# Env: L1_INITRD, L1_KERNEL, E2E_TIMEOUT (default 900), E2E_LOG,
+#      L1_MEM (default 4G), L1_SMP (default 2), L1_CPU, L1_APPEND (extra
+#      kernel args, e.g. "loglevel=7" or "E2E_NO_PROBE=1"), E2E_VERBOSE=1
+#      (show kernel messages; default boots L1 with "quiet").
+#
+# Exit status: the E2E-EXIT code; 124 on timeout; 125 if QEMU ended without
+# an E2E-EXIT line; 2 for usage errors.
+# Also prints host-side timings: L1 init reached, /dev/kvm ready, e2e done.
+set -euo pipefail
+E2E_TAG=run-l1
+# shellcheck source=tools/e2e/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+initrd="${L1_INITRD:-$CACHE/l1-initrd.img}"
+kernel="${L1_KERNEL:-$CACHE/vmlinuz}"
+timeout_s="${E2E_TIMEOUT:-900}"
+log="${E2E_LOG:-$CACHE/l1-console.log}"
+mem="${L1_MEM:-4G}"
+smp="${L1_SMP:-2}"
+# EPYC + SVM + NPT. The minus-features are ones TCG cannot emulate; listing
+# them silences QEMU's per-feature warnings and changes nothing else.
+cpu="${L1_CPU:-EPYC,+svm,+npt,-rdseed,-sha-ni,-fxsr-opt,-misalignsse,-3dnowprefetch,-osvw,-topoext,-nrip-save,-xsavec}"
+
+while (($#)); do
+    case "$1" in
+        --initrd) initrd="$2"; shift 2 ;;
+        --kernel) kernel="$2"; shift 2 ;;
+        --timeout) timeout_s="$2"; shift 2 ;;
+        --log) log="$2"; shift 2 ;;
+        -h|--help) sed -n '2,16p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        *) e2e_log "unknown argument: $1"; exit 2 ;;
+    esac
+done
+
+e2e_require qemu-system-x86_64 qemu-system-x86
+e2e_require timeout coreutils
+[[ -f "$kernel" ]] || e2e_die "L1 kernel $kernel missing; run tools/e2e/fetch-guest.sh"
+[[ -f "$initrd" ]] || e2e_die "L1 initrd $initrd missing; run tools/e2e/mk-l1-initramfs.sh"
+
+append="console=ttyS0 panic=-1 reboot=k"
+if [[ "${E2E_VERBOSE:-0}" != 1 ]]; then append+=" quiet"; fi
+append+="${L1_APPEND:+ $L1_APPEND}"
+
+# Only one QEMU at a time on this 2-core machine: serialize via a lock.
+lock="$CACHE/.qemu.lock"
+mkdir -p "$(dirname "$log")"
+exec 9>"$lock"
+if ! flock -n 9; then
+    e2e_log "another run-l1.sh holds $lock; waiting for it"
+    flock 9
+fi
+
+qemu=(qemu-system-x86_64
+    -machine q35 -accel tcg -cpu "$cpu"
+    -m "$mem" -smp "$smp"
+    -no-reboot -nodefaults -display none -monitor none
+    -serial stdio
+    -kernel "$kernel" -initrd "$initrd"
+    -append "$append")
+
+e2e_log "kernel=$kernel initrd=$initrd ($(du -h "$initrd" | cut -f1)) timeout=${timeout_s}s log=$log"
+e2e_log "${qemu[*]}"
+
+start_ns=$(date +%s%N)
+ms_since_start() { echo $((($(date +%s%N) - start_ns) / 1000000)); }
+t_init="" t_kvm="" t_end="" code=""
+: >"$log"
+
+set +e
+# stdin from /dev/null: never let QEMU put a terminal into raw mode.
+timeout -k 10 "$timeout_s" "${qemu[@]}" </dev/null 2>&1 \
+| while IFS= read -r line || [[ -n "$line" ]]; do
+    line="${line%$'\r'}"
+    printf '%s\n' "$line" >>"$log"
+    printf '%s\n' "$line"
+    case "$line" in
+        *L1-INIT\ uptime=*) printf '[run-l1] host: L1 /init reached after %s ms\n' "$(ms_since_start)" ;;
+        *L1-KVM-READY*)     printf '[run-l1] host: L1 /dev/kvm ready after %s ms\n' "$(ms_since_start)" ;;
+        *E2E-EXIT\ *)       printf '[run-l1] host: E2E-EXIT seen after %s ms\n' "$(ms_since_start)" ;;
+    esac
+done
+statuses=("${PIPESTATUS[@]}")
+set -e
+qemu_rc="${statuses[0]}"
+elapsed=$(ms_since_start)
+
+code="$(sed -n 's/^.*E2E-EXIT \([0-9][0-9]*\).*$/\1/p' "$log" | tail -n1)"
+if [[ "$qemu_rc" == 124 || "$qemu_rc" == 137 ]]; then
+    e2e_log "TIMEOUT: QEMU killed after ${timeout_s}s (elapsed ${elapsed} ms); console log: $log"
+    exit 124
+fi
+if [[ -z "$code" ]]; then
+    e2e_log "FAIL: QEMU exited ($qemu_rc) without an 'E2E-EXIT <code>' line after ${elapsed} ms; console log: $log"
+    exit 125
+fi
+e2e_log "E2E-EXIT $code (QEMU rc $qemu_rc, total ${elapsed} ms)"
+exit "$code"
