@@ -13,6 +13,7 @@
 # Usage:
 #   mk-l1-initramfs.sh --forkvm BIN --script E2E.sh [--out FILE]
 #                      [--l2-kernel FILE] [--l2-initrd FILE] [--probe BIN]
+#                      [--extra DIR]   (copied over the root, e.g. extra tools)
 # Env equivalents: FORKVM_BIN, E2E_SCRIPT, L1_INITRD, L2_KERNEL, L2_INITRD,
 # KVM_PROBE_BIN. Defaults come from $FORKVM_CACHE (see fetch-guest.sh).
 set -euo pipefail
@@ -26,6 +27,7 @@ out="${L1_INITRD:-$CACHE/l1-initrd.img}"
 l2k="${L2_KERNEL:-$CACHE/vmlinuz}"
 l2i="${L2_INITRD:-$CACHE/l2-initrd.img}"
 probe="${KVM_PROBE_BIN:-$CACHE/build/kvm-probe}"
+extra="${L1_EXTRA_DIR:-}"
 
 usage() { sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 while (($#)); do
@@ -36,6 +38,7 @@ while (($#)); do
         --l2-kernel) l2k="$2"; shift 2 ;;
         --l2-initrd) l2i="$2"; shift 2 ;;
         --probe) probe="$2"; shift 2 ;;
+        --extra) extra="$2"; shift 2 ;;
         -h|--help) usage 0 ;;
         *) e2e_log "unknown argument: $1"; usage 2 ;;
     esac
@@ -49,8 +52,9 @@ done
 [[ -f "$l2i" ]] || e2e_die "L2 initrd $l2i missing; run tools/e2e/mk-l2-initramfs.sh"
 e2e_require_cache modules/load-order
 
-# The binary must run in an initramfs without a libc: insist on static.
-if command -v file >/dev/null 2>&1; then
+# The binary must run in an initramfs without a libc: insist on static
+# (a #! script, like mock-forkvm.sh, is fine too).
+if [[ "$(head -c2 "$forkvm")" != '#!' ]] && command -v file >/dev/null 2>&1; then
     desc="$(file -L "$forkvm")"
     case "$desc" in
         *"statically linked"*|*"static-pie linked"*) ;;
@@ -74,12 +78,18 @@ cp "$l2i" "$root/l2/initrd.img"
 
 # Strip debug info (release profile has debug=1) to keep the cpio small.
 install -m 0755 "$forkvm" "$root/forkvm"
-if command -v strip >/dev/null 2>&1; then strip --strip-debug "$root/forkvm" || true; fi
+if [[ "$(head -c4 "$forkvm")" == $'\x7fELF' ]] && command -v strip >/dev/null 2>&1; then
+    strip --strip-debug "$root/forkvm" || true
+fi
 if [[ -f "$probe" ]]; then
     install -m 0755 "$probe" "$root/kvm-probe"
     if command -v strip >/dev/null 2>&1; then strip --strip-debug "$root/kvm-probe" || true; fi
 fi
 install -m 0755 "$script" "$root/e2e.sh"
+if [[ -n "$extra" ]]; then
+    [[ -d "$extra" ]] || e2e_die "--extra $extra is not a directory"
+    cp -a "$extra/." "$root/"
+fi
 
 cat >"$root/init" <<'INIT'
 #!/bin/sh

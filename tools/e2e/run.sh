@@ -10,6 +10,9 @@
 # Usage: run.sh [--placeholder] [--forkvm BIN] [--script FILE] [--timeout S]
 #   --placeholder   use tools/e2e/kvm-probe.rs as /forkvm and kvm-probe.sh as
 #                   the test (proves the harness + nested KVM without forkvm)
+#   --qemu-l2       diagnostic: use mock-forkvm.sh (QEMU -accel kvm, copied
+#                   into L1 with its libraries) as /forkvm with l2-boot.sh, to
+#                   measure nested L2 Linux boot without the real forkvm
 #   --forkvm BIN    use this static binary instead of building one
 #   --script FILE   test script run inside L1 (default tools/e2e/l2-boot.sh)
 #   --timeout S     QEMU hard timeout (default $E2E_TIMEOUT or 900)
@@ -22,12 +25,14 @@ E2E_TAG=run
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 placeholder=0
+qemu_l2=0
 forkvm="${FORKVM_BIN:-}"
 script="${E2E_SCRIPT:-}"
 timeout_s="${E2E_TIMEOUT:-900}"
 while (($#)); do
     case "$1" in
         --placeholder) placeholder=1; shift ;;
+        --qemu-l2) qemu_l2=1; shift ;;
         --forkvm) forkvm="$2"; shift 2 ;;
         --script) script="$2"; shift 2 ;;
         --timeout) timeout_s="$2"; shift 2 ;;
@@ -63,10 +68,39 @@ build_forkvm() { # -> prints path of static forkvm
     printf '%s\n' "$tdir/$target/release/forkvm"
 }
 
+# Copy qemu-system-x86_64, its shared libraries and the firmware it needs
+# into <dir> so that it runs inside L1 (the L1 initramfs has no libc).
+stage_qemu() { # dir
+    local d="$1" q lib
+    q="$(command -v qemu-system-x86_64)" || e2e_die "qemu-system-x86_64 not found (apt-get install qemu-system-x86)"
+    rm -rf "$d"; mkdir -p "$d/usr/bin" "$d/usr/share/qemu"
+    cp -L "$q" "$d/usr/bin/"
+    while read -r lib; do
+        mkdir -p "$d$(dirname "$lib")"
+        cp -L "$lib" "$d$lib"
+    done < <(ldd "$q" | awk '/=> \//{print $3} /^\t\/[^ ]+ \(/{print $1}')
+    # Firmware for q35/microvm + -kernel boots: QEMU searches
+    # <bindir>/../share/qemu and ../share/seabios (see qemu-system-x86_64 -L help).
+    mkdir -p "$d/usr/share/seabios"
+    for f in bios-256k.bin bios-microvm.bin qboot.rom linuxboot_dma.bin linuxboot.bin kvmvapic.bin pvh.bin multiboot_dma.bin; do
+        if [[ -e "/usr/share/seabios/$f" ]]; then cp -L "/usr/share/seabios/$f" "$d/usr/share/seabios/"
+        elif [[ -e "/usr/share/qemu/$f" ]]; then cp -L "/usr/share/qemu/$f" "$d/usr/share/qemu/"; fi
+    done
+    [[ -e "$d/usr/share/seabios/bios-256k.bin" || -e "$d/usr/share/qemu/bios-256k.bin" ]] \
+        || e2e_die "bios-256k.bin not found; apt-get install seabios"
+    mkdir -p "$d/usr/lib/x86_64-linux-gnu/qemu"
+}
+
 t_start=$SECONDS
 "$E2E_DIR/fetch-guest.sh" >&2
 build_probe
-if ((placeholder)); then
+extra_args=()
+if ((qemu_l2)); then
+    stage_qemu "$CACHE/build/qemu-stage"
+    forkvm="$E2E_DIR/mock-forkvm.sh"
+    extra_args=(--extra "$CACHE/build/qemu-stage")
+    export L1_APPEND="MOCK_ACCEL=kvm${L1_APPEND:+ $L1_APPEND}"
+elif ((placeholder)); then
     forkvm="${forkvm:-$CACHE/build/kvm-probe}"
     script="${script:-$E2E_DIR/kvm-probe.sh}"
 elif [[ -z "$forkvm" ]]; then
@@ -77,7 +111,7 @@ script="${script:-$E2E_DIR/l2-boot.sh}"
 "$E2E_DIR/mk-l2-initramfs.sh" "$CACHE/l2-initrd.img" >/dev/null
 "$E2E_DIR/mk-l1-initramfs.sh" --forkvm "$forkvm" --script "$script" \
     --l2-kernel "$CACHE/vmlinuz" --l2-initrd "$CACHE/l2-initrd.img" \
-    --out "$CACHE/l1-initrd.img" >/dev/null
+    --out "$CACHE/l1-initrd.img" "${extra_args[@]}" >/dev/null
 e2e_log "prepared in $((SECONDS - t_start)) s; booting L1 (forkvm=$forkvm script=$script)"
 
 set +e
