@@ -14,6 +14,7 @@
 #   FORKVM, L2_DIR, L2_WORK  binary (/forkvm), kernel+initrd dir (/l2), scratch
 #                     dir (/tmp/l2); for running this script outside L1
 set -eu
+# shellcheck disable=SC3040  # busybox ash supports pipefail
 set -o pipefail 2>/dev/null || true
 
 boot_timeout="${L2_BOOT_TIMEOUT:-300}"
@@ -78,6 +79,7 @@ guest_up="$(sed -n 's/.*FORKVM-READY uptime=\([0-9.]*\).*/\1/p' "$out" | head -n
 echo "L2-BOOT-TIME ms=$((t1 - t0)) guest_uptime=${guest_up}s (L1 wall clock from spawning forkvm to FORKVM-READY, 10ms resolution)"
 
 # Talk to the L2 shell over the serial console.
+# shellcheck disable=SC2016  # expanded by the L2 shell, not here
 echo 'echo L2-ECHO-$((6*7)) $(uname -r)' >&3
 wait_for "L2-ECHO-42" 60
 t2=$(now_ms)

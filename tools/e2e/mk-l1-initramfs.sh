@@ -17,8 +17,8 @@
 # Env equivalents: FORKVM_BIN, E2E_SCRIPT, L1_INITRD, L2_KERNEL, L2_INITRD,
 # KVM_PROBE_BIN. Defaults come from $FORKVM_CACHE (see fetch-guest.sh).
 set -euo pipefail
-E2E_TAG=mk-l1-initramfs
-# shellcheck source=tools/e2e/lib.sh
+export E2E_TAG=mk-l1-initramfs
+# shellcheck source=lib.sh source-path=SCRIPTDIR
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 forkvm="${FORKVM_BIN:-}"

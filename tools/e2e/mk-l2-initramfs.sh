@@ -7,8 +7,8 @@
 #
 # Usage: mk-l2-initramfs.sh [OUT]   (default: $FORKVM_CACHE/l2-initrd.img)
 set -euo pipefail
-E2E_TAG=mk-l2-initramfs
-# shellcheck source=tools/e2e/lib.sh
+export E2E_TAG=mk-l2-initramfs
+# shellcheck source=lib.sh source-path=SCRIPTDIR
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 out="${1:-$CACHE/l2-initrd.img}"

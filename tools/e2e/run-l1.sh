@@ -13,8 +13,8 @@
 # an E2E-EXIT line; 2 for usage errors.
 # Also prints host-side timings: L1 init reached, /dev/kvm ready, e2e done.
 set -euo pipefail
-E2E_TAG=run-l1
-# shellcheck source=tools/e2e/lib.sh
+export E2E_TAG=run-l1
+# shellcheck source=lib.sh source-path=SCRIPTDIR
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 initrd="${L1_INITRD:-$CACHE/l1-initrd.img}"
@@ -69,7 +69,7 @@ e2e_log "${qemu[*]}"
 
 start_ns=$(date +%s%N)
 ms_since_start() { echo $((($(date +%s%N) - start_ns) / 1000000)); }
-t_init="" t_kvm="" t_end="" code=""
+code=""
 : >"$log"
 
 set +e

@@ -20,8 +20,8 @@
 # script sees NAME=VALUE words as environment, e.g. L2_BOOT_TIMEOUT=600),
 # E2E_VERBOSE=1, and everything run-l1.sh accepts.
 set -euo pipefail
-E2E_TAG=run
-# shellcheck source=tools/e2e/lib.sh
+export E2E_TAG=run
+# shellcheck source=lib.sh source-path=SCRIPTDIR
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 placeholder=0
