@@ -1,0 +1,18 @@
+//! forkvm's VMM: KVM microVMs that boot our test guest or Linux, pause and resume at any point,
+//! snapshot, restore and fork. Laid out like Firecracker's `src/vmm`: `vstate/` holds the KVM VM,
+//! vCPUs and guest memory, `devices/` the emulated devices, `arch/` the x86_64 boot details.
+
+pub mod arch;
+pub mod devices;
+pub mod error;
+pub mod microvm;
+pub mod vcpu_thread;
+pub mod vstate;
+
+pub use error::Error;
+pub use microvm::{BootSource, MicroVm, VmConfig};
+pub use vcpu_thread::ExitReason;
+pub use vstate::memory::Backing;
+
+/// The embedded test guest (see the `test-guest` crate).
+pub static TEST_GUEST_ELF: &[u8] = test_guest::ELF;

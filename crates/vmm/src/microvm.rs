@@ -1,0 +1,274 @@
+//! A running microVM: KVM VM + memory + devices + vCPU threads, with pause/resume/stop.
+
+use std::io::Write;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch::{boot, layout, regs};
+use crate::devices::console::Console;
+use crate::devices::pio::PioBus;
+use crate::devices::serial::{SerialPort, COM1_IRQ};
+use crate::vcpu_thread::{install_kick_handler, run_vcpu, Control, ExitReason, Want};
+use crate::vstate::memory::{Backing, GuestMem};
+use crate::vstate::vcpu::Vcpu;
+use crate::vstate::vm::Vm;
+use crate::Error;
+
+/// Most vCPUs a VM may have.
+pub const MAX_VCPUS: u8 = 32;
+
+/// What a VM boots.
+#[derive(Clone, Debug)]
+pub enum BootSource {
+    /// Our test guest, embedded in the binary.
+    TestGuest,
+    /// A kernel image (ELF64 vmlinux or bzImage) with optional initrd and command line.
+    Kernel {
+        kernel: Vec<u8>,
+        initrd: Option<Vec<u8>>,
+        cmdline: String,
+    },
+}
+
+/// How to build a VM.
+pub struct VmConfig {
+    pub mem_size: u64,
+    pub vcpus: u8,
+    pub backing: Backing,
+    pub hugepages: bool,
+    pub boot: BootSource,
+    /// Where the console is mirrored besides the in-memory line log (stdout, a socket...).
+    pub console_mirror: Option<Box<dyn Write + Send>>,
+}
+
+impl std::fmt::Debug for VmConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmConfig")
+            .field("mem_size", &self.mem_size)
+            .field("vcpus", &self.vcpus)
+            .field("backing", &self.backing)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        VmConfig {
+            mem_size: 256 << 20,
+            vcpus: 1,
+            backing: Backing::Anon,
+            hugepages: true,
+            boot: BootSource::TestGuest,
+            console_mirror: None,
+        }
+    }
+}
+
+/// A microVM whose vCPUs run on their own threads.
+#[derive(Debug)]
+pub struct MicroVm {
+    ctl: Arc<Control>,
+    threads: Vec<JoinHandle<()>>,
+    serial: SerialPort,
+    // Field order matters for drop: the VM (and its vCPU fds, owned by the threads) go before memory.
+    vm: Vm,
+    mem: Arc<GuestMem>,
+    vcpus: u8,
+    generation: u64,
+    started: Instant,
+}
+
+fn fresh_seed() -> [u8; 32] {
+    let mut seed = [0u8; 32];
+    // SAFETY: getrandom writes at most seed.len() bytes into our buffer.
+    let n = unsafe { libc::getrandom(seed.as_mut_ptr().cast(), seed.len(), 0) };
+    if n != seed.len() as isize {
+        // Fall back on a hash of time and pid; never leave clones with equal seeds.
+        let t = Instant::now().elapsed().as_nanos() ^ u128::from(std::process::id());
+        seed = *blake3::hash(&t.to_le_bytes()).as_bytes();
+    }
+    seed
+}
+
+/// Writes generation `gen` and a fresh seed into the guest's generation page.
+pub fn write_generation(mem: &GuestMem, gen: u64) -> bool {
+    let mut page = Vec::with_capacity(40);
+    page.extend_from_slice(&0u64.to_le_bytes());
+    page.extend_from_slice(&fresh_seed());
+    // Seed first, then the counter: the guest reseeds when it sees the counter change.
+    mem.write(layout::GEN_PAGE + 8, &page[8..]) && mem.write(layout::GEN_PAGE, &gen.to_le_bytes())
+}
+
+impl MicroVm {
+    /// Creates and boots a VM.
+    pub fn boot(cfg: VmConfig) -> Result<Self, Error> {
+        if cfg.vcpus == 0 || cfg.vcpus > MAX_VCPUS {
+            return Err(Error::Config(format!(
+                "vCPU count must be 1..={MAX_VCPUS}, got {}",
+                cfg.vcpus
+            )));
+        }
+        let started = Instant::now();
+        let mem = Arc::new(GuestMem::new(cfg.mem_size, cfg.backing, cfg.hugepages)?);
+        let (kernel, initrd, cmdline): (&[u8], Option<&[u8]>, &str) = match &cfg.boot {
+            BootSource::TestGuest => (crate::TEST_GUEST_ELF, None, ""),
+            BootSource::Kernel {
+                kernel,
+                initrd,
+                cmdline,
+            } => (kernel, initrd.as_deref(), cmdline),
+        };
+        let loaded = boot::load(&mem, kernel, initrd, cmdline)?;
+        regs::write_boot_tables(&mem).map_err(|e| Error::Config(e.to_string()))?;
+        if !write_generation(&mem, 1) {
+            return Err(Error::Config("no room for the generation page".into()));
+        }
+        let vm = Vm::new()?;
+        vm.set_memory(&mem)?;
+        let console = Console::new(cfg.console_mirror);
+        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::Io)?;
+        vm.register_irqfd(&irq, COM1_IRQ)?;
+        let serial = SerialPort::new(irq, console);
+        let mut vcpus = Vec::new();
+        for id in 0..cfg.vcpus {
+            let v = Vcpu::new(&vm, id)?;
+            v.set_cpuid(&vm, cfg.vcpus)?;
+            v.configure_boot(loaded.entry)?;
+            vcpus.push(v);
+        }
+        let mut me = MicroVm {
+            ctl: Control::new(vcpus.len(), Want::Run),
+            threads: Vec::new(),
+            serial,
+            vm,
+            mem,
+            vcpus: cfg.vcpus,
+            generation: 1,
+            started,
+        };
+        me.spawn(vcpus)?;
+        Ok(me)
+    }
+
+    fn spawn(&mut self, vcpus: Vec<Vcpu>) -> Result<(), Error> {
+        install_kick_handler().map_err(Error::Io)?;
+        for v in vcpus {
+            let bus = PioBus {
+                serial: self.serial.clone(),
+            };
+            let ctl = self.ctl.clone();
+            let name = format!("vcpu{}", v.id);
+            let h = std::thread::Builder::new()
+                .name(name)
+                .spawn(move || run_vcpu(v, bus, ctl))
+                .map_err(Error::Io)?;
+            self.threads.push(h);
+        }
+        Ok(())
+    }
+
+    pub fn console(&self) -> &Arc<Console> {
+        self.serial.console()
+    }
+
+    pub fn serial(&self) -> &SerialPort {
+        &self.serial
+    }
+
+    pub fn memory(&self) -> &Arc<GuestMem> {
+        &self.mem
+    }
+
+    pub fn vcpu_count(&self) -> u8 {
+        self.vcpus
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// When the VM was created (for boot-time measurements).
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
+    pub fn control(&self) -> &Arc<Control> {
+        &self.ctl
+    }
+
+    pub fn vm(&self) -> &Vm {
+        &self.vm
+    }
+
+    /// Sends a line to the guest's serial input.
+    pub fn send_line(&self, line: &str) -> Result<(), Error> {
+        let mut bytes = line.as_bytes().to_vec();
+        bytes.push(b'\n');
+        let n = self.serial.send(&bytes, Duration::from_secs(10));
+        if n != bytes.len() {
+            return Err(Error::Guest(format!(
+                "the guest stopped reading its console after {n} bytes"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Sends a command line and waits for the next line the guest prints.
+    pub fn command(&self, line: &str, timeout: Duration) -> Result<String, Error> {
+        let mut cursor = self.console().cursor();
+        self.send_line(line)?;
+        self.console()
+            .wait_line(&mut cursor, timeout, |_| true)
+            .ok_or_else(|| Error::Guest(format!("no answer to {line:?} within {timeout:?}")))
+    }
+
+    /// Waits for a console line containing `needle`, from the beginning of the log.
+    pub fn wait_for(&self, needle: &str, timeout: Duration) -> Result<String, Error> {
+        let mut cursor = 0;
+        self.console()
+            .wait_line(&mut cursor, timeout, |l| l.contains(needle))
+            .ok_or_else(|| match self.ctl.exit_reason() {
+                Some(r) => Error::Guest(format!("VM exited ({r:?}) before printing {needle:?}")),
+                None => Error::Guest(format!("{needle:?} not printed within {timeout:?}")),
+            })
+    }
+
+    /// Parks all vCPUs at an instruction boundary; returns the pause latency.
+    pub fn pause(&self) -> Result<Duration, Error> {
+        self.ctl
+            .pause(Duration::from_secs(10))
+            .map_err(Error::State)
+    }
+
+    /// Continues paused vCPUs exactly where they were; returns the resume latency.
+    pub fn resume(&self) -> Result<Duration, Error> {
+        self.ctl.resume().map_err(Error::State)
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.ctl.is_paused()
+    }
+
+    /// Waits for the guest to exit (reset/halt) or the VM to be stopped.
+    pub fn wait_exit(&self, timeout: Option<Duration>) -> Option<ExitReason> {
+        self.ctl.wait_exit(timeout)
+    }
+
+    /// Stops the vCPUs and joins their threads.
+    pub fn stop(&mut self) -> Option<ExitReason> {
+        self.ctl.stop(ExitReason::Stopped);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        self.ctl.exit_reason()
+    }
+}
+
+impl Drop for MicroVm {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

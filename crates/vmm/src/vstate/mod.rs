@@ -1,0 +1,4 @@
+//! KVM state of a microVM: the VM (irqchip, PIT, memory slots), its vCPUs, and guest memory.
+pub mod memory;
+pub mod vcpu;
+pub mod vm;
