@@ -1,0 +1,34 @@
+//! # pagesrv
+//!
+//! A userfaultfd page server for lazily restored VM memory.
+//!
+//! A [`PageServer`] owns a userfaultfd whose registered regions are backed
+//! by a [`PageSource`] (a [`chunkstore`] image, a raw memory file, another
+//! VM's frozen memory, or zeroes). A fault thread serves each missing-page
+//! fault with the aligned block around it (configurable batch) in one
+//! `UFFDIO_COPY`, or `UFFDIO_ZEROPAGE` for zero blocks; handles
+//! `UFFD_EVENT_REMOVE`; can record the working set and, on a later
+//! restore, prefetch it in a second thread (REAP). See [`server`] for the
+//! failure policy (poisoned pages raise SIGBUS instead of hanging) and
+//! [`fc`] for the Firecracker-compatible socket handshake.
+
+pub mod bench;
+mod bitmap;
+mod error;
+pub mod fc;
+pub mod server;
+pub mod source;
+pub mod stats;
+pub mod uffd;
+pub mod wset;
+
+pub use bench::{bench_store, BenchOpts};
+pub use error::{Error, Result};
+pub use server::{PageServer, Region, RemovePolicy, ServerConfig};
+pub use source::{ChunkSource, FileSource, MemSource, PageSource, ZeroSource};
+pub use stats::{Histogram, Stats, StatsSnapshot};
+pub use uffd::Uffd;
+pub use wset::WorkingSet;
+
+#[cfg(test)]
+mod tests;
