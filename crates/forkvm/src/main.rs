@@ -1,1 +1,33 @@
-fn main() {}
+//! `forkvm`: run, pause, snapshot and fork microVMs. See the README for the two commands that
+//! matter most (`forkvm demo` and the test command).
+
+mod bench;
+mod cli;
+mod demo;
+mod run;
+mod size;
+mod stats;
+
+use clap::Parser;
+
+fn main() {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_env("FORKVM_LOG").unwrap_or_else(|_| "warn".into());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = cli::Cli::parse();
+    let result = match cli.command {
+        cli::Command::Run(args) => run::run(args),
+        cli::Command::Demo(args) => demo::demo(args),
+        cli::Command::Bench(args) => bench::bench(args),
+    };
+    match result {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("forkvm: error: {e}");
+            std::process::exit(1);
+        }
+    }
+}
