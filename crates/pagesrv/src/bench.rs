@@ -166,6 +166,7 @@ struct RunResult {
     server_p50: Option<Duration>,
     server_p99: Option<Duration>,
     faults: u64,
+    prefetch_time: Option<Duration>,
 }
 
 /// Restore into a fresh mapping and touch `order`, timing each first access.
@@ -192,6 +193,7 @@ fn restore_run(
     let srv = PageServer::register(vec![region], src.clone(), cfg).map_err(|e| e.to_string())?;
     let mut access = Vec::with_capacity(order.len());
     let t0 = Instant::now();
+    let mut srv = srv;
     for &p in order {
         let t = Instant::now();
         // SAFETY: p < pages, so the address is inside the live mapping.
@@ -201,6 +203,7 @@ fn restore_run(
         access.push(t.elapsed());
     }
     let total = t0.elapsed();
+    let prefetch_time = srv.wait_prefetch();
     let ws = srv.working_set();
     let st = srv.stop();
     Ok((
@@ -210,6 +213,7 @@ fn restore_run(
             server_p50: st.latency_p50,
             server_p99: st.latency_p99,
             faults: st.faults,
+            prefetch_time,
         },
         ws,
     ))
@@ -370,12 +374,13 @@ fn bench_inner(opts: &BenchOpts) -> Result<String, String> {
         "WS resident ms med/min/max"
     );
     let mut recorded = WorkingSet::default();
-    let modes: [(&str, usize, bool); 5] = [
+    let modes: [(&str, usize, bool); 6] = [
         ("single page (4K)", 4096, false),
         ("batched 64K", 64 << 10, false),
         ("batched 256K", 256 << 10, false),
         ("batched 2M", 2 << 20, false),
         ("prefetched (REAP) 64K", 64 << 10, true),
+        ("prefetched (REAP) 4K", 4096, true),
     ];
     for (label, batch, prefetch) in modes {
         let mut totals = Vec::new();
@@ -384,9 +389,10 @@ fn bench_inner(opts: &BenchOpts) -> Result<String, String> {
         let mut s50 = Vec::new();
         let mut s99 = Vec::new();
         let mut faults = 0;
+        let mut pf_times = Vec::new();
         for _ in 0..runs {
             let pf = prefetch.then(|| recorded.clone());
-            let record = batch == 64 << 10 && !prefetch;
+            let record = batch == 4096 && !prefetch;
             let (mut r, ws) = restore_run(&src, len, &order, batch, pf, record)?;
             if record {
                 recorded = ws;
@@ -398,6 +404,7 @@ fn bench_inner(opts: &BenchOpts) -> Result<String, String> {
             s50.push(r.server_p50.unwrap_or_default());
             s99.push(r.server_p99.unwrap_or_default());
             faults = r.faults;
+            pf_times.extend(r.prefetch_time);
         }
         let (tm, tmin, tmax) = med_min_max(totals);
         let _ = writeln!(
@@ -411,6 +418,15 @@ fn bench_inner(opts: &BenchOpts) -> Result<String, String> {
             us(med_min_max(s99).0) + "us",
             format!("{} / {} / {}", ms(tm), ms(tmin), ms(tmax)),
         );
+        if !pf_times.is_empty() {
+            let (pm, pmin, pmax) = med_min_max(pf_times);
+            let _ = writeln!(
+                out,
+                "{:<22} {:>80}",
+                "  prefetch thread done",
+                format!("{} / {} / {}", ms(pm), ms(pmin), ms(pmax))
+            );
+        }
     }
 
     // --- eager baseline: decompress the same pages into fresh memory ---
@@ -465,7 +481,7 @@ fn bench_inner(opts: &BenchOpts) -> Result<String, String> {
     );
     let _ = writeln!(
         out,
-        "\nfault p50/p99 = server-side service time (message read -> page placed); access = guest-side first-touch time.\nrecorded working set: {} blocks, {:.1} MiB",
+        "\nfault p50/p99 = server-side service time (message read -> page placed); access = guest-side first-touch time.\nrecorded working set (from the single-page run): {} ranges, {:.1} MiB",
         recorded.ranges.len(),
         recorded.bytes() as f64 / (1u64 << 20) as f64
     );

@@ -13,6 +13,10 @@
 //! else `kill(owner_pid, SIGBUS)`. The error is kept in
 //! [`PageServer::error`] and counted in the stats.
 //!
+//! If the fault thread itself dies (a panicking source) or the uffd fails,
+//! the server *fails stop*: every page not yet served is poisoned, so the
+//! blocked thread and all later accesses to unserved memory get SIGBUS.
+//!
 //! ## Stopping
 //!
 //! [`PageServer::stop`] ends both threads and closes the uffd. Pages not yet
@@ -65,6 +69,8 @@ pub struct ServerConfig {
     /// and to pages not yet present.
     pub batch: usize,
     /// Record the first-touch order of blocks (see [`PageServer::working_set`]).
+    /// The recorded unit is the `batch` block, so record with a small batch
+    /// (e.g. 4 KiB) to get an exact working set.
     pub record: bool,
     /// Prefetch these ranges in a background thread (REAP).
     pub prefetch: Option<WorkingSet>,
@@ -215,7 +221,7 @@ impl PageServer {
         let s = shared.clone();
         let fault_thread = std::thread::Builder::new()
             .name("pagesrv-fault".into())
-            .spawn(move || fault_loop(&s, &wake_fd))
+            .spawn(move || fault_thread(&s, &wake_fd))
             .map_err(sys("spawn fault thread"))?;
         let prefetch_thread = match prefetch {
             Some(ws) if !ws.ranges.is_empty() => {
@@ -274,31 +280,10 @@ impl PageServer {
     }
 
     /// Poison every page not yet served so that later accesses raise
-    /// SIGBUS instead of reading zeros once the uffd is closed.
+    /// SIGBUS instead of reading zeros once the uffd is closed. Returns the
+    /// number of pages poisoned.
     pub fn poison_unserved(&self) -> Result<u64> {
-        let mut n = 0;
-        for rs in &self.shared.regions {
-            let mut p = 0;
-            while p < rs.pages {
-                if rs.present.get(p) {
-                    p += 1;
-                    continue;
-                }
-                let lo = p;
-                while p < rs.pages && !rs.present.get(p) {
-                    p += 1;
-                }
-                let ps = self.shared.cfg.page_size as u64;
-                let _ = self
-                    .shared
-                    .uffd
-                    .poison(rs.r.base + lo as u64 * ps, (p - lo) as u64 * ps)
-                    .map_err(sys("UFFDIO_POISON"))?;
-                rs.present.set_range(lo, p);
-                n += (p - lo) as u64;
-            }
-        }
-        Ok(n)
+        poison_unserved(&self.shared)
     }
 
     /// Stop both threads and close the uffd. Returns the final stats.
@@ -327,7 +312,64 @@ impl Drop for PageServer {
     }
 }
 
-fn fault_loop(s: &Shared, stop_fd: &OwnedFd) {
+fn poison_unserved(s: &Shared) -> Result<u64> {
+    let ps = s.cfg.page_size as u64;
+    let mut n = 0;
+    for rs in &s.regions {
+        let mut p = 0;
+        while p < rs.pages {
+            if rs.present.get(p) {
+                p += 1;
+                continue;
+            }
+            let lo = p;
+            while p < rs.pages && !rs.present.get(p) {
+                p += 1;
+            }
+            let (start, len) = (rs.r.base + lo as u64 * ps, (p - lo) as u64 * ps);
+            let mut done = 0;
+            while done < len {
+                match s
+                    .uffd
+                    .poison(start + done, len - done)
+                    .map_err(sys("UFFDIO_POISON"))?
+                {
+                    Fill::Done => done = len,
+                    Fill::Partial(k) => done += k,
+                    Fill::Exists | Fill::Again => done += ps,
+                    Fill::Gone => return Ok(n),
+                }
+            }
+            rs.present.set_range(lo, p);
+            n += (p - lo) as u64;
+        }
+    }
+    s.stats.pages_poisoned.fetch_add(n, Relaxed);
+    Ok(n)
+}
+
+/// The fault thread: serve until stopped. If serving panics (a buggy
+/// [`PageSource`]) or the uffd fails, fail stop: poison every unserved
+/// page, so blocked and future accesses get SIGBUS rather than hanging.
+fn fault_thread(s: &Shared, stop_fd: &OwnedFd) {
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| fault_loop(s, stop_fd)));
+    let failed = match r {
+        Err(_) => {
+            record_error(s, "fault thread panicked; poisoning unserved pages".into());
+            true
+        }
+        Ok(clean) => !clean,
+    };
+    if failed {
+        match poison_unserved(s) {
+            Ok(n) => tracing::error!(pages = n, "page server failed; unserved pages poisoned"),
+            Err(e) => tracing::error!("page server failed and could not poison: {e}"),
+        }
+    }
+}
+
+/// Returns true on a requested stop, false on a fatal error.
+fn fault_loop(s: &Shared, stop_fd: &OwnedFd) -> bool {
     let mut events = Vec::with_capacity(64);
     let mut retry: Vec<(u64, u32)> = Vec::new();
     while !s.stop.load(Relaxed) {
@@ -352,14 +394,14 @@ fn fault_loop(s: &Shared, stop_fd: &OwnedFd) {
                 continue;
             }
             record_error(s, format!("poll on userfaultfd: {e}"));
-            return;
+            return false;
         }
         if fds[1].revents != 0 || s.stop.load(Relaxed) {
-            return;
+            return true;
         }
         if fds[0].revents & (libc::POLLERR | libc::POLLHUP) != 0 {
             tracing::warn!("userfaultfd hung up; fault thread exits");
-            return;
+            return true;
         }
         events.clear();
         loop {
@@ -368,7 +410,7 @@ fn fault_loop(s: &Shared, stop_fd: &OwnedFd) {
                 Ok(_) => continue,
                 Err(e) => {
                     record_error(s, format!("read userfaultfd: {e}"));
-                    return;
+                    return false;
                 }
             }
         }
@@ -396,6 +438,7 @@ fn fault_loop(s: &Shared, stop_fd: &OwnedFd) {
             }
         }
     }
+    true
 }
 
 fn on_remove(s: &Shared, start: u64, end: u64) {
@@ -419,9 +462,10 @@ fn on_remove(s: &Shared, start: u64, end: u64) {
 
 fn record_error(s: &Shared, msg: String) {
     tracing::error!("{msg}");
-    if let Ok(mut e) = s.error.lock() {
-        e.get_or_insert(msg);
-    }
+    s.error
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get_or_insert(msg);
 }
 
 /// Serve the fault at `address`. `first` is false for retries.
@@ -475,10 +519,18 @@ fn serve_fault(s: &Shared, address: u64, tid: u32, first: bool) -> Outcome {
     }
     if first && s.cfg.record && rs.recorded.test_and_set(block) {
         if let Ok(mut r) = s.recorded.lock() {
-            r.push((
-                rs.r.offset + start as u64 * ps,
-                ((end - start) as u64 * ps) as u32,
-            ));
+            let off = rs.r.offset + start as u64 * ps;
+            let len = ((end - start) as u64 * ps) as u32;
+            // Coalesce with the previous block when they are adjacent.
+            match r.last_mut() {
+                Some(last)
+                    if last.0 + u64::from(last.1) == off
+                        && u64::from(last.1) + u64::from(len) <= 64 << 20 =>
+                {
+                    last.1 += len
+                }
+                _ => r.push((off, len)),
+            }
         }
     }
     match place(s, rs, lo, hi, false) {

@@ -545,3 +545,107 @@ fn bench_runs_small() {
     });
     assert!(out.contains("compression"), "{out}");
 }
+
+#[test]
+fn single_page_recording_is_exact() {
+    let img = Arc::new(pattern(1024));
+    let d = TempDir::new("exact");
+    let (store, m) = store_with(&img, &d);
+    let map = Arc::new(Mapping::new(img.len()));
+    let mut c = cfg(4096);
+    c.record = true;
+    let srv =
+        PageServer::register(vec![map.region(0)], Arc::new(ChunkSource::new(store, m)), c).unwrap();
+    let touched: Vec<usize> = (0..1024).filter(|p| p % 3 != 0).collect();
+    for &p in &touched {
+        map.read(p * 4096);
+    }
+    let ws = srv.working_set();
+    let st = srv.stop();
+    assert_eq!(st.faults, touched.len() as u64);
+    assert_eq!(
+        ws.bytes(),
+        touched.len() as u64 * 4096,
+        "{:?}",
+        &ws.ranges[..4]
+    );
+}
+
+/// A kernel read of `len` bytes at `ptr` via write(2) into a pipe, on a
+/// thread, bounded by a timeout. Returns the errno (0 on success).
+fn kernel_read_with_timeout(map: &Arc<Mapping>, offset: usize) -> i32 {
+    let mm = map.clone();
+    let h = std::thread::spawn(move || {
+        let mut fds = [0i32; 2];
+        // SAFETY: fds has room for two ints.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        let at = mm.ptr.wrapping_add(offset);
+        // SAFETY: `at` is inside our mapping; write(2) reads 16 bytes of it.
+        let n = unsafe { libc::write(fds[1], at.cast(), 16) };
+        let err = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+        for fd in fds {
+            // SAFETY: closing an fd we just made.
+            unsafe { libc::close(fd) };
+        }
+        if n == 16 {
+            0
+        } else {
+            err
+        }
+    });
+    let t0 = Instant::now();
+    while !h.is_finished() {
+        assert!(t0.elapsed() < Duration::from_secs(20), "reader hangs");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    h.join().unwrap()
+}
+
+#[derive(Debug)]
+struct PanickingSource;
+impl PageSource for PanickingSource {
+    fn len(&self) -> u64 {
+        1 << 20
+    }
+    fn fill(&self, _offset: u64, _buf: &mut [u8]) -> Result<()> {
+        panic!("source bug (expected in this test)");
+    }
+}
+
+#[test]
+fn a_handler_that_dies_fails_stop() {
+    let map = Arc::new(Mapping::new(1 << 20));
+    let srv = PageServer::register(
+        vec![map.region(0)],
+        Arc::new(PanickingSource),
+        cfg(64 << 10),
+    )
+    .unwrap();
+    // The faulting access fails (EFAULT for a kernel access) instead of hanging ...
+    assert_eq!(kernel_read_with_timeout(&map, 8192), libc::EFAULT);
+    assert!(srv.error().unwrap().contains("panicked"));
+    // ... and so does every later access, even after the server is gone.
+    let st = srv.stop();
+    assert_eq!(st.pages_poisoned, 256);
+    assert_eq!(kernel_read_with_timeout(&map, 500 * 1024), libc::EFAULT);
+}
+
+#[test]
+fn poison_unserved_before_stop() {
+    let img = Arc::new(pattern(64));
+    let d = TempDir::new("poison");
+    let (store, m) = store_with(&img, &d);
+    let map = Arc::new(Mapping::new(img.len()));
+    let srv = PageServer::register(
+        vec![map.region(0)],
+        Arc::new(ChunkSource::new(store, m)),
+        cfg(4096),
+    )
+    .unwrap();
+    assert_eq!(kernel_read_with_timeout(&map, 2 * 4096), 0);
+    assert_eq!(srv.poison_unserved().unwrap(), 63);
+    srv.stop();
+    // Served page still readable, unserved ones fail rather than read zeros.
+    assert_eq!(map.slice()[2 * 4096..3 * 4096], img[2 * 4096..3 * 4096]);
+    assert_eq!(kernel_read_with_timeout(&map, 10 * 4096), libc::EFAULT);
+}
