@@ -136,6 +136,31 @@ impl Store {
         })
     }
 
+    /// Re-read the index from disk, to see images written by another
+    /// process since this store was opened (read-only stores).
+    pub fn reload_index(&self) -> Result<()> {
+        let index = Index::load(&self.dir.join("index"))?;
+        let len = self
+            .pack
+            .file
+            .metadata()
+            .map_err(io_err(&self.pack.path))?
+            .len();
+        if len < index.pack_len {
+            return Err(Error::PackTruncated {
+                path: self.pack.path.clone(),
+                expected: index.pack_len,
+                actual: len,
+            });
+        }
+        let mut cur = self
+            .index
+            .write()
+            .map_err(|_| Error::InvalidArgument("index lock poisoned".into()))?;
+        *cur = index;
+        Ok(())
+    }
+
     /// The store directory.
     pub fn dir(&self) -> &Path {
         &self.dir

@@ -358,3 +358,20 @@ fn writer_lock_and_bad_config() {
     let d2 = TempDir::new();
     assert!(Store::open_or_create(d2.path(), cfg(3000, Codec::Zstd)).is_err());
 }
+
+#[test]
+fn readonly_store_sees_new_images_after_reload() {
+    let d = TempDir::new();
+    let w = Store::open_or_create(d.path(), StoreConfig::default()).unwrap();
+    w.put_image("a", &image(10, 4096, 1)).unwrap();
+    let r = Store::open_readonly(d.path()).unwrap();
+    assert!(matches!(r.put_image("x", &[1]), Err(Error::ReadOnly)));
+    let img_b = image(10, 4096, 2);
+    w.put_image("b", &img_b).unwrap();
+    let mb = r.manifest("b").unwrap();
+    let mut buf = vec![0u8; 10 * 4096];
+    assert!(r.read_pages(&mb, 0, &mut buf).is_err()); // stale index
+    r.reload_index().unwrap();
+    r.read_pages(&mb, 0, &mut buf).unwrap();
+    assert_eq!(buf, img_b);
+}

@@ -86,26 +86,35 @@ impl PageSource for ChunkSource {
     fn fill(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         check_range(self, offset, buf.len())?;
         let ps = self.manifest.page_size() as u64;
-        if !offset.is_multiple_of(ps) || !(buf.len() as u64).is_multiple_of(ps) {
-            return Err(Error::Source {
-                offset,
-                len: buf.len() as u64,
-                reason: format!("not aligned to the image page size {ps}"),
-            });
+        let blen = buf.len() as u64;
+        let err = |e: chunkstore::Error| Error::Source {
+            offset,
+            len: blen,
+            reason: e.to_string(),
+        };
+        if offset.is_multiple_of(ps) && (buf.len() as u64).is_multiple_of(ps) {
+            return self
+                .store
+                .read_pages(&self.manifest, offset / ps, buf)
+                .map_err(err);
         }
+        // Image pages larger than the host pages asked for (e.g. 8 KiB
+        // chunks, 4 KiB faults): read the covering pages and copy out.
+        let first = offset / ps;
+        let end = (offset + buf.len() as u64).div_ceil(ps);
+        let mut tmp = vec![0u8; ((end - first) * ps) as usize];
         self.store
-            .read_pages(&self.manifest, offset / ps, buf)
-            .map_err(|e| Error::Source {
-                offset,
-                len: buf.len() as u64,
-                reason: e.to_string(),
-            })
+            .read_pages(&self.manifest, first, &mut tmp)
+            .map_err(err)?;
+        let skip = (offset - first * ps) as usize;
+        buf.copy_from_slice(&tmp[skip..skip + buf.len()]);
+        Ok(())
     }
     fn is_zero(&self, offset: u64, len: u64) -> bool {
         let ps = self.manifest.page_size() as u64;
-        offset.is_multiple_of(ps)
-            && len.is_multiple_of(ps)
-            && self.manifest.all_zero(offset / ps, len / ps)
+        let first = offset / ps;
+        let end = offset.saturating_add(len).div_ceil(ps);
+        len > 0 && self.manifest.all_zero(first, end - first)
     }
 }
 

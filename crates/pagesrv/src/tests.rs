@@ -649,3 +649,30 @@ fn poison_unserved_before_stop() {
     assert_eq!(map.slice()[2 * 4096..3 * 4096], img[2 * 4096..3 * 4096]);
     assert_eq!(kernel_read_with_timeout(&map, 10 * 4096), libc::EFAULT);
 }
+
+#[test]
+fn eight_k_chunks_served_to_4k_pages() {
+    let img = Arc::new(pattern(512));
+    let d = TempDir::new("8k");
+    let store = Store::open_or_create(
+        &d.0,
+        StoreConfig {
+            page_size: 8192,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let (m, _) = store.put_image("img", &img).unwrap();
+    let src = Arc::new(ChunkSource::new(Arc::new(store), Arc::new(m)));
+    for batch in [4096, 64 << 10] {
+        let map = Arc::new(Mapping::new(img.len()));
+        let srv = PageServer::register(vec![map.region(0)], src.clone(), cfg(batch)).unwrap();
+        // Odd pages first so that later runs start at unaligned pages.
+        for p in (1..512).step_by(2) {
+            assert_eq!(map.read(p * 4096 + 1), img[p * 4096 + 1]);
+        }
+        check_all(&map, &img);
+        let st = srv.stop();
+        assert_eq!(st.source_errors, 0, "{st:?}");
+    }
+}
