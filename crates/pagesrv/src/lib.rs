@@ -15,7 +15,9 @@
 pub mod bench;
 mod bitmap;
 mod error;
+mod fault;
 pub mod fc;
+mod prefetch;
 pub mod server;
 pub mod source;
 pub mod stats;
