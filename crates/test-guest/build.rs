@@ -16,36 +16,14 @@ fn main() {
         .arg("--crate-type=bin")
         .arg("--crate-name=forkvm_test_guest")
         .args(["--target", "x86_64-unknown-linux-gnu"])
-        .args([
-            "-C",
-            "panic=abort",
-            "-C",
-            "opt-level=2",
-            "-C",
-            "debuginfo=0",
-        ])
+        .args(["-C", "panic=abort", "-C", "opt-level=2", "-C", "debuginfo=0"])
         .args(["-C", "relocation-model=static", "-C", "target-cpu=x86-64"])
         // KVM's instruction emulator (all guest code runs in it on PVM hosts) has no SSE.
         .args(["-C", "target-feature=-sse,-sse2,-mmx"])
-        .args([
-            "-C",
-            "link-arg=-nostartfiles",
-            "-C",
-            "link-arg=-nostdlib",
-            "-C",
-            "link-arg=-static",
-        ])
-        .args([
-            "-C",
-            "link-arg=-no-pie",
-            "-C",
-            "link-arg=-Wl,--build-id=none",
-        ])
+        .args(["-C", "link-arg=-nostartfiles", "-C", "link-arg=-nostdlib", "-C", "link-arg=-static"])
+        .args(["-C", "link-arg=-no-pie", "-C", "link-arg=-Wl,--build-id=none"])
         .arg("-C")
-        .arg(format!(
-            "link-arg=-Wl,-T,{}",
-            guest.join("link.ld").display()
-        ))
+        .arg(format!("link-arg=-Wl,-T,{}", guest.join("link.ld").display()))
         .arg("-o")
         .arg(&elf)
         .arg(guest.join("main.rs"))

@@ -21,13 +21,8 @@ fn bench_vm(args: &BenchArgs) -> Result<i32, String> {
     let mut resume = Samples::new("resume", "ms");
     let mut rtt = Samples::new("serial round trip (ping)", "ms");
     for _ in 0..args.runs.max(1) {
-        let vm = MicroVm::boot(VmConfig {
-            mem_size: args.mem,
-            ..Default::default()
-        })
-        .map_err(|e| e.to_string())?;
-        vm.wait_for("forkvm-test-guest ready", T)
-            .map_err(|e| e.to_string())?;
+        let vm = MicroVm::boot(VmConfig { mem_size: args.mem, ..Default::default() }).map_err(|e| e.to_string())?;
+        vm.wait_for("forkvm-test-guest ready", T).map_err(|e| e.to_string())?;
         boot.push_duration(vm.started().elapsed());
         let t = std::time::Instant::now();
         vm.command("ping", T).map_err(|e| e.to_string())?;
@@ -36,11 +31,7 @@ fn bench_vm(args: &BenchArgs) -> Result<i32, String> {
         pause.push_duration(vm.pause().map_err(|e| e.to_string())?);
         resume.push_duration(vm.resume().map_err(|e| e.to_string())?);
     }
-    let title = format!(
-        "forkvm bench vm: test guest, {} MiB, 1 vCPU, {} runs",
-        args.mem >> 20,
-        args.runs
-    );
+    let title = format!("forkvm bench vm: test guest, {} MiB, 1 vCPU, {} runs", args.mem >> 20, args.runs);
     print!("{}", table(&title, &[boot, rtt, pause, resume]));
     Ok(0)
 }

@@ -7,11 +7,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::size::parse_size;
 
 #[derive(Parser, Debug)]
-#[command(
-    name = "forkvm",
-    version,
-    about = "microVMs that pause, snapshot, resume and fork in milliseconds"
-)]
+#[command(name = "forkvm", version, about = "microVMs that pause, snapshot, resume and fork in milliseconds")]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -53,10 +49,7 @@ pub struct VmArgs {
     #[arg(long, requires = "kernel")]
     pub initrd: Option<PathBuf>,
     /// Kernel command line.
-    #[arg(
-        long,
-        default_value = "console=ttyS0 reboot=k panic=-1 acpi=off pci=off"
-    )]
+    #[arg(long, default_value = "console=ttyS0 reboot=k panic=-1 acpi=off pci=off")]
     pub cmdline: String,
     /// Guest memory size (e.g. 256M, 2G).
     #[arg(long, default_value = "256M", value_parser = parse_size)]

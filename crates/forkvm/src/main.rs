@@ -11,12 +11,8 @@ mod stats;
 use clap::Parser;
 
 fn main() {
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_env("FORKVM_LOG").unwrap_or_else(|_| "warn".into());
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FORKVM_LOG").unwrap_or_else(|_| "warn".into());
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     let cli = cli::Cli::parse();
     let result = match cli.command {
         cli::Command::Run(args) => run::run(args),

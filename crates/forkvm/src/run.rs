@@ -8,8 +8,7 @@ use vmm::{Backing, BootSource, ExitReason, MicroVm, VmConfig};
 use crate::cli::{BackingArg, RunArgs, VmArgs};
 
 fn read_file(what: &str, path: &std::path::Path) -> Result<Vec<u8>, String> {
-    let bytes =
-        std::fs::read(path).map_err(|e| format!("cannot read {what} {}: {e}", path.display()))?;
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {what} {}: {e}", path.display()))?;
     if bytes.is_empty() {
         return Err(format!("{what} {} is empty", path.display()));
     }
@@ -22,11 +21,7 @@ pub fn vm_config(a: &VmArgs) -> Result<VmConfig, String> {
         None => BootSource::TestGuest,
         Some(k) => BootSource::Kernel {
             kernel: read_file("kernel", k)?,
-            initrd: a
-                .initrd
-                .as_deref()
-                .map(|p| read_file("initrd", p))
-                .transpose()?,
+            initrd: a.initrd.as_deref().map(|p| read_file("initrd", p)).transpose()?,
             cmdline: a.cmdline.clone(),
         },
     };
@@ -38,6 +33,7 @@ pub fn vm_config(a: &VmArgs) -> Result<VmConfig, String> {
             BackingArg::Shared => Backing::SharedFile,
         },
         hugepages: !a.no_thp,
+        track_dirty: true,
         boot,
         console_mirror: None,
     })
@@ -60,9 +56,7 @@ pub fn run(args: RunArgs) -> Result<i32, String> {
         }
     });
     match vm.wait_exit(None) {
-        Some(ExitReason::GuestReset | ExitReason::GuestShutdown | ExitReason::Stopped) | None => {
-            Ok(0)
-        }
+        Some(ExitReason::GuestReset | ExitReason::GuestShutdown | ExitReason::Stopped) | None => Ok(0),
         Some(ExitReason::Error(e)) => Err(e),
     }
 }

@@ -12,11 +12,7 @@ pub struct Samples {
 
 impl Samples {
     pub fn new(name: &str, unit: &'static str) -> Self {
-        Samples {
-            name: name.to_string(),
-            values: Vec::new(),
-            unit,
-        }
+        Samples { name: name.to_string(), values: Vec::new(), unit }
     }
 
     pub fn push_duration(&mut self, d: Duration) {
@@ -42,31 +38,13 @@ impl Samples {
 /// Renders rows as an aligned table: name, median, min, max, unit, samples.
 pub fn table(title: &str, rows: &[Samples]) -> String {
     let mut out = format!("{title}\n");
-    let w = rows
-        .iter()
-        .map(|r| r.name.len())
-        .max()
-        .unwrap_or(10)
-        .max(10);
-    out += &format!(
-        "{:<w$} {:>12} {:>12} {:>12}  {:<5} {:>3}\n",
-        "metric", "median", "min", "max", "unit", "n"
-    );
+    let w = rows.iter().map(|r| r.name.len()).max().unwrap_or(10).max(10);
+    out += &format!("{:<w$} {:>12} {:>12} {:>12}  {:<5} {:>3}\n", "metric", "median", "min", "max", "unit", "n");
     for r in rows {
         let v = r.sorted();
-        let (min, max) = (
-            v.first().copied().unwrap_or(f64::NAN),
-            v.last().copied().unwrap_or(f64::NAN),
-        );
-        out += &format!(
-            "{:<w$} {:>12.3} {:>12.3} {:>12.3}  {:<5} {:>3}\n",
-            r.name,
-            r.median(),
-            min,
-            max,
-            r.unit,
-            v.len()
-        );
+        let (min, max) = (v.first().copied().unwrap_or(f64::NAN), v.last().copied().unwrap_or(f64::NAN));
+        out +=
+            &format!("{:<w$} {:>12.3} {:>12.3} {:>12.3}  {:<5} {:>3}\n", r.name, r.median(), min, max, r.unit, v.len());
     }
     out
 }

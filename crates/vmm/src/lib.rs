@@ -5,12 +5,16 @@
 pub mod arch;
 pub mod devices;
 pub mod error;
+pub mod fork;
 pub mod microvm;
+pub mod persist;
+pub mod snapshot;
 pub mod vcpu_thread;
 pub mod vstate;
 
 pub use error::Error;
 pub use microvm::{BootSource, MicroVm, VmConfig};
+pub use snapshot::{RestoreMode, RestoreOptions, SnapshotKind, SnapshotReport};
 pub use vcpu_thread::ExitReason;
 pub use vstate::memory::Backing;
 

@@ -1,6 +1,7 @@
 //! A running microVM: KVM VM + memory + devices + vCPU threads, with pause/resume/stop.
 
 use std::io::Write;
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -26,11 +27,7 @@ pub enum BootSource {
     /// Our test guest, embedded in the binary.
     TestGuest,
     /// A kernel image (ELF64 vmlinux or bzImage) with optional initrd and command line.
-    Kernel {
-        kernel: Vec<u8>,
-        initrd: Option<Vec<u8>>,
-        cmdline: String,
-    },
+    Kernel { kernel: Vec<u8>, initrd: Option<Vec<u8>>, cmdline: String },
 }
 
 /// How to build a VM.
@@ -40,6 +37,8 @@ pub struct VmConfig {
     pub backing: Backing,
     pub hugepages: bool,
     pub boot: BootSource,
+    /// Log dirty pages in KVM so diff snapshots cost only what changed.
+    pub track_dirty: bool,
     /// Where the console is mirrored besides the in-memory line log (stdout, a socket...).
     pub console_mirror: Option<Box<dyn Write + Send>>,
 }
@@ -62,6 +61,7 @@ impl Default for VmConfig {
             backing: Backing::Anon,
             hugepages: true,
             boot: BootSource::TestGuest,
+            track_dirty: true,
             console_mirror: None,
         }
     }
@@ -79,6 +79,24 @@ pub struct MicroVm {
     vcpus: u8,
     generation: u64,
     started: Instant,
+    pub(crate) track_dirty: bool,
+    pub(crate) msr_indices: Arc<Vec<u32>>,
+    /// Raw fds of this VM's KVM objects, closed in a fork child (which builds its own VM).
+    pub(crate) kvm_fds: Vec<i32>,
+    /// The last snapshot directory: the base of the next diff snapshot.
+    pub(crate) last_snapshot: std::sync::Mutex<Option<std::path::PathBuf>>,
+}
+
+/// The parts a VM is assembled from, fresh or restored.
+pub(crate) struct Parts {
+    pub vm: Vm,
+    pub mem: Arc<GuestMem>,
+    pub serial: SerialPort,
+    pub vcpus: Vec<Vcpu>,
+    pub generation: u64,
+    pub track_dirty: bool,
+    pub started: Instant,
+    pub start: Want,
 }
 
 fn fresh_seed() -> [u8; 32] {
@@ -106,20 +124,13 @@ impl MicroVm {
     /// Creates and boots a VM.
     pub fn boot(cfg: VmConfig) -> Result<Self, Error> {
         if cfg.vcpus == 0 || cfg.vcpus > MAX_VCPUS {
-            return Err(Error::Config(format!(
-                "vCPU count must be 1..={MAX_VCPUS}, got {}",
-                cfg.vcpus
-            )));
+            return Err(Error::Config(format!("vCPU count must be 1..={MAX_VCPUS}, got {}", cfg.vcpus)));
         }
         let started = Instant::now();
         let mem = Arc::new(GuestMem::new(cfg.mem_size, cfg.backing, cfg.hugepages)?);
         let (kernel, initrd, cmdline): (&[u8], Option<&[u8]>, &str) = match &cfg.boot {
             BootSource::TestGuest => (crate::TEST_GUEST_ELF, None, ""),
-            BootSource::Kernel {
-                kernel,
-                initrd,
-                cmdline,
-            } => (kernel, initrd.as_deref(), cmdline),
+            BootSource::Kernel { kernel, initrd, cmdline } => (kernel, initrd.as_deref(), cmdline),
         };
         let loaded = boot::load(&mem, kernel, initrd, cmdline)?;
         regs::write_boot_tables(&mem).map_err(|e| Error::Config(e.to_string()))?;
@@ -127,7 +138,7 @@ impl MicroVm {
             return Err(Error::Config("no room for the generation page".into()));
         }
         let vm = Vm::new()?;
-        vm.set_memory(&mem)?;
+        vm.set_memory(&mem, cfg.track_dirty)?;
         let console = Console::new(cfg.console_mirror);
         let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::Io)?;
         vm.register_irqfd(&irq, COM1_IRQ)?;
@@ -139,32 +150,41 @@ impl MicroVm {
             v.configure_boot(loaded.entry)?;
             vcpus.push(v);
         }
+        let parts =
+            Parts { vm, mem, serial, vcpus, generation: 1, track_dirty: cfg.track_dirty, started, start: Want::Run };
+        MicroVm::assemble(parts)
+    }
+
+    /// Starts vCPU threads over assembled parts.
+    pub(crate) fn assemble(p: Parts) -> Result<Self, Error> {
+        let msr_indices = Arc::new(crate::vstate::vcpu::msr_indices(&p.vm)?);
+        let mut kvm_fds = vec![p.vm.fd().as_raw_fd(), p.vm.kvm().as_raw_fd()];
+        kvm_fds.extend(p.vcpus.iter().map(|v| v.fd.as_raw_fd()));
         let mut me = MicroVm {
-            ctl: Control::new(vcpus.len(), Want::Run),
+            ctl: Control::new(p.vcpus.len(), p.start),
             threads: Vec::new(),
-            serial,
-            vm,
-            mem,
-            vcpus: cfg.vcpus,
-            generation: 1,
-            started,
+            serial: p.serial,
+            vm: p.vm,
+            mem: p.mem,
+            vcpus: p.vcpus.len() as u8,
+            generation: p.generation,
+            started: p.started,
+            track_dirty: p.track_dirty,
+            msr_indices,
+            kvm_fds,
+            last_snapshot: std::sync::Mutex::new(None),
         };
-        me.spawn(vcpus)?;
+        me.spawn(p.vcpus)?;
         Ok(me)
     }
 
     fn spawn(&mut self, vcpus: Vec<Vcpu>) -> Result<(), Error> {
         install_kick_handler().map_err(Error::Io)?;
         for v in vcpus {
-            let bus = PioBus {
-                serial: self.serial.clone(),
-            };
+            let bus = PioBus { serial: self.serial.clone() };
             let ctl = self.ctl.clone();
             let name = format!("vcpu{}", v.id);
-            let h = std::thread::Builder::new()
-                .name(name)
-                .spawn(move || run_vcpu(v, bus, ctl))
-                .map_err(Error::Io)?;
+            let h = std::thread::Builder::new().name(name).spawn(move || run_vcpu(v, bus, ctl)).map_err(Error::Io)?;
             self.threads.push(h);
         }
         Ok(())
@@ -209,9 +229,7 @@ impl MicroVm {
         bytes.push(b'\n');
         let n = self.serial.send(&bytes, Duration::from_secs(10));
         if n != bytes.len() {
-            return Err(Error::Guest(format!(
-                "the guest stopped reading its console after {n} bytes"
-            )));
+            return Err(Error::Guest(format!("the guest stopped reading its console after {n} bytes")));
         }
         Ok(())
     }
@@ -228,19 +246,17 @@ impl MicroVm {
     /// Waits for a console line containing `needle`, from the beginning of the log.
     pub fn wait_for(&self, needle: &str, timeout: Duration) -> Result<String, Error> {
         let mut cursor = 0;
-        self.console()
-            .wait_line(&mut cursor, timeout, |l| l.contains(needle))
-            .ok_or_else(|| match self.ctl.exit_reason() {
+        self.console().wait_line(&mut cursor, timeout, |l| l.contains(needle)).ok_or_else(|| {
+            match self.ctl.exit_reason() {
                 Some(r) => Error::Guest(format!("VM exited ({r:?}) before printing {needle:?}")),
                 None => Error::Guest(format!("{needle:?} not printed within {timeout:?}")),
-            })
+            }
+        })
     }
 
     /// Parks all vCPUs at an instruction boundary; returns the pause latency.
     pub fn pause(&self) -> Result<Duration, Error> {
-        self.ctl
-            .pause(Duration::from_secs(10))
-            .map_err(Error::State)
+        self.ctl.pause(Duration::from_secs(10)).map_err(Error::State)
     }
 
     /// Continues paused vCPUs exactly where they were; returns the resume latency.

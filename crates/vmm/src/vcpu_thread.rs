@@ -71,24 +71,15 @@ extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_v
 /// Installs the (empty) kick handler once per process; KVM_RUN returns EINTR when it fires.
 pub fn install_kick_handler() -> std::io::Result<()> {
     static ONCE: std::sync::OnceLock<Result<(), i32>> = std::sync::OnceLock::new();
-    let r = ONCE.get_or_init(|| {
-        vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick).map_err(|e| e.errno())
-    });
+    let r = ONCE
+        .get_or_init(|| vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick).map_err(|e| e.errno()));
     r.map_err(std::io::Error::from_raw_os_error)
 }
 
 impl Control {
     pub fn new(vcpus: usize, start: Want) -> Arc<Self> {
-        let ctl = Ctl {
-            want: Some(start),
-            jobs: (0..vcpus).map(|_| Vec::new()).collect(),
-            ..Default::default()
-        };
-        Arc::new(Control {
-            ctl: Mutex::new(ctl),
-            cond: Condvar::new(),
-            threads: Mutex::new(Vec::new()),
-        })
+        let ctl = Ctl { want: Some(start), jobs: (0..vcpus).map(|_| Vec::new()).collect(), ..Default::default() };
+        Arc::new(Control { ctl: Mutex::new(ctl), cond: Condvar::new(), threads: Mutex::new(Vec::new()) })
     }
 
     fn kick_all(&self) {
@@ -114,9 +105,7 @@ impl Control {
             let c = lock(&self.ctl);
             let (c, _) = self
                 .cond
-                .wait_timeout_while(c, Duration::from_millis(1), |c| {
-                    c.parked < c.running && c.exit.is_none()
-                })
+                .wait_timeout_while(c, Duration::from_millis(1), |c| c.parked < c.running && c.exit.is_none())
                 .unwrap_or_else(|p| p.into_inner());
             if c.exit.is_some() {
                 return Err("the VM stopped while pausing".into());
@@ -139,10 +128,7 @@ impl Control {
         }
         c.want = Some(Want::Run);
         self.cond.notify_all();
-        let c = self
-            .cond
-            .wait_while(c, |c| c.parked > 0 && c.exit.is_none())
-            .unwrap_or_else(|p| p.into_inner());
+        let c = self.cond.wait_while(c, |c| c.parked > 0 && c.exit.is_none()).unwrap_or_else(|p| p.into_inner());
         drop(c);
         Ok(t0.elapsed())
     }
@@ -162,16 +148,8 @@ impl Control {
     pub fn wait_exit(&self, timeout: Option<Duration>) -> Option<ExitReason> {
         let c = lock(&self.ctl);
         let c = match timeout {
-            Some(t) => {
-                self.cond
-                    .wait_timeout_while(c, t, |c| c.exit.is_none())
-                    .unwrap_or_else(|p| p.into_inner())
-                    .0
-            }
-            None => self
-                .cond
-                .wait_while(c, |c| c.exit.is_none())
-                .unwrap_or_else(|p| p.into_inner()),
+            Some(t) => self.cond.wait_timeout_while(c, t, |c| c.exit.is_none()).unwrap_or_else(|p| p.into_inner()).0,
+            None => self.cond.wait_while(c, |c| c.exit.is_none()).unwrap_or_else(|p| p.into_inner()),
         };
         c.exit.clone()
     }
@@ -203,8 +181,7 @@ impl Control {
             }));
         }
         self.cond.notify_all();
-        rx.recv_timeout(Duration::from_secs(30))
-            .map_err(|_| format!("vCPU {id} did not run the job"))
+        rx.recv_timeout(Duration::from_secs(30)).map_err(|_| format!("vCPU {id} did not run the job"))
     }
 
     /// Registers the calling thread as a vCPU thread (for kicks).
@@ -288,24 +265,17 @@ pub fn run_vcpu(mut vcpu: Vcpu, bus: PioBus, ctl: Arc<Control>) {
             Ok(VcpuExit::Shutdown) => ctl.stop(ExitReason::GuestShutdown),
             Ok(VcpuExit::Hlt) => ctl.stop(ExitReason::GuestShutdown),
             Ok(VcpuExit::Intr) => {}
-            Ok(VcpuExit::FailEntry(reason, cpu)) => ctl.stop(ExitReason::Error(format!(
-                "vCPU {} entry failed: reason {reason:#x} on cpu {cpu}",
-                vcpu.id
-            ))),
+            Ok(VcpuExit::FailEntry(reason, cpu)) => {
+                ctl.stop(ExitReason::Error(format!("vCPU {} entry failed: reason {reason:#x} on cpu {cpu}", vcpu.id)))
+            }
             Ok(VcpuExit::InternalError) => {
                 let rip = vcpu.fd.get_regs().map(|r| r.rip).unwrap_or_default();
-                let msg = format!(
-                    "vCPU {}: KVM internal error (emulation failure) at rip {rip:#x}",
-                    vcpu.id
-                );
+                let msg = format!("vCPU {}: KVM internal error (emulation failure) at rip {rip:#x}", vcpu.id);
                 ctl.stop(ExitReason::Error(msg))
             }
             Ok(other) => tracing::debug!("vCPU {}: unhandled exit {other:?}", vcpu.id),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
-            Err(e) => ctl.stop(ExitReason::Error(format!(
-                "vCPU {}: KVM_RUN failed: {e}",
-                vcpu.id
-            ))),
+            Err(e) => ctl.stop(ExitReason::Error(format!("vCPU {}: KVM_RUN failed: {e}", vcpu.id))),
         }
     }
     ctl.leave();

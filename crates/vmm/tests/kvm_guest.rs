@@ -9,17 +9,11 @@ use vmm::{Backing, ExitReason, MicroVm, VmConfig};
 const T: Duration = Duration::from_secs(60);
 
 fn boot(mem: u64, vcpus: u8, backing: Backing) -> MicroVm {
-    let cfg = VmConfig {
-        mem_size: mem,
-        vcpus,
-        backing,
-        ..Default::default()
-    };
+    let cfg = VmConfig { mem_size: mem, vcpus, backing, ..Default::default() };
     let vm = MicroVm::boot(cfg).unwrap_or_else(|e| {
         panic!("cannot boot the test guest: {e}\n(these tests need a usable /dev/kvm: run on a Linux host with KVM, as root or in the kvm group)")
     });
-    vm.wait_for("forkvm-test-guest ready", T)
-        .expect("guest ready line");
+    vm.wait_for("forkvm-test-guest ready", T).expect("guest ready line");
     vm
 }
 
@@ -29,10 +23,7 @@ fn ping_touch_sum() {
     assert_eq!(vm.command("ping", T).unwrap(), "pong");
     assert_eq!(vm.command("touch 0x400000 4 0xab", T).unwrap(), "touched 4");
     let expect = test_guest::sum_bytes(&vec![0xab; 4 * 4096]);
-    assert_eq!(
-        vm.command("sum 0x400000 4", T).unwrap(),
-        format!("sum {expect:016x}")
-    );
+    assert_eq!(vm.command("sum 0x400000 4", T).unwrap(), format!("sum {expect:016x}"));
     // The host sees what the guest wrote.
     let mut b = [0u8; 1];
     assert!(vm.memory().read(0x400000 + 3 * 4096 + 17, &mut b));
@@ -53,11 +44,7 @@ fn count_survives_pause_mid_loop() {
     assert!(vm.is_paused());
     // Paused mid-loop: no answer arrives while paused.
     std::thread::sleep(Duration::from_millis(200));
-    assert_eq!(
-        vm.console()
-            .wait_line(&mut cursor, Duration::from_millis(10), |_| true),
-        None
-    );
+    assert_eq!(vm.console().wait_line(&mut cursor, Duration::from_millis(10), |_| true), None);
     let r = vm.resume().unwrap();
     eprintln!("pause {p:?} resume {r:?}");
     let line = vm.console().wait_line(&mut cursor, T, |_| true).unwrap();

@@ -29,9 +29,7 @@ pub enum BootError {
     BadKernel(String),
     #[error("kernel does not fit in guest memory ({0})")]
     KernelTooBig(String),
-    #[error(
-        "initrd of {size} bytes does not fit in guest memory below {limit:#x} after the kernel"
-    )]
+    #[error("initrd of {size} bytes does not fit in guest memory below {limit:#x} after the kernel")]
     InitrdTooBig { size: u64, limit: u64 },
     #[error("bad kernel command line: {0}")]
     Cmdline(String),
@@ -48,25 +46,15 @@ pub struct Loaded {
 
 /// Loads `kernel` (ELF64 or bzImage bytes), an optional initrd and the command line; writes the
 /// zero page. Returns the 64-bit entry point.
-pub fn load(
-    mem: &GuestMem,
-    kernel: &[u8],
-    initrd: Option<&[u8]>,
-    cmdline: &str,
-) -> Result<Loaded, BootError> {
+pub fn load(mem: &GuestMem, kernel: &[u8], initrd: Option<&[u8]>, cmdline: &str) -> Result<Loaded, BootError> {
     if kernel.is_empty() {
         return Err(BootError::EmptyKernel);
     }
     let view = mem.view().map_err(|e| BootError::Memory(e.to_string()))?;
     let is_elf = kernel.starts_with(b"\x7fELF");
     let (entry, kernel_end, setup_header) = if is_elf {
-        let r = Elf::load(
-            &view,
-            None,
-            &mut Cursor::new(kernel),
-            Some(GuestAddress(HIMEM_START)),
-        )
-        .map_err(|e| classify(e, "ELF"))?;
+        let r = Elf::load(&view, None, &mut Cursor::new(kernel), Some(GuestAddress(HIMEM_START)))
+            .map_err(|e| classify(e, "ELF"))?;
         (r.kernel_load.0, r.kernel_end, None)
     } else {
         let r = BzImage::load(
@@ -84,10 +72,8 @@ pub fn load(
     }
 
     let mut cl = Cmdline::new(CMDLINE_MAX).map_err(|e| BootError::Cmdline(e.to_string()))?;
-    cl.insert_str(cmdline)
-        .map_err(|e| BootError::Cmdline(e.to_string()))?;
-    load_cmdline(&view, GuestAddress(CMDLINE_ADDR), &cl)
-        .map_err(|e| BootError::Cmdline(e.to_string()))?;
+    cl.insert_str(cmdline).map_err(|e| BootError::Cmdline(e.to_string()))?;
+    load_cmdline(&view, GuestAddress(CMDLINE_ADDR), &cl).map_err(|e| BootError::Cmdline(e.to_string()))?;
 
     let mut params = boot_params::default();
     if let Some(hdr) = setup_header {
@@ -111,10 +97,7 @@ pub fn load(
             low_end
         };
         let size = initrd.len() as u64;
-        let start = limit
-            .checked_sub(size)
-            .map(|s| s & !0xfff)
-            .filter(|&s| s >= kernel_end);
+        let start = limit.checked_sub(size).map(|s| s & !0xfff).filter(|&s| s >= kernel_end);
         let start = start.ok_or(BootError::InitrdTooBig { size, limit })?;
         if !mem.write(start, initrd) {
             return Err(BootError::InitrdTooBig { size, limit });
@@ -122,10 +105,7 @@ pub fn load(
         params.hdr.ramdisk_image = start as u32;
         params.hdr.ramdisk_size = size as u32;
     }
-    let mut e820 = vec![
-        (0, EBDA_START, E820_RAM),
-        (EBDA_START, HIMEM_START - EBDA_START, E820_RESERVED),
-    ];
+    let mut e820 = vec![(0, EBDA_START, E820_RAM), (EBDA_START, HIMEM_START - EBDA_START, E820_RESERVED)];
     for (base, len) in crate::vstate::memory::ram_ranges(mem.size()) {
         if base == 0 {
             e820.push((HIMEM_START, len - HIMEM_START, E820_RAM));
@@ -134,11 +114,7 @@ pub fn load(
         }
     }
     for (i, (addr, size, ty)) in e820.into_iter().enumerate() {
-        params.e820_table[i] = boot_e820_entry {
-            addr,
-            size,
-            r#type: ty,
-        };
+        params.e820_table[i] = boot_e820_entry { addr, size, r#type: ty };
         params.e820_entries = (i + 1) as u8;
     }
     LinuxBootConfigurator::write_bootparams::<GuestMemoryView>(
@@ -168,18 +144,12 @@ mod tests {
     #[test]
     fn garbage_kernel_is_rejected() {
         let m = GuestMem::new(16 << 20, Backing::Anon, false).unwrap();
-        assert!(matches!(
-            load(&m, &[], None, ""),
-            Err(BootError::EmptyKernel)
-        ));
+        assert!(matches!(load(&m, &[], None, ""), Err(BootError::EmptyKernel)));
         let err = load(&m, &[0x55; 8192], None, "").unwrap_err();
         assert!(matches!(err, BootError::BadKernel(_)), "{err}");
         let mut elf = b"\x7fELF".to_vec();
         elf.resize(100, 0);
-        assert!(matches!(
-            load(&m, &elf, None, ""),
-            Err(BootError::BadKernel(_))
-        ));
+        assert!(matches!(load(&m, &elf, None, ""), Err(BootError::BadKernel(_))));
     }
 
     #[test]
@@ -199,9 +169,6 @@ mod tests {
     fn initrd_too_big_is_rejected() {
         let m = GuestMem::new(4 << 20, Backing::Anon, false).unwrap();
         let big = vec![0u8; 8 << 20];
-        assert!(matches!(
-            load(&m, test_guest::ELF, Some(&big), ""),
-            Err(BootError::InitrdTooBig { .. })
-        ));
+        assert!(matches!(load(&m, test_guest::ELF, Some(&big), ""), Err(BootError::InitrdTooBig { .. })));
     }
 }

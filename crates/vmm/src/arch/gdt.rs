@@ -12,12 +12,8 @@ pub const fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
 }
 
 /// The GDT: null, 64-bit code (selector 0x08), data (0x10), TSS (0x18).
-pub const GDT: [u64; 4] = [
-    gdt_entry(0, 0, 0),
-    gdt_entry(0xa09b, 0, 0xfffff),
-    gdt_entry(0xc093, 0, 0xfffff),
-    gdt_entry(0x808b, 0, 0xfffff),
-];
+pub const GDT: [u64; 4] =
+    [gdt_entry(0, 0, 0), gdt_entry(0xa09b, 0, 0xfffff), gdt_entry(0xc093, 0, 0xfffff), gdt_entry(0x808b, 0, 0xfffff)];
 
 /// KVM form of GDT entry `index` (its selector is index * 8).
 pub fn segment(index: u8, entry: u64) -> kvm_segment {

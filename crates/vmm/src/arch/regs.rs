@@ -51,9 +51,7 @@ pub fn write_boot_tables(mem: &GuestMem) -> Result<(), RegsError> {
 }
 
 fn put(mem: &GuestMem, gpa: u64, bytes: &[u8]) -> Result<(), RegsError> {
-    mem.write(gpa, bytes)
-        .then_some(())
-        .ok_or(RegsError::NoRoom(gpa))
+    mem.write(gpa, bytes).then_some(()).ok_or(RegsError::NoRoom(gpa))
 }
 
 /// Special registers for the 64-bit entry, applied over KVM's defaults (`base`).
@@ -73,12 +71,8 @@ pub fn long_mode_sregs(mut sregs: kvm_sregs) -> kvm_sregs {
     sregs.ss = data;
     sregs.tr = tss;
     // KVM's default CR0 has CD|NW set: the guest would run uncached and far slower.
-    sregs.cr0 = (sregs.cr0 & !(X86_CR0_CD | X86_CR0_NW))
-        | X86_CR0_PE
-        | X86_CR0_MP
-        | X86_CR0_ET
-        | X86_CR0_NE
-        | X86_CR0_PG;
+    sregs.cr0 =
+        (sregs.cr0 & !(X86_CR0_CD | X86_CR0_NW)) | X86_CR0_PE | X86_CR0_MP | X86_CR0_ET | X86_CR0_NE | X86_CR0_PG;
     sregs.cr3 = PML4_ADDR;
     sregs.cr4 |= X86_CR4_PAE | X86_CR4_OSFXSR | X86_CR4_OSXMMEXCPT;
     sregs.efer |= EFER_LME | EFER_LMA | EFER_SCE;
@@ -87,23 +81,12 @@ pub fn long_mode_sregs(mut sregs: kvm_sregs) -> kvm_sregs {
 
 /// General registers: entry point, boot stack, RSI = zero page.
 pub fn entry_regs(entry: u64) -> kvm_regs {
-    kvm_regs {
-        rflags: 0x2,
-        rip: entry,
-        rsp: BOOT_STACK,
-        rbp: BOOT_STACK,
-        rsi: ZERO_PAGE,
-        ..Default::default()
-    }
+    kvm_regs { rflags: 0x2, rip: entry, rsp: BOOT_STACK, rbp: BOOT_STACK, rsi: ZERO_PAGE, ..Default::default() }
 }
 
 /// x87/SSE control words as after FNINIT, MXCSR default.
 pub fn entry_fpu() -> kvm_fpu {
-    kvm_fpu {
-        fcw: 0x37f,
-        mxcsr: 0x1f80,
-        ..Default::default()
-    }
+    kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() }
 }
 
 const MSR_IA32_SYSENTER_CS: u32 = 0x174;
@@ -133,11 +116,7 @@ pub fn entry_msrs() -> Vec<kvm_msr_entry> {
         (MSR_IA32_MISC_ENABLE, MISC_ENABLE_FAST_STRING),
     ]
     .into_iter()
-    .map(|(index, data)| kvm_msr_entry {
-        index,
-        data,
-        ..Default::default()
-    })
+    .map(|(index, data)| kvm_msr_entry { index, data, ..Default::default() })
     .collect()
 }
 
@@ -185,10 +164,7 @@ mod tests {
 
     #[test]
     fn sregs_clear_cache_disable() {
-        let s = long_mode_sregs(kvm_sregs {
-            cr0: X86_CR0_CD | X86_CR0_NW | 0x10,
-            ..Default::default()
-        });
+        let s = long_mode_sregs(kvm_sregs { cr0: X86_CR0_CD | X86_CR0_NW | 0x10, ..Default::default() });
         assert_eq!(s.cr0 & (X86_CR0_CD | X86_CR0_NW), 0);
         assert_ne!(s.cr0 & X86_CR0_PG, 0);
         assert_ne!(s.efer & EFER_LMA, 0);

@@ -31,10 +31,7 @@ impl std::fmt::Debug for Console {
 
 impl Console {
     pub fn new(mirror: Option<Box<dyn Write + Send>>) -> Arc<Self> {
-        Arc::new(Console {
-            mirror: Mutex::new(mirror),
-            ..Default::default()
-        })
+        Arc::new(Console { mirror: Mutex::new(mirror), ..Default::default() })
     }
 
     /// Replace the mirror (a fork child points its console somewhere new).
@@ -52,9 +49,7 @@ impl Console {
         let mut woke = false;
         for &b in bytes {
             if b == b'\n' {
-                let line = String::from_utf8_lossy(&l.partial)
-                    .trim_end_matches('\r')
-                    .to_string();
+                let line = String::from_utf8_lossy(&l.partial).trim_end_matches('\r').to_string();
                 l.partial.clear();
                 l.done.push(line);
                 woke = true;
@@ -81,12 +76,7 @@ impl Console {
 
     /// Waits for the first line at or after `*cursor` for which `pred` holds; advances the cursor
     /// past it. `None` on timeout.
-    pub fn wait_line(
-        &self,
-        cursor: &mut usize,
-        timeout: Duration,
-        pred: impl Fn(&str) -> bool,
-    ) -> Option<String> {
+    pub fn wait_line(&self, cursor: &mut usize, timeout: Duration, pred: impl Fn(&str) -> bool) -> Option<String> {
         let deadline = Instant::now() + timeout;
         let mut l = lock(&self.lines);
         loop {
@@ -129,21 +119,10 @@ mod tests {
         let c = Console::new(None);
         c.push(b"hello\r\nwor");
         let mut cur = 0;
-        assert_eq!(
-            c.wait_line(&mut cur, Duration::from_millis(10), |_| true)
-                .as_deref(),
-            Some("hello")
-        );
-        assert_eq!(
-            c.wait_line(&mut cur, Duration::from_millis(10), |_| true),
-            None
-        );
+        assert_eq!(c.wait_line(&mut cur, Duration::from_millis(10), |_| true).as_deref(), Some("hello"));
+        assert_eq!(c.wait_line(&mut cur, Duration::from_millis(10), |_| true), None);
         c.push(b"ld\n");
-        assert_eq!(
-            c.wait_line(&mut cur, Duration::from_millis(10), |l| l.starts_with('w'))
-                .as_deref(),
-            Some("world")
-        );
+        assert_eq!(c.wait_line(&mut cur, Duration::from_millis(10), |l| l.starts_with('w')).as_deref(), Some("world"));
         assert_eq!(c.cursor(), 2);
     }
 }

@@ -3,3 +3,4 @@ pub mod console;
 pub mod i8042;
 pub mod pio;
 pub mod serial;
+pub mod serial_persist;

@@ -51,29 +51,14 @@ pub struct SerialPort {
 impl SerialPort {
     pub fn new(irq: EventFd, console: Arc<Console>) -> Self {
         let dev = Serial::new(IrqTrigger(irq), ConsoleWriter(console.clone()));
-        SerialPort {
-            dev: Arc::new(Mutex::new(dev)),
-            console,
-        }
+        SerialPort { dev: Arc::new(Mutex::new(dev)), console }
     }
 
     /// Rebuilds the port from saved register state and an IRQ line.
-    pub fn from_state(
-        state: &SerialState,
-        irq: EventFd,
-        console: Arc<Console>,
-    ) -> Result<Self, String> {
-        let dev = Serial::from_state(
-            state,
-            IrqTrigger(irq),
-            NoEvents,
-            ConsoleWriter(console.clone()),
-        )
-        .map_err(|e| format!("invalid serial state: {e:?}"))?;
-        Ok(SerialPort {
-            dev: Arc::new(Mutex::new(dev)),
-            console,
-        })
+    pub fn from_state(state: &SerialState, irq: EventFd, console: Arc<Console>) -> Result<Self, String> {
+        let dev = Serial::from_state(state, IrqTrigger(irq), NoEvents, ConsoleWriter(console.clone()))
+            .map_err(|e| format!("invalid serial state: {e:?}"))?;
+        Ok(SerialPort { dev: Arc::new(Mutex::new(dev)), console })
     }
 
     pub fn console(&self) -> &Arc<Console> {

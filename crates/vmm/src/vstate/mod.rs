@@ -2,3 +2,4 @@
 pub mod memory;
 pub mod vcpu;
 pub mod vm;
+pub mod vm_persist;

@@ -1,8 +1,8 @@
 //! A vCPU: boot configuration, and capturing/restoring its whole KVM state.
 
 use kvm_bindings::{
-    kvm_debugregs, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs,
-    kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs,
+    kvm_debugregs, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs,
+    kvm_xsave, Msrs,
 };
 use kvm_ioctls::VcpuFd;
 use serde::{Deserialize, Serialize};
@@ -38,25 +38,28 @@ pub struct Vcpu {
 
 /// MSRs KVM_GET_MSR_INDEX_LIST leaves out but a restored guest needs (the MTRRs).
 fn extra_msrs() -> impl Iterator<Item = u32> {
-    [0x2ff, 0x250, 0x258, 0x259]
-        .into_iter()
-        .chain(0x200..=0x20f)
-        .chain(0x268..=0x26f)
+    [0x2ff, 0x250, 0x258, 0x259].into_iter().chain(0x200..=0x20f).chain(0x268..=0x26f)
 }
 
 fn msrs_from(entries: &[kvm_msr_entry], op: &'static str) -> Result<Msrs, VmError> {
-    Msrs::from_entries(entries).map_err(|_| VmError::Ioctl {
-        op,
-        err: kvm_ioctls::Error::new(libc::E2BIG),
-    })
+    Msrs::from_entries(entries).map_err(|_| VmError::Ioctl { op, err: kvm_ioctls::Error::new(libc::E2BIG) })
+}
+
+/// The MSRs to save: KVM's list plus the MTRRs it leaves out.
+pub fn msr_indices(vm: &Vm) -> Result<Vec<u32>, VmError> {
+    let list = vm.kvm().get_msr_index_list().map_err(ioctl("KVM_GET_MSR_INDEX_LIST"))?;
+    let mut indices: Vec<u32> = list.as_slice().to_vec();
+    for extra in extra_msrs() {
+        if !indices.contains(&extra) {
+            indices.push(extra);
+        }
+    }
+    Ok(indices)
 }
 
 impl Vcpu {
     pub fn new(vm: &Vm, id: u8) -> Result<Self, VmError> {
-        let fd = vm
-            .fd()
-            .create_vcpu(u64::from(id))
-            .map_err(ioctl("KVM_CREATE_VCPU"))?;
+        let fd = vm.fd().create_vcpu(u64::from(id)).map_err(ioctl("KVM_CREATE_VCPU"))?;
         Ok(Vcpu { id, fd })
     }
 
@@ -77,73 +80,36 @@ impl Vcpu {
         self.fd.set_lapic(&lapic).map_err(ioctl("KVM_SET_LAPIC"))?;
         if self.id == 0 {
             let sregs = self.fd.get_sregs().map_err(ioctl("KVM_GET_SREGS"))?;
-            self.fd
-                .set_sregs(&regs::long_mode_sregs(sregs))
-                .map_err(ioctl("KVM_SET_SREGS"))?;
-            self.fd
-                .set_regs(&regs::entry_regs(entry))
-                .map_err(ioctl("KVM_SET_REGS"))?;
-            self.fd
-                .set_fpu(&regs::entry_fpu())
-                .map_err(ioctl("KVM_SET_FPU"))?;
+            self.fd.set_sregs(&regs::long_mode_sregs(sregs)).map_err(ioctl("KVM_SET_SREGS"))?;
+            self.fd.set_regs(&regs::entry_regs(entry)).map_err(ioctl("KVM_SET_REGS"))?;
+            self.fd.set_fpu(&regs::entry_fpu()).map_err(ioctl("KVM_SET_FPU"))?;
         }
         Ok(())
     }
 
     /// Captures the vCPU's state. The vCPU must not be running (its thread calls this while parked).
-    pub fn save(&self, vm: &Vm) -> Result<VcpuState, VmError> {
+    /// `msr_indices` comes from [`msr_indices`].
+    pub fn save(&self, msr_indices: &[u32]) -> Result<VcpuState, VmError> {
         let mp_state = self.fd.get_mp_state().map_err(ioctl("KVM_GET_MP_STATE"))?;
         let regs = self.fd.get_regs().map_err(ioctl("KVM_GET_REGS"))?;
         let sregs = self.fd.get_sregs().map_err(ioctl("KVM_GET_SREGS"))?;
         let xsave = self.fd.get_xsave().map_err(ioctl("KVM_GET_XSAVE"))?;
         let xcrs = self.fd.get_xcrs().map_err(ioctl("KVM_GET_XCRS"))?;
-        let debugregs = self
-            .fd
-            .get_debug_regs()
-            .map_err(ioctl("KVM_GET_DEBUGREGS"))?;
+        let debugregs = self.fd.get_debug_regs().map_err(ioctl("KVM_GET_DEBUGREGS"))?;
         let lapic = self.fd.get_lapic().map_err(ioctl("KVM_GET_LAPIC"))?;
-        let msrs = self.save_msrs(vm)?;
-        let events = self
-            .fd
-            .get_vcpu_events()
-            .map_err(ioctl("KVM_GET_VCPU_EVENTS"))?;
-        Ok(VcpuState {
-            id: self.id,
-            mp_state,
-            regs,
-            sregs,
-            xsave,
-            xcrs,
-            debugregs,
-            lapic,
-            msrs,
-            events,
-        })
+        let msrs = self.save_msrs(msr_indices)?;
+        let events = self.fd.get_vcpu_events().map_err(ioctl("KVM_GET_VCPU_EVENTS"))?;
+        Ok(VcpuState { id: self.id, mp_state, regs, sregs, xsave, xcrs, debugregs, lapic, msrs, events })
     }
 
-    fn save_msrs(&self, vm: &Vm) -> Result<Vec<kvm_msr_entry>, VmError> {
-        let list = vm
-            .kvm()
-            .get_msr_index_list()
-            .map_err(ioctl("KVM_GET_MSR_INDEX_LIST"))?;
-        let mut indices: Vec<u32> = list.as_slice().to_vec();
-        for extra in extra_msrs() {
-            if !indices.contains(&extra) {
-                indices.push(extra);
-            }
-        }
+    fn save_msrs(&self, indices: &[u32]) -> Result<Vec<kvm_msr_entry>, VmError> {
         let mut saved = Vec::with_capacity(indices.len());
         // KVM_GET_MSRS stops at the first MSR it cannot read: read in chunks, skip that one.
         let mut i = 0;
         while i < indices.len() {
             let chunk = &indices[i..indices.len().min(i + 64)];
-            let entries: Vec<kvm_msr_entry> = chunk
-                .iter()
-                .map(|&index| kvm_msr_entry {
-                    index,
-                    ..Default::default()
-                })
-                .collect();
+            let entries: Vec<kvm_msr_entry> =
+                chunk.iter().map(|&index| kvm_msr_entry { index, ..Default::default() }).collect();
             let mut msrs = msrs_from(&entries, "KVM_GET_MSRS")?;
             let n = self.fd.get_msrs(&mut msrs).map_err(ioctl("KVM_GET_MSRS"))?;
             saved.extend_from_slice(&msrs.as_slice()[..n]);
@@ -157,36 +123,22 @@ impl Vcpu {
 
     /// Restores a state captured by [`Vcpu::save`] (CPUID must already be set).
     pub fn restore(&self, s: &VcpuState) -> Result<(), VmError> {
-        self.fd
-            .set_mp_state(s.mp_state)
-            .map_err(ioctl("KVM_SET_MP_STATE"))?;
         self.fd.set_regs(&s.regs).map_err(ioctl("KVM_SET_REGS"))?;
-        self.fd
-            .set_sregs(&s.sregs)
-            .map_err(ioctl("KVM_SET_SREGS"))?;
+        self.fd.set_sregs(&s.sregs).map_err(ioctl("KVM_SET_SREGS"))?;
         // SAFETY: the xsave area was produced by KVM_GET_XSAVE for a vCPU with the same CPUID.
         unsafe { self.fd.set_xsave(&s.xsave) }.map_err(ioctl("KVM_SET_XSAVE"))?;
         self.fd.set_xcrs(&s.xcrs).map_err(ioctl("KVM_SET_XCRS"))?;
-        self.fd
-            .set_debug_regs(&s.debugregs)
-            .map_err(ioctl("KVM_SET_DEBUGREGS"))?;
-        self.fd
-            .set_lapic(&s.lapic)
-            .map_err(ioctl("KVM_SET_LAPIC"))?;
+        self.fd.set_debug_regs(&s.debugregs).map_err(ioctl("KVM_SET_DEBUGREGS"))?;
+        self.fd.set_lapic(&s.lapic).map_err(ioctl("KVM_SET_LAPIC"))?;
         for chunk in s.msrs.chunks(64) {
             let msrs = msrs_from(chunk, "KVM_SET_MSRS")?;
             let n = self.fd.set_msrs(&msrs).map_err(ioctl("KVM_SET_MSRS"))?;
-            if n != chunk.len() {
-                tracing::debug!(
-                    "vcpu {}: KVM did not take MSR {:#x}",
-                    self.id,
-                    chunk[n].index
-                );
+            if let Some(e) = chunk.get(n) {
+                tracing::debug!("vcpu {}: KVM did not take MSR {:#x}", self.id, e.index);
             }
         }
-        self.fd
-            .set_vcpu_events(&s.events)
-            .map_err(ioctl("KVM_SET_VCPU_EVENTS"))?;
+        self.fd.set_mp_state(s.mp_state).map_err(ioctl("KVM_SET_MP_STATE"))?;
+        self.fd.set_vcpu_events(&s.events).map_err(ioctl("KVM_SET_VCPU_EVENTS"))?;
         Ok(())
     }
 }

@@ -1,0 +1,164 @@
+//! Fork-clone: the VMM parks its vCPUs, captures their state and fork()s. Each child process
+//! builds a new KVM VM over the guest memory it inherited (anonymous memory is shared
+//! copy-on-write by the kernel; shared-file memory is frozen first and mapped privately), restores
+//! the state with a bumped generation and a fresh seed, and runs on its own. Only pages that one
+//! side writes are ever copied.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::microvm::MicroVm;
+use crate::snapshot::parts_from_state;
+use crate::vcpu_thread::ExitReason;
+use crate::Error;
+
+/// A running fork child as seen from the parent: its pid and its console.
+#[derive(Debug)]
+pub struct ForkedChild {
+    pub pid: i32,
+    /// Console of the child: lines written go to its serial input; its serial output comes back.
+    pub console: UnixStream,
+    reader: BufReader<UnixStream>,
+}
+
+impl ForkedChild {
+    /// Waits for the next console line of the child.
+    pub fn read_line(&mut self, timeout: Duration) -> Result<String, Error> {
+        self.reader.get_ref().set_read_timeout(Some(timeout)).map_err(Error::Io)?;
+        let mut line = String::new();
+        match self.reader.read_line(&mut line) {
+            Ok(0) => Err(Error::Guest(format!("fork child {} closed its console", self.pid))),
+            Ok(_) => Ok(line.trim_end_matches(['\n', '\r']).to_string()),
+            Err(e) => Err(Error::Guest(format!("fork child {}: no console line within {timeout:?} ({e})", self.pid))),
+        }
+    }
+
+    /// Sends a command line and returns the next line the child prints.
+    pub fn command(&mut self, line: &str, timeout: Duration) -> Result<String, Error> {
+        self.console.write_all(format!("{line}\n").as_bytes()).map_err(Error::Io)?;
+        self.read_line(timeout)
+    }
+
+    /// Stops the child (closing its console makes it stop its VM and exit) and reaps it.
+    pub fn stop(self) -> Result<i32, Error> {
+        let _ = self.console.shutdown(std::net::Shutdown::Both);
+        let mut status = 0;
+        // SAFETY: waitpid on our own child with a valid status pointer.
+        let rc = unsafe { libc::waitpid(self.pid, &mut status, 0) };
+        if rc < 0 {
+            return Err(Error::Io(std::io::Error::last_os_error()));
+        }
+        Ok(status)
+    }
+}
+
+/// Timings of a fork.
+#[derive(Debug, Clone, Copy)]
+pub struct ForkReport {
+    /// Parking the vCPUs (zero if the VM was already paused).
+    pub pause: Duration,
+    /// Capturing vCPU and device state.
+    pub save: Duration,
+    /// All fork() calls.
+    pub fork: Duration,
+}
+
+impl MicroVm {
+    /// Forks the VM into `count` children that run independently of the parent and each other.
+    /// The parent is paused for the duration and resumed afterwards if it was running.
+    pub fn fork(&self, count: usize) -> Result<(Vec<ForkedChild>, ForkReport), Error> {
+        if let Some(r) = self.control().exit_reason() {
+            return Err(Error::State(format!("cannot fork a stopped VM (it exited: {r:?})")));
+        }
+        if count == 0 {
+            return Err(Error::Config("fork count must be at least 1".into()));
+        }
+        let was_paused = self.is_paused();
+        let pause = if was_paused { Duration::ZERO } else { self.pause()? };
+        let result = self.fork_paused(count);
+        if !was_paused {
+            self.resume()?;
+        }
+        result.map(|(children, save, fork)| (children, ForkReport { pause, save, fork }))
+    }
+
+    fn fork_paused(&self, count: usize) -> Result<(Vec<ForkedChild>, Duration, Duration), Error> {
+        let t0 = Instant::now();
+        let state = self.save_state()?;
+        // Shared-file memory must stop being shared before anyone else maps it.
+        self.memory().freeze()?;
+        let save = t0.elapsed();
+        let t1 = Instant::now();
+        let mut children: Vec<ForkedChild> = Vec::with_capacity(count);
+        for _ in 0..count {
+            let (parent_end, child_end) = UnixStream::pair().map_err(Error::Io)?;
+            // SAFETY: fork has no memory-safety preconditions; the child only runs code that
+            // does not depend on locks held by the parent's other threads (the vCPU threads are
+            // parked outside every lock) and leaves with _exit.
+            let pid = unsafe { libc::fork() };
+            if pid < 0 {
+                return Err(Error::Io(std::io::Error::last_os_error()));
+            }
+            if pid == 0 {
+                drop(parent_end);
+                for c in &children {
+                    // SAFETY: closing the parent's ends of earlier siblings' consoles in this child.
+                    unsafe { libc::close(c.console.as_raw_fd()) };
+                }
+                let code = self.child_main(&state, child_end);
+                // SAFETY: leaving the child without running the parent's destructors.
+                unsafe { libc::_exit(code) };
+            }
+            drop(child_end);
+            let reader = BufReader::new(parent_end.try_clone().map_err(Error::Io)?);
+            children.push(ForkedChild { pid, console: parent_end, reader });
+        }
+        Ok((children, save, t1.elapsed()))
+    }
+
+    /// Runs in the fork child: a new VM over the inherited memory, console on `sock`.
+    fn child_main(&self, state: &crate::persist::state::VmState, sock: UnixStream) -> i32 {
+        for &fd in &self.kvm_fds {
+            // SAFETY: these KVM fds belong to the parent's VM; the child never uses them.
+            unsafe { libc::close(fd) };
+        }
+        let Ok(out) = sock.try_clone() else { return 2 };
+        let parts = match parts_from_state(state, Arc::clone(self.memory()), Some(Box::new(out)), self.track_dirty) {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = (&sock).write_all(format!("forkvm-child-error {e}\n").as_bytes());
+                return 1;
+            }
+        };
+        let vm = match MicroVm::assemble(parts) {
+            Ok(vm) => vm,
+            Err(e) => {
+                let _ = (&sock).write_all(format!("forkvm-child-error {e}\n").as_bytes());
+                return 1;
+            }
+        };
+        let serial = vm.serial().clone();
+        let ctl = vm.control().clone();
+        std::thread::spawn(move || {
+            let mut r = BufReader::new(sock);
+            let mut buf = Vec::new();
+            loop {
+                buf.clear();
+                match r.read_until(b'\n', &mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {
+                        serial.send(&buf, Duration::from_secs(60));
+                    }
+                }
+            }
+            ctl.stop(ExitReason::Stopped);
+        });
+        match vm.wait_exit(None) {
+            Some(ExitReason::Error(_)) => 1,
+            _ => 0,
+        }
+    }
+}

@@ -1,0 +1,5 @@
+//! Snapshot files: a versioned, checksummed envelope around serde payloads, and the VM state
+//! that goes in it.
+pub mod envelope;
+pub mod memory_file;
+pub mod state;
