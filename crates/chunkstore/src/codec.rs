@@ -70,29 +70,19 @@ pub(crate) fn decompress(codec: Codec, src: &[u8], dst: &mut [u8]) -> Result<(),
     let n = match codec {
         Codec::Raw => {
             if src.len() != dst.len() {
-                return Err(format!(
-                    "raw chunk has {} bytes, expected {}",
-                    src.len(),
-                    dst.len()
-                ));
+                return Err(format!("raw chunk has {} bytes, expected {}", src.len(), dst.len()));
             }
             dst.copy_from_slice(src);
             src.len()
         }
-        Codec::Lz4 => {
-            lz4_flex::block::decompress_into(src, dst).map_err(|e| format!("lz4: {e}"))?
-        }
+        Codec::Lz4 => lz4_flex::block::decompress_into(src, dst).map_err(|e| format!("lz4: {e}"))?,
         Codec::Zstd => ZSTD_DCTX.with(|cell| {
             let mut slot = cell.borrow_mut();
             if slot.is_none() {
-                *slot = Some(
-                    zstd::bulk::Decompressor::new().map_err(|e| format!("zstd context: {e}"))?,
-                );
+                *slot = Some(zstd::bulk::Decompressor::new().map_err(|e| format!("zstd context: {e}"))?);
             }
             match slot.as_mut() {
-                Some(d) => d
-                    .decompress_to_buffer(src, dst)
-                    .map_err(|e| format!("zstd: {e}")),
+                Some(d) => d.decompress_to_buffer(src, dst).map_err(|e| format!("zstd: {e}")),
                 None => Err("zstd context unavailable".to_string()),
             }
         })?,

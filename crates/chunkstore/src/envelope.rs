@@ -46,16 +46,9 @@ pub fn open<'a>(
     max_version: u32,
     bytes: &'a [u8],
 ) -> Result<(u32, &'a [u8])> {
-    let bad = |reason: String| Error::BadEnvelope {
-        what,
-        path: path.to_path_buf(),
-        reason,
-    };
+    let bad = |reason: String| Error::BadEnvelope { what, path: path.to_path_buf(), reason };
     if bytes.len() < HEADER_LEN {
-        return Err(bad(format!(
-            "file is truncated: {} bytes, header alone needs {HEADER_LEN}",
-            bytes.len()
-        )));
+        return Err(bad(format!("file is truncated: {} bytes, header alone needs {HEADER_LEN}", bytes.len())));
     }
     let (header, payload) = bytes.split_at(HEADER_LEN);
     if &header[0..8] != magic {
@@ -71,21 +64,13 @@ pub fn open<'a>(
     let len = r.u64().map_err(|e| bad(e.to_string()))?;
     let sum = r.bytes(32).map_err(|e| bad(e.to_string()))?;
     if version == 0 || version > max_version {
-        return Err(bad(format!(
-            "unsupported format version {version} (this build reads 1..={max_version})"
-        )));
+        return Err(bad(format!("unsupported format version {version} (this build reads 1..={max_version})")));
     }
     if (payload.len() as u64) < len {
-        return Err(bad(format!(
-            "file is truncated: payload has {} of {len} bytes",
-            payload.len()
-        )));
+        return Err(bad(format!("file is truncated: payload has {} of {len} bytes", payload.len())));
     }
     if (payload.len() as u64) > len {
-        return Err(bad(format!(
-            "{} trailing bytes after the {len}-byte payload",
-            payload.len() as u64 - len
-        )));
+        return Err(bad(format!("{} trailing bytes after the {len}-byte payload", payload.len() as u64 - len)));
     }
     if blake3::hash(payload).as_bytes() != sum {
         return Err(bad("checksum mismatch: payload is corrupted".into()));
@@ -94,12 +79,7 @@ pub fn open<'a>(
 }
 
 /// Read a whole envelope file from disk and check it.
-pub fn read_file(
-    what: &'static str,
-    path: &Path,
-    magic: &[u8; 8],
-    max_version: u32,
-) -> Result<(u32, Vec<u8>)> {
+pub fn read_file(what: &'static str, path: &Path, magic: &[u8; 8], max_version: u32) -> Result<(u32, Vec<u8>)> {
     let bytes = fs::read(path).map_err(io_err(path))?;
     let (v, payload) = open(what, path, magic, max_version, &bytes)?;
     Ok((v, payload.to_vec()))
@@ -146,11 +126,7 @@ impl<'a> Reader<'a> {
     pub fn bytes(&mut self, n: usize) -> Result<&'a [u8], ShortPayload> {
         let left = self.buf.len() - self.pos;
         if n > left {
-            return Err(ShortPayload {
-                wanted: n,
-                at: self.pos,
-                left,
-            });
+            return Err(ShortPayload { wanted: n, at: self.pos, left });
         }
         let s = &self.buf[self.pos..self.pos + n];
         self.pos += n;

@@ -39,9 +39,7 @@ pub enum Error {
         reason: String,
     },
     /// The pack file is shorter than the index says.
-    #[error(
-        "pack file {path} is truncated: index expects at least {expected} bytes, file has {actual}"
-    )]
+    #[error("pack file {path} is truncated: index expects at least {expected} bytes, file has {actual}")]
     PackTruncated {
         /// The pack file.
         path: PathBuf,
@@ -65,9 +63,7 @@ pub enum Error {
     #[error("no image named {0:?} in the store")]
     NoSuchImage(String),
     /// An image name that cannot be used as a file name.
-    #[error(
-        "invalid image name {0:?}: use 1-128 characters from [A-Za-z0-9._-], not starting with '.'"
-    )]
+    #[error("invalid image name {0:?}: use 1-128 characters from [A-Za-z0-9._-], not starting with '.'")]
     BadName(String),
     /// Invalid configuration or argument.
     #[error("invalid argument: {0}")]

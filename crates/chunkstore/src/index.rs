@@ -44,10 +44,7 @@ pub(crate) struct Index {
 
 impl Index {
     pub(crate) fn new() -> Self {
-        Index {
-            pack_len: PACK_HEADER_LEN,
-            map: HashMap::new(),
-        }
+        Index { pack_len: PACK_HEADER_LEN, map: HashMap::new() }
     }
 
     pub(crate) fn encode(&self) -> Vec<u8> {
@@ -67,11 +64,7 @@ impl Index {
     }
 
     pub(crate) fn decode(path: &Path, payload: &[u8]) -> Result<Self> {
-        let bad = |reason: String| Error::Malformed {
-            what: "index",
-            path: path.to_path_buf(),
-            reason,
-        };
+        let bad = |reason: String| Error::Malformed { what: "index", path: path.to_path_buf(), reason };
         let mut r = Reader::new(payload);
         let pack_len = r.u64().map_err(|e| bad(e.to_string()))?;
         let count = r.u64().map_err(|e| bad(e.to_string()))?;
@@ -83,9 +76,7 @@ impl Index {
             )));
         }
         if pack_len < PACK_HEADER_LEN {
-            return Err(bad(format!(
-                "pack length {pack_len} is below the pack header"
-            )));
+            return Err(bad(format!("pack length {pack_len} is below the pack header")));
         }
         let mut map = HashMap::with_capacity(count as usize);
         for i in 0..count {
@@ -94,25 +85,15 @@ impl Index {
             let stored_len = r.u32().map_err(|e| bad(e.to_string()))?;
             let raw_len = r.u32().map_err(|e| bad(e.to_string()))?;
             let cb = r.u8().map_err(|e| bad(e.to_string()))?;
-            let codec = Codec::from_byte(cb)
-                .ok_or_else(|| bad(format!("entry {i}: unknown codec {cb}")))?;
+            let codec = Codec::from_byte(cb).ok_or_else(|| bad(format!("entry {i}: unknown codec {cb}")))?;
             if raw_len == 0 || raw_len > MAX_RAW_LEN || stored_len == 0 {
-                return Err(bad(format!(
-                    "entry {i}: bad lengths stored={stored_len} raw={raw_len}"
-                )));
+                return Err(bad(format!("entry {i}: bad lengths stored={stored_len} raw={raw_len}")));
             }
             let end = offset.checked_add(u64::from(stored_len));
             if offset < PACK_HEADER_LEN || end.is_none_or(|end| end > pack_len) {
-                return Err(bad(format!(
-                    "entry {i}: range {offset}+{stored_len} outside the pack ({pack_len} bytes)"
-                )));
+                return Err(bad(format!("entry {i}: range {offset}+{stored_len} outside the pack ({pack_len} bytes)")));
             }
-            let e = IndexEntry {
-                offset,
-                stored_len,
-                raw_len,
-                codec,
-            };
+            let e = IndexEntry { offset, stored_len, raw_len, codec };
             if map.insert(hash, e).is_some() {
                 return Err(bad(format!("entry {i}: duplicate chunk {hash}")));
             }

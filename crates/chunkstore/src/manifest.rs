@@ -110,11 +110,7 @@ impl Manifest {
     }
 
     pub(crate) fn decode(path: &Path, payload: &[u8]) -> Result<Self> {
-        let bad = |reason: String| Error::Malformed {
-            what: "manifest",
-            path: path.to_path_buf(),
-            reason,
-        };
+        let bad = |reason: String| Error::Malformed { what: "manifest", path: path.to_path_buf(), reason };
         let short = |e: envelope::ShortPayload| bad(e.to_string());
         let mut r = Reader::new(payload);
         let nl = r.u16().map_err(short)? as usize;
@@ -128,17 +124,12 @@ impl Manifest {
         let image_len = r.u64().map_err(short)?;
         let page_count = r.u64().map_err(short)?;
         if image_len.div_ceil(u64::from(page_size)) != page_count {
-            return Err(bad(format!(
-                "{page_count} pages do not match image length {image_len}"
-            )));
+            return Err(bad(format!("{page_count} pages do not match image length {image_len}")));
         }
         let chunk_count = r.u32().map_err(short)?;
         let need = u64::from(chunk_count) * 32 + page_count.saturating_mul(4);
         if need != r.remaining() as u64 {
-            return Err(bad(format!(
-                "tables need {need} bytes, payload has {} left",
-                r.remaining()
-            )));
+            return Err(bad(format!("tables need {need} bytes, payload has {} left", r.remaining())));
         }
         let mut chunks = Vec::with_capacity(chunk_count as usize);
         for _ in 0..chunk_count {
@@ -148,19 +139,11 @@ impl Manifest {
         for i in 0..page_count {
             let p = r.u32().map_err(short)?;
             if p != ZERO_REF && p >= chunk_count {
-                return Err(bad(format!(
-                    "page {i} refers to chunk #{p} of {chunk_count}"
-                )));
+                return Err(bad(format!("page {i} refers to chunk #{p} of {chunk_count}")));
             }
             pages.push(p);
         }
-        Ok(Manifest {
-            name,
-            page_size,
-            image_len,
-            chunks,
-            pages,
-        })
+        Ok(Manifest { name, page_size, image_len, chunks, pages })
     }
 
     pub(crate) fn load(path: &Path) -> Result<Self> {

@@ -59,33 +59,22 @@ impl Pack {
         }
         let len = file.metadata().map_err(io_err(path))?.len();
         if len < need_len {
-            return Err(Error::PackTruncated {
-                path: path.to_path_buf(),
-                expected: need_len,
-                actual: len,
-            });
+            return Err(Error::PackTruncated { path: path.to_path_buf(), expected: need_len, actual: len });
         }
         if writable && len > need_len {
             // Left over from an interrupted write that never reached the index.
             tracing::warn!(path = %path.display(), len, need_len, "dropping unindexed pack tail");
             file.set_len(need_len).map_err(io_err(path))?;
         }
-        Ok(Pack {
-            path: path.to_path_buf(),
-            file,
-        })
+        Ok(Pack { path: path.to_path_buf(), file })
     }
 
     pub(crate) fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        self.file
-            .read_exact_at(buf, offset)
-            .map_err(io_err(&self.path))
+        self.file.read_exact_at(buf, offset).map_err(io_err(&self.path))
     }
 
     pub(crate) fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
-        self.file
-            .write_all_at(buf, offset)
-            .map_err(io_err(&self.path))
+        self.file.write_all_at(buf, offset).map_err(io_err(&self.path))
     }
 
     pub(crate) fn sync(&self) -> Result<()> {

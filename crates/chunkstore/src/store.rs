@@ -31,12 +31,7 @@ pub struct StoreConfig {
 
 impl Default for StoreConfig {
     fn default() -> Self {
-        StoreConfig {
-            page_size: 4096,
-            codec: Codec::Zstd,
-            level: 3,
-            threads: 2,
-        }
+        StoreConfig { page_size: 4096, codec: Codec::Zstd, level: 3, threads: 2 }
     }
 }
 
@@ -87,23 +82,15 @@ impl Store {
         let dir = dir.as_ref().to_path_buf();
         fs::create_dir_all(dir.join("manifests")).map_err(io_err(&dir))?;
         let lock_path = dir.join("LOCK");
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(io_err(&lock_path))?;
+        let lock =
+            OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).map_err(io_err(&lock_path))?;
         // SAFETY: flock on a file descriptor we own; no memory is involved.
         let rc = unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
         if rc != 0 {
             return Err(Error::Locked(dir));
         }
         let index_path = dir.join("index");
-        let index = if index_path.exists() {
-            Index::load(&index_path)?
-        } else {
-            Index::new()
-        };
+        let index = if index_path.exists() { Index::load(&index_path)? } else { Index::new() };
         let pack = Pack::open(&dir.join("pack"), true, index.pack_len)?;
         if !index_path.exists() {
             pack.sync()?;
@@ -140,23 +127,11 @@ impl Store {
     /// process since this store was opened (read-only stores).
     pub fn reload_index(&self) -> Result<()> {
         let index = Index::load(&self.dir.join("index"))?;
-        let len = self
-            .pack
-            .file
-            .metadata()
-            .map_err(io_err(&self.pack.path))?
-            .len();
+        let len = self.pack.file.metadata().map_err(io_err(&self.pack.path))?.len();
         if len < index.pack_len {
-            return Err(Error::PackTruncated {
-                path: self.pack.path.clone(),
-                expected: index.pack_len,
-                actual: len,
-            });
+            return Err(Error::PackTruncated { path: self.pack.path.clone(), expected: index.pack_len, actual: len });
         }
-        let mut cur = self
-            .index
-            .write()
-            .map_err(|_| Error::InvalidArgument("index lock poisoned".into()))?;
+        let mut cur = self.index.write().map_err(|_| Error::InvalidArgument("index lock poisoned".into()))?;
         *cur = index;
         Ok(())
     }
@@ -175,9 +150,7 @@ impl Store {
         let ok = !name.is_empty()
             && name.len() <= 128
             && !name.starts_with('.')
-            && name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+            && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
         if !ok {
             return Err(Error::BadName(name.to_string()));
         }
@@ -283,10 +256,7 @@ impl Store {
             )));
         }
         let count = (buf.len() / ps) as u64;
-        if first
-            .checked_add(count)
-            .is_none_or(|end| end > m.page_count())
-        {
+        if first.checked_add(count).is_none_or(|end| end > m.page_count()) {
             return Err(Error::InvalidArgument(format!(
                 "pages {first}..+{count} outside image {:?} of {} pages",
                 m.name(),
@@ -296,10 +266,7 @@ impl Store {
         // Resolve every page first, holding the index lock only briefly.
         let mut todo: Vec<(usize, ChunkHash, IndexEntry)> = Vec::new();
         {
-            let index = self
-                .index
-                .read()
-                .map_err(|_| Error::InvalidArgument("index lock poisoned".into()))?;
+            let index = self.index.read().map_err(|_| Error::InvalidArgument("index lock poisoned".into()))?;
             for (i, page) in buf.chunks_exact_mut(ps).enumerate() {
                 match m.page(first + i as u64) {
                     Some(PageRef::Chunk(h)) => {
@@ -307,10 +274,7 @@ impl Store {
                         if e.raw_len as usize != ps {
                             return Err(Error::CorruptChunk {
                                 hash: *h,
-                                reason: format!(
-                                    "chunk holds {} bytes but the image page size is {ps}",
-                                    e.raw_len
-                                ),
+                                reason: format!("chunk holds {} bytes but the image page size is {ps}", e.raw_len),
                             });
                         }
                         todo.push((i, *h, e));
@@ -408,10 +372,7 @@ impl Store {
             known.insert(*h);
             src.resize(e.stored_len as usize, 0);
             dst.resize(e.raw_len as usize, 0);
-            let r = self
-                .pack
-                .read_at(&mut src, e.offset)
-                .and_then(|()| decode_chunk(h, e, &src, &mut dst));
+            let r = self.pack.read_at(&mut src, e.offset).and_then(|()| decode_chunk(h, e, &src, &mut dst));
             if let Err(err) = r {
                 report.problems.push(err.to_string());
             }
@@ -423,9 +384,7 @@ impl Store {
                 Ok(m) => {
                     let missing = m.chunks().iter().filter(|h| !known.contains(h)).count();
                     if missing > 0 {
-                        report.problems.push(format!(
-                            "image {name:?}: {missing} chunks missing from the index"
-                        ));
+                        report.problems.push(format!("image {name:?}: {missing} chunks missing from the index"));
                     }
                 }
             }
@@ -435,21 +394,10 @@ impl Store {
 }
 
 /// Decompress one chunk and check its content address.
-pub(crate) fn decode_chunk(
-    hash: &ChunkHash,
-    e: &IndexEntry,
-    src: &[u8],
-    dst: &mut [u8],
-) -> Result<()> {
-    codec::decompress(e.codec, src, dst).map_err(|reason| Error::CorruptChunk {
-        hash: *hash,
-        reason,
-    })?;
+pub(crate) fn decode_chunk(hash: &ChunkHash, e: &IndexEntry, src: &[u8], dst: &mut [u8]) -> Result<()> {
+    codec::decompress(e.codec, src, dst).map_err(|reason| Error::CorruptChunk { hash: *hash, reason })?;
     if ChunkHash::of(dst) != *hash {
-        return Err(Error::CorruptChunk {
-            hash: *hash,
-            reason: "content does not match its blake3 address".into(),
-        });
+        return Err(Error::CorruptChunk { hash: *hash, reason: "content does not match its blake3 address".into() });
     }
     Ok(())
 }

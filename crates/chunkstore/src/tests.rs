@@ -71,21 +71,12 @@ fn read_all(store: &Store, m: &Manifest) -> Vec<u8> {
 }
 
 fn cfg(page_size: usize, codec: Codec) -> StoreConfig {
-    StoreConfig {
-        page_size,
-        codec,
-        ..Default::default()
-    }
+    StoreConfig { page_size, codec, ..Default::default() }
 }
 
 #[test]
 fn round_trip_zstd_lz4_and_8k() {
-    for (ps, codec) in [
-        (4096, Codec::Zstd),
-        (4096, Codec::Lz4),
-        (8192, Codec::Zstd),
-        (8192, Codec::Lz4),
-    ] {
+    for (ps, codec) in [(4096, Codec::Zstd), (4096, Codec::Lz4), (8192, Codec::Zstd), (8192, Codec::Lz4)] {
         let d = TempDir::new();
         let img = image(300, ps, 42);
         {
@@ -191,11 +182,7 @@ fn corrupt_chunk_byte_is_an_error() {
         // Page 3 is random (stored raw), page 2 is text (compressed).
         for page in [2u64, 3] {
             let e = chunk_offset(&store, &m, page);
-            let f = fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(d.path().join("pack"))
-                .unwrap();
+            let f = fs::OpenOptions::new().read(true).write(true).open(d.path().join("pack")).unwrap();
             let mut b = [0u8; 1];
             let at = e.offset + u64::from(e.stored_len) / 2;
             f.read_exact_at(&mut b, at).unwrap();
@@ -214,10 +201,7 @@ fn corrupt_chunk_byte_is_an_error() {
         }
         // Corrupt once more and check verify() finds it.
         let e = chunk_offset(&store, &m, 2);
-        let f = fs::OpenOptions::new()
-            .write(true)
-            .open(d.path().join("pack"))
-            .unwrap();
+        let f = fs::OpenOptions::new().write(true).open(d.path().join("pack")).unwrap();
         f.write_all_at(&[0xFF, 0xFF, 0xFF], e.offset).unwrap();
         let rep = store.verify().unwrap();
         assert_eq!(rep.problems.len(), 1, "{rep:?}");
@@ -234,12 +218,7 @@ fn truncated_pack_is_an_error() {
     }
     let pack = d.path().join("pack");
     let len = fs::metadata(&pack).unwrap().len();
-    fs::OpenOptions::new()
-        .write(true)
-        .open(&pack)
-        .unwrap()
-        .set_len(len - 10)
-        .unwrap();
+    fs::OpenOptions::new().write(true).open(&pack).unwrap().set_len(len - 10).unwrap();
     let e = Store::open_readonly(d.path()).unwrap_err();
     assert!(matches!(e, Error::PackTruncated { .. }), "{e}");
     assert!(e.to_string().contains("truncated"));
@@ -253,18 +232,10 @@ fn truncated_pack_while_open_is_an_error() {
     let store = Store::open_or_create(d.path(), StoreConfig::default()).unwrap();
     let img = image(20, 4096, 5);
     let (m, _) = store.put_image("a", &img).unwrap();
-    let last = (0..20)
-        .filter(|&p| !m.is_zero(p))
-        .max_by_key(|&p| chunk_offset(&store, &m, p).offset)
-        .unwrap();
+    let last = (0..20).filter(|&p| !m.is_zero(p)).max_by_key(|&p| chunk_offset(&store, &m, p).offset).unwrap();
     let pack = d.path().join("pack");
     let len = fs::metadata(&pack).unwrap().len();
-    fs::OpenOptions::new()
-        .write(true)
-        .open(&pack)
-        .unwrap()
-        .set_len(len - 10)
-        .unwrap();
+    fs::OpenOptions::new().write(true).open(&pack).unwrap().set_len(len - 10).unwrap();
     let mut buf = vec![0u8; 4096];
     let e = store.read_page(&m, last, &mut buf).unwrap_err();
     assert!(matches!(e, Error::Io { .. }), "{e}");
@@ -307,10 +278,7 @@ fn corrupted_or_truncated_manifest_and_index_are_rejected() {
             fs::write(path, &bad).unwrap();
             let r = Store::open_readonly(d.path()).and_then(|s| s.manifest("a"));
             let e = r.unwrap_err();
-            assert!(
-                matches!(e, Error::BadEnvelope { .. } | Error::Malformed { .. }),
-                "{e}"
-            );
+            assert!(matches!(e, Error::BadEnvelope { .. } | Error::Malformed { .. }), "{e}");
         }
         fs::write(path, orig).unwrap();
     }
@@ -323,26 +291,12 @@ fn corrupted_or_truncated_manifest_and_index_are_rejected() {
 #[test]
 fn payload_that_passes_checksum_but_lies_is_rejected() {
     // A manifest page referring past the chunk table.
-    let m = manifest::Manifest {
-        name: "x".into(),
-        page_size: 4096,
-        image_len: 4096,
-        chunks: vec![],
-        pages: vec![5],
-    };
+    let m = manifest::Manifest { name: "x".into(), page_size: 4096, image_len: 4096, chunks: vec![], pages: vec![5] };
     let e = manifest::Manifest::decode(Path::new("m"), &m.encode()).unwrap_err();
     assert!(e.to_string().contains("refers to chunk"), "{e}");
     // An index entry outside the pack.
     let mut i = index::Index::new();
-    i.map.insert(
-        ChunkHash([1; 32]),
-        IndexEntry {
-            offset: 16,
-            stored_len: 100,
-            raw_len: 4096,
-            codec: Codec::Zstd,
-        },
-    );
+    i.map.insert(ChunkHash([1; 32]), IndexEntry { offset: 16, stored_len: 100, raw_len: 4096, codec: Codec::Zstd });
     let e = index::Index::decode(Path::new("i"), &i.encode()).unwrap_err();
     assert!(e.to_string().contains("outside the pack"), "{e}");
 }
@@ -351,10 +305,7 @@ fn payload_that_passes_checksum_but_lies_is_rejected() {
 fn writer_lock_and_bad_config() {
     let d = TempDir::new();
     let _s = Store::open_or_create(d.path(), StoreConfig::default()).unwrap();
-    assert!(matches!(
-        Store::open_or_create(d.path(), StoreConfig::default()),
-        Err(Error::Locked(_))
-    ));
+    assert!(matches!(Store::open_or_create(d.path(), StoreConfig::default()), Err(Error::Locked(_))));
     let d2 = TempDir::new();
     assert!(Store::open_or_create(d2.path(), cfg(3000, Codec::Zstd)).is_err());
 }

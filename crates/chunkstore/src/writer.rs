@@ -45,10 +45,7 @@ enum Hashed {
 
 impl<'a> ImageWriter<'a> {
     pub(crate) fn new(store: &'a Store, name: String, path: PathBuf) -> Result<Self> {
-        let guard = store
-            .write_lock
-            .lock()
-            .map_err(|_| Error::InvalidArgument("write lock poisoned".into()))?;
+        let guard = store.write_lock.lock().map_err(|_| Error::InvalidArgument("write lock poisoned".into()))?;
         Ok(ImageWriter {
             store,
             _guard: guard,
@@ -95,8 +92,7 @@ impl<'a> ImageWriter<'a> {
             len -= n as u64;
         }
         let whole = len / ps;
-        self.pages
-            .extend(std::iter::repeat_n(zero_ref(), whole as usize));
+        self.pages.extend(std::iter::repeat_n(zero_ref(), whole as usize));
         self.stats.zero_pages += whole;
         self.len += whole * ps;
         let rest = (len % ps) as usize;
@@ -115,22 +111,12 @@ impl<'a> ImageWriter<'a> {
             &pages,
             threads,
             |_| Ok(()),
-            |(), p: &&[u8]| {
-                Ok(if is_zero(p) {
-                    Hashed::Zero
-                } else {
-                    Hashed::Data(ChunkHash::of(p))
-                })
-            },
+            |(), p: &&[u8]| Ok(if is_zero(p) { Hashed::Zero } else { Hashed::Data(ChunkHash::of(p)) }),
         )?;
         // Decide which pages need storing.
         let mut new: Vec<(ChunkHash, &[u8])> = Vec::new();
         {
-            let index = self
-                .store
-                .index
-                .read()
-                .map_err(|_| Error::InvalidArgument("index lock poisoned".into()))?;
+            let index = self.store.index.read().map_err(|_| Error::InvalidArgument("index lock poisoned".into()))?;
             let mut queued = std::collections::HashSet::new();
             for (h, p) in hashed.iter().zip(&pages) {
                 match h {
@@ -163,17 +149,10 @@ impl<'a> ImageWriter<'a> {
         let compressed = par_map(
             &new,
             threads,
-            |_| {
-                Compressor::new(codec, level)
-                    .map_err(|e| Error::InvalidArgument(format!("compressor: {e}")))
-            },
+            |_| Compressor::new(codec, level).map_err(|e| Error::InvalidArgument(format!("compressor: {e}"))),
             |c: &mut Compressor, (_, p): &(ChunkHash, &[u8])| Ok(c.compress(p)),
         )?;
-        let mut index = self
-            .store
-            .index
-            .write()
-            .map_err(|_| Error::InvalidArgument("index lock poisoned".into()))?;
+        let mut index = self.store.index.write().map_err(|_| Error::InvalidArgument("index lock poisoned".into()))?;
         let base = index.pack_len;
         let total: usize = compressed.iter().map(|(_, b)| b.len()).sum();
         let mut blob = Vec::with_capacity(total);
@@ -209,11 +188,7 @@ impl<'a> ImageWriter<'a> {
         }
         self.store.pack.sync()?;
         {
-            let index = self
-                .store
-                .index
-                .read()
-                .map_err(|_| Error::InvalidArgument("index lock poisoned".into()))?;
+            let index = self.store.index.read().map_err(|_| Error::InvalidArgument("index lock poisoned".into()))?;
             index.save(&self.store.dir.join("index"))?;
         }
         let m = Manifest {
@@ -234,9 +209,7 @@ impl<'a> ImageWriter<'a> {
 /// True if every byte is zero.
 pub fn is_zero(p: &[u8]) -> bool {
     let mut words = p.chunks_exact(16);
-    let acc = words.by_ref().fold(0u128, |a, c| {
-        a | u128::from_ne_bytes(c.try_into().unwrap_or([0xff; 16]))
-    });
+    let acc = words.by_ref().fold(0u128, |a, c| a | u128::from_ne_bytes(c.try_into().unwrap_or([0xff; 16])));
     acc == 0 && words.remainder().iter().all(|&b| b == 0)
 }
 
@@ -260,19 +233,13 @@ fn par_map<T: Sync, S, R: Send>(
                 let (init, f) = (&init, &f);
                 sc.spawn(move || {
                     let mut s = init(i)?;
-                    part.iter()
-                        .map(|t| f(&mut s, t))
-                        .collect::<Result<Vec<R>>>()
+                    part.iter().map(|t| f(&mut s, t)).collect::<Result<Vec<R>>>()
                 })
             })
             .collect();
         handles
             .into_iter()
-            .map(|h| {
-                h.join().unwrap_or_else(|_| {
-                    Err(Error::InvalidArgument("worker thread panicked".into()))
-                })
-            })
+            .map(|h| h.join().unwrap_or_else(|_| Err(Error::InvalidArgument("worker thread panicked".into()))))
             .collect()
     });
     let mut out = Vec::with_capacity(items.len());

@@ -29,13 +29,7 @@ pub struct BenchOpts {
 
 impl Default for BenchOpts {
     fn default() -> Self {
-        BenchOpts {
-            size_mib: 256,
-            runs: 3,
-            working_set_pct: 25,
-            level: 3,
-            dir: None,
-        }
+        BenchOpts { size_mib: 256, runs: 3, working_set_pct: 25, level: 3, dir: None }
     }
 }
 
@@ -59,8 +53,8 @@ impl Rng {
 /// text-like pages, sparse data-structure pages and random pages.
 pub fn synthetic_image(pages: usize, seed: u64) -> Vec<u8> {
     const WORDS: &[&str] = &[
-        "the ", "kernel ", "memory ", "page ", "struct ", "return ", "if (", "0x", "int ", "void ",
-        "static ", "->next", "NULL", "; ", "\n\t", "error", "config ", "{", "}", "usr/lib/",
+        "the ", "kernel ", "memory ", "page ", "struct ", "return ", "if (", "0x", "int ", "void ", "static ",
+        "->next", "NULL", "; ", "\n\t", "error", "config ", "{", "}", "usr/lib/",
     ];
     let mut r = Rng(seed | 1);
     let mut pool = vec![0u8; 32 * PS];
@@ -147,10 +141,7 @@ impl Anon {
                 0,
             )
         };
-        (ptr != libc::MAP_FAILED).then_some(Anon {
-            ptr: ptr.cast(),
-            len,
-        })
+        (ptr != libc::MAP_FAILED).then_some(Anon { ptr: ptr.cast(), len })
     }
 }
 impl Drop for Anon {
@@ -179,17 +170,8 @@ fn restore_run(
     record: bool,
 ) -> Result<(RunResult, WorkingSet), String> {
     let map = Anon::new(len).ok_or("mmap failed")?;
-    let cfg = ServerConfig {
-        batch,
-        record,
-        prefetch,
-        ..Default::default()
-    };
-    let region = Region {
-        base: map.ptr as u64,
-        len: len as u64,
-        offset: 0,
-    };
+    let cfg = ServerConfig { batch, record, prefetch, ..Default::default() };
+    let region = Region { base: map.ptr as u64, len: len as u64, offset: 0 };
     let srv = PageServer::register(vec![region], src.clone(), cfg).map_err(|e| e.to_string())?;
     let mut access = Vec::with_capacity(order.len());
     let t0 = Instant::now();
@@ -253,9 +235,8 @@ pub fn bench_store(opts: &BenchOpts) -> String {
 fn bench_inner(opts: &BenchOpts) -> Result<String, String> {
     let pages = (opts.size_mib.max(1) << 20) / PS;
     let runs = opts.runs.max(1);
-    let tmp = opts.dir.clone().unwrap_or_else(|| {
-        std::env::temp_dir().join(format!("pagesrv-bench-{}", std::process::id()))
-    });
+    let tmp =
+        opts.dir.clone().unwrap_or_else(|| std::env::temp_dir().join(format!("pagesrv-bench-{}", std::process::id())));
     let _ = std::fs::remove_dir_all(&tmp);
     let mut out = String::new();
     let img = synthetic_image(pages, 0x5eed);
@@ -269,28 +250,13 @@ fn bench_inner(opts: &BenchOpts) -> Result<String, String> {
     let _ = writeln!(
         out,
         "{:<14} {:>9} {:>10} {:>10} {:>11} {:>11} {:>9} {:>9} {:>9}",
-        "store",
-        "put MB/s",
-        "zero pgs",
-        "chunks",
-        "stored MiB",
-        "compression",
-        "dedup",
-        "overall",
-        "fork new"
+        "store", "put MB/s", "zero pgs", "chunks", "stored MiB", "compression", "dedup", "overall", "fork new"
     );
     let mut zstd_store = None;
     for (label, codec) in [("zstd", Codec::Zstd), ("lz4", Codec::Lz4)] {
         let dir = tmp.join(label);
-        let store = Store::open_or_create(
-            &dir,
-            StoreConfig {
-                codec,
-                level: opts.level,
-                ..Default::default()
-            },
-        )
-        .map_err(|e| e.to_string())?;
+        let store = Store::open_or_create(&dir, StoreConfig { codec, level: opts.level, ..Default::default() })
+            .map_err(|e| e.to_string())?;
         let (m, put) = store.put_image("base", &img).map_err(|e| e.to_string())?;
         // A fork that dirtied 3% of its pages.
         let mut fork = img.clone();
@@ -332,16 +298,11 @@ fn bench_inner(opts: &BenchOpts) -> Result<String, String> {
 
     // --- raw decompress cost ---
     let mut one = vec![0u8; PS];
-    let nz: Vec<u64> = (0..pages as u64)
-        .filter(|&p| !m.is_zero(p))
-        .take(20000)
-        .collect();
+    let nz: Vec<u64> = (0..pages as u64).filter(|&p| !m.is_zero(p)).take(20000).collect();
     let mut lat = Vec::with_capacity(nz.len());
     for &p in &nz {
         let t = Instant::now();
-        store
-            .read_page(&m, p, &mut one)
-            .map_err(|e| e.to_string())?;
+        store.read_page(&m, p, &mut one).map_err(|e| e.to_string())?;
         lat.push(t.elapsed());
     }
     lat.sort();
@@ -365,13 +326,7 @@ fn bench_inner(opts: &BenchOpts) -> Result<String, String> {
     let _ = writeln!(
         out,
         "{:<22} {:>8} {:>10} {:>10} {:>11} {:>11} {:>24}",
-        "mode",
-        "faults",
-        "access p50",
-        "access p99",
-        "fault p50",
-        "fault p99",
-        "WS resident ms med/min/max"
+        "mode", "faults", "access p50", "access p99", "fault p50", "fault p99", "WS resident ms med/min/max"
     );
     let mut recorded = WorkingSet::default();
     let modes: [(&str, usize, bool); 6] = [
@@ -438,9 +393,7 @@ fn bench_inner(opts: &BenchOpts) -> Result<String, String> {
         let dst = unsafe { std::slice::from_raw_parts_mut(map.ptr, len) };
         let t = Instant::now();
         for &p in &order {
-            store
-                .read_page(&m, p as u64, &mut dst[p * PS..(p + 1) * PS])
-                .map_err(|e| e.to_string())?;
+            store.read_page(&m, p as u64, &mut dst[p * PS..(p + 1) * PS]).map_err(|e| e.to_string())?;
         }
         eager.push(t.elapsed());
         drop(map);
@@ -449,9 +402,7 @@ fn bench_inner(opts: &BenchOpts) -> Result<String, String> {
         let dst = unsafe { std::slice::from_raw_parts_mut(map.ptr, len) };
         let t = Instant::now();
         for (i, chunk) in dst.chunks_mut(1 << 20).enumerate() {
-            store
-                .read_pages(&m, (i * (1 << 20) / PS) as u64, chunk)
-                .map_err(|e| e.to_string())?;
+            store.read_pages(&m, (i * (1 << 20) / PS) as u64, chunk).map_err(|e| e.to_string())?;
         }
         eager_all.push(t.elapsed());
     }

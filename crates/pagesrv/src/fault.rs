@@ -32,11 +32,7 @@ pub(crate) fn poison_unserved(s: &Shared) -> Result<u64> {
             let (start, len) = (rs.r.base + lo as u64 * ps, (p - lo) as u64 * ps);
             let mut done = 0;
             while done < len {
-                match s
-                    .uffd
-                    .poison(start + done, len - done)
-                    .map_err(sys("UFFDIO_POISON"))?
-                {
+                match s.uffd.poison(start + done, len - done).map_err(sys("UFFDIO_POISON"))? {
                     Fill::Done => done = len,
                     Fill::Partial(k) => done += k,
                     Fill::Exists | Fill::Again => done += ps,
@@ -77,16 +73,8 @@ pub(crate) fn fault_loop(s: &Shared, stop_fd: &OwnedFd) -> bool {
     let mut retry: Vec<(u64, u32)> = Vec::new();
     while !s.stop.load(Relaxed) {
         let mut fds = [
-            libc::pollfd {
-                fd: s.uffd.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: stop_fd.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
+            libc::pollfd { fd: s.uffd.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: stop_fd.as_raw_fd(), events: libc::POLLIN, revents: 0 },
         ];
         let timeout = if retry.is_empty() { 1000 } else { 1 };
         // SAFETY: fds is a valid array of 2 pollfd for the duration of the call.
@@ -152,10 +140,7 @@ pub(crate) fn on_remove(s: &Shared, start: u64, end: u64) {
         if lo >= hi {
             continue;
         }
-        let (a, b) = (
-            ((lo - rs.r.base) / ps) as usize,
-            ((hi - rs.r.base).div_ceil(ps)) as usize,
-        );
+        let (a, b) = (((lo - rs.r.base) / ps) as usize, ((hi - rs.r.base).div_ceil(ps)) as usize);
         rs.present.clear_range(a, b);
         if s.cfg.remove_policy == RemovePolicy::Zero {
             rs.removed.set_range(a, b);
@@ -165,20 +150,13 @@ pub(crate) fn on_remove(s: &Shared, start: u64, end: u64) {
 
 pub(crate) fn record_error(s: &Shared, msg: String) {
     tracing::error!("{msg}");
-    s.error
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .get_or_insert(msg);
+    s.error.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(msg);
 }
 
 /// Serve the fault at `address`. `first` is false for retries.
 pub(crate) fn serve_fault(s: &Shared, address: u64, tid: u32, first: bool) -> Outcome {
     let ps = s.cfg.page_size as u64;
-    let Some(rs) = s
-        .regions
-        .iter()
-        .find(|r| address >= r.r.base && address < r.r.base + r.r.len)
-    else {
+    let Some(rs) = s.regions.iter().find(|r| address >= r.r.base && address < r.r.base + r.r.len) else {
         tracing::warn!(address, "fault outside every region");
         return Outcome::Ok;
     };
@@ -226,10 +204,7 @@ pub(crate) fn serve_fault(s: &Shared, address: u64, tid: u32, first: bool) -> Ou
             let len = ((end - start) as u64 * ps) as u32;
             // Coalesce with the previous block when they are adjacent.
             match r.last_mut() {
-                Some(last)
-                    if last.0 + u64::from(last.1) == off
-                        && u64::from(last.1) + u64::from(len) <= 64 << 20 =>
-                {
+                Some(last) if last.0 + u64::from(last.1) == off && u64::from(last.1) + u64::from(len) <= 64 << 20 => {
                     last.1 += len
                 }
                 _ => r.push((off, len)),
@@ -280,22 +255,13 @@ pub(crate) fn fail_page(s: &Shared, page_addr: u64, tid: u32) {
             // SAFETY: kill takes plain integers.
             let _ = unsafe { libc::kill(pid, libc::SIGBUS) };
         }
-        (None, _) => tracing::error!(
-            page_addr,
-            "cannot fail the faulting thread: no poison support and no owner pid"
-        ),
+        (None, _) => tracing::error!(page_addr, "cannot fail the faulting thread: no poison support and no owner pid"),
     }
 }
 
 /// Fill pages `[lo, hi)` of a region from the source and place them with
 /// as few ioctls as possible. `Err` means the source failed (nothing placed).
-pub(crate) fn place(
-    s: &Shared,
-    rs: &RegionState,
-    lo: usize,
-    hi: usize,
-    prefetch: bool,
-) -> Result<Outcome> {
+pub(crate) fn place(s: &Shared, rs: &RegionState, lo: usize, hi: usize, prefetch: bool) -> Result<Outcome> {
     let ps = s.cfg.page_size;
     let len = (hi - lo) * ps;
     let off = rs.r.offset + (lo * ps) as u64;
@@ -316,10 +282,7 @@ pub(crate) fn place(
             } else {
                 s.uffd.copy(dst + pos as u64, &buf[pos..len])
             }
-            .map_err(sys(format!(
-                "UFFDIO_COPY/ZEROPAGE at {:#x}",
-                dst + pos as u64
-            )))?;
+            .map_err(sys(format!("UFFDIO_COPY/ZEROPAGE at {:#x}", dst + pos as u64)))?;
             let done = match r {
                 Fill::Done => len - pos,
                 Fill::Partial(n) => n as usize / ps * ps,

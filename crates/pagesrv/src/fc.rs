@@ -61,11 +61,7 @@ impl TryFrom<RawMapping> for GuestRegionUffdMapping {
 
 impl From<&GuestRegionUffdMapping> for Region {
     fn from(m: &GuestRegionUffdMapping) -> Region {
-        Region {
-            base: m.base_host_virt_addr,
-            len: m.size,
-            offset: m.offset,
-        }
+        Region { base: m.base_host_virt_addr, len: m.size, offset: m.offset }
     }
 }
 
@@ -73,16 +69,9 @@ impl From<&GuestRegionUffdMapping> for Region {
 const MAX_MSG: usize = 1 << 20;
 
 /// Client (VMM) side: send the mappings and the uffd in one `sendmsg`.
-pub fn send_handshake(
-    stream: &UnixStream,
-    mappings: &[GuestRegionUffdMapping],
-    uffd: BorrowedFd<'_>,
-) -> Result<()> {
+pub fn send_handshake(stream: &UnixStream, mappings: &[GuestRegionUffdMapping], uffd: BorrowedFd<'_>) -> Result<()> {
     let body = serde_json::to_vec(mappings).map_err(|e| Error::Protocol(e.to_string()))?;
-    let mut iov = libc::iovec {
-        iov_base: body.as_ptr() as *mut libc::c_void,
-        iov_len: body.len(),
-    };
+    let mut iov = libc::iovec { iov_base: body.as_ptr() as *mut libc::c_void, iov_len: body.len() };
     let fd: RawFd = uffd.as_raw_fd();
     // SAFETY: CMSG_SPACE is a pure size computation.
     let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) } as usize;
@@ -101,11 +90,7 @@ pub fn send_handshake(
     }
     // SAFETY: pure size computation.
     let clen = unsafe { libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) };
-    let hdr = libc::cmsghdr {
-        cmsg_len: clen as _,
-        cmsg_level: libc::SOL_SOCKET,
-        cmsg_type: libc::SCM_RIGHTS,
-    };
+    let hdr = libc::cmsghdr { cmsg_len: clen as _, cmsg_level: libc::SOL_SOCKET, cmsg_type: libc::SCM_RIGHTS };
     // SAFETY: `cmsg` points into `cbuf` (checked non-null above), which is
     // 8-byte aligned and large enough for a cmsghdr.
     unsafe { std::ptr::write(cmsg, hdr) };
@@ -116,15 +101,10 @@ pub fn send_handshake(
     // SAFETY: msg and everything it points to live across the call.
     let n = unsafe { libc::sendmsg(stream.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
     if n < 0 {
-        return Err(sys("sendmsg uffd handshake")(
-            std::io::Error::last_os_error(),
-        ));
+        return Err(sys("sendmsg uffd handshake")(std::io::Error::last_os_error()));
     }
     if n as usize != body.len() {
-        return Err(Error::Protocol(format!(
-            "short sendmsg: {n} of {} bytes",
-            body.len()
-        )));
+        return Err(Error::Protocol(format!("short sendmsg: {n} of {} bytes", body.len())));
     }
     Ok(())
 }
@@ -132,10 +112,7 @@ pub fn send_handshake(
 /// Server (page handler) side: receive the mappings and the uffd.
 pub fn recv_handshake(stream: &UnixStream) -> Result<(Vec<GuestRegionUffdMapping>, OwnedFd)> {
     let mut body = vec![0u8; MAX_MSG];
-    let mut iov = libc::iovec {
-        iov_base: body.as_mut_ptr().cast(),
-        iov_len: body.len(),
-    };
+    let mut iov = libc::iovec { iov_base: body.as_mut_ptr().cast(), iov_len: body.len() };
     // SAFETY: pure size computation (room for up to 4 fds, extras are closed).
     let space = unsafe { libc::CMSG_SPACE((4 * std::mem::size_of::<RawFd>()) as u32) } as usize;
     let mut cbuf = vec![0u64; space.div_ceil(8)];
@@ -148,9 +125,7 @@ pub fn recv_handshake(stream: &UnixStream) -> Result<(Vec<GuestRegionUffdMapping
     // SAFETY: msg points at buffers we own for the duration of the call.
     let n = unsafe { libc::recvmsg(stream.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
     if n < 0 {
-        return Err(sys("recvmsg uffd handshake")(
-            std::io::Error::last_os_error(),
-        ));
+        return Err(sys("recvmsg uffd handshake")(std::io::Error::last_os_error()));
     }
     let mut fds: Vec<OwnedFd> = Vec::new();
     // SAFETY: msg was filled by recvmsg; CMSG_FIRSTHDR/NXTHDR walk the
@@ -180,17 +155,12 @@ pub fn recv_handshake(stream: &UnixStream) -> Result<(Vec<GuestRegionUffdMapping
         return Err(Error::Protocol("control data truncated".into()));
     }
     if msg.msg_flags & libc::MSG_TRUNC != 0 {
-        return Err(Error::Protocol(format!(
-            "handshake larger than {MAX_MSG} bytes"
-        )));
+        return Err(Error::Protocol(format!("handshake larger than {MAX_MSG} bytes")));
     }
-    let mappings: Vec<GuestRegionUffdMapping> = serde_json::from_slice(&body[..n as usize])
-        .map_err(|e| Error::Protocol(format!("bad mappings JSON: {e}")))?;
+    let mappings: Vec<GuestRegionUffdMapping> =
+        serde_json::from_slice(&body[..n as usize]).map_err(|e| Error::Protocol(format!("bad mappings JSON: {e}")))?;
     if fds.len() != 1 {
-        return Err(Error::Protocol(format!(
-            "expected exactly one uffd, got {}",
-            fds.len()
-        )));
+        return Err(Error::Protocol(format!("expected exactly one uffd, got {}", fds.len())));
     }
     let fd = fds.pop().ok_or_else(|| Error::Protocol("no uffd".into()))?;
     Ok((mappings, fd))
@@ -198,11 +168,7 @@ pub fn recv_handshake(stream: &UnixStream) -> Result<(Vec<GuestRegionUffdMapping
 
 /// Pid of the process at the other end of a Unix socket (`SO_PEERCRED`).
 pub fn peer_pid(stream: &UnixStream) -> Option<i32> {
-    let mut cred = libc::ucred {
-        pid: 0,
-        uid: 0,
-        gid: 0,
-    };
+    let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
     let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
     // SAFETY: getsockopt writes at most `len` bytes into `cred`, which we own.
     let rc = unsafe {

@@ -23,10 +23,7 @@ pub(crate) fn prefetch_loop(s: &Shared, ws: &WorkingSet) {
             if lo >= hi {
                 continue;
             }
-            let (a, b) = (
-                ((lo - rs.r.offset) / ps) as usize,
-                ((hi - rs.r.offset).div_ceil(ps)) as usize,
-            );
+            let (a, b) = (((lo - rs.r.offset) / ps) as usize, ((hi - rs.r.offset).div_ceil(ps)) as usize);
             let mut p = a;
             while p < b {
                 if rs.present.get(p) || rs.removed.get(p) {

@@ -134,19 +134,11 @@ pub(crate) enum Outcome {
 impl PageServer {
     /// Create a uffd (features `EVENT_REMOVE`, `THREAD_ID`, `POISON` where
     /// available), register `regions` of this process and start serving.
-    pub fn register(
-        regions: Vec<Region>,
-        source: Arc<dyn PageSource>,
-        mut cfg: ServerConfig,
-    ) -> Result<Self> {
-        let uffd = Uffd::new(
-            features::EVENT_REMOVE | features::THREAD_ID | features::POISON,
-            0,
-        )
-        .map_err(sys("userfaultfd"))?;
+    pub fn register(regions: Vec<Region>, source: Arc<dyn PageSource>, mut cfg: ServerConfig) -> Result<Self> {
+        let uffd = Uffd::new(features::EVENT_REMOVE | features::THREAD_ID | features::POISON, 0)
+            .map_err(sys("userfaultfd"))?;
         for r in &regions {
-            uffd.register(r.base, r.len)
-                .map_err(sys(format!("UFFDIO_REGISTER {:#x}+{:#x}", r.base, r.len)))?;
+            uffd.register(r.base, r.len).map_err(sys(format!("UFFDIO_REGISTER {:#x}+{:#x}", r.base, r.len)))?;
         }
         // SAFETY: getpid has no preconditions.
         cfg.owner_pid.get_or_insert(unsafe { libc::getpid() });
@@ -155,12 +147,7 @@ impl PageServer {
 
     /// Serve faults of `regions`, already registered on `uffd` (e.g. by
     /// Firecracker, see [`crate::fc`]).
-    pub fn start(
-        uffd: Uffd,
-        regions: Vec<Region>,
-        source: Arc<dyn PageSource>,
-        cfg: ServerConfig,
-    ) -> Result<Self> {
+    pub fn start(uffd: Uffd, regions: Vec<Region>, source: Arc<dyn PageSource>, cfg: ServerConfig) -> Result<Self> {
         let ps = cfg.page_size;
         if !ps.is_power_of_two() || ps < 4096 {
             return Err(Error::InvalidArgument(format!("page size {ps}")));
@@ -175,9 +162,7 @@ impl PageServer {
         for r in regions {
             let ps64 = ps as u64;
             if r.base % ps64 != 0 || r.len % ps64 != 0 || r.offset % ps64 != 0 || r.len == 0 {
-                return Err(Error::InvalidArgument(format!(
-                    "region {r:?} is not aligned to {ps}"
-                )));
+                return Err(Error::InvalidArgument(format!("region {r:?} is not aligned to {ps}")));
             }
             if r.offset.checked_add(r.len).is_none_or(|e| e > source.len()) {
                 return Err(Error::InvalidArgument(format!(
@@ -232,12 +217,7 @@ impl PageServer {
             }
             _ => None,
         };
-        Ok(PageServer {
-            shared,
-            stop_fd,
-            fault_thread: Some(fault_thread),
-            prefetch_thread,
-        })
+        Ok(PageServer { shared, stop_fd, fault_thread: Some(fault_thread), prefetch_thread })
     }
 
     /// Counters and latency quantiles so far.
@@ -254,12 +234,7 @@ impl PageServer {
     pub fn working_set(&self) -> WorkingSet {
         WorkingSet {
             page_size: self.shared.cfg.page_size as u32,
-            ranges: self
-                .shared
-                .recorded
-                .lock()
-                .map(|r| r.clone())
-                .unwrap_or_default(),
+            ranges: self.shared.recorded.lock().map(|r| r.clone()).unwrap_or_default(),
         }
     }
 

@@ -31,10 +31,7 @@ pub trait PageSource: Send + Sync + std::fmt::Debug {
 }
 
 fn check_range(src: &dyn PageSource, offset: u64, len: usize) -> Result<()> {
-    if offset
-        .checked_add(len as u64)
-        .is_none_or(|end| end > src.len())
-    {
+    if offset.checked_add(len as u64).is_none_or(|end| end > src.len()) {
         return Err(Error::Source {
             offset,
             len: len as u64,
@@ -87,25 +84,16 @@ impl PageSource for ChunkSource {
         check_range(self, offset, buf.len())?;
         let ps = self.manifest.page_size() as u64;
         let blen = buf.len() as u64;
-        let err = |e: chunkstore::Error| Error::Source {
-            offset,
-            len: blen,
-            reason: e.to_string(),
-        };
+        let err = |e: chunkstore::Error| Error::Source { offset, len: blen, reason: e.to_string() };
         if offset.is_multiple_of(ps) && (buf.len() as u64).is_multiple_of(ps) {
-            return self
-                .store
-                .read_pages(&self.manifest, offset / ps, buf)
-                .map_err(err);
+            return self.store.read_pages(&self.manifest, offset / ps, buf).map_err(err);
         }
         // Image pages larger than the host pages asked for (e.g. 8 KiB
         // chunks, 4 KiB faults): read the covering pages and copy out.
         let first = offset / ps;
         let end = (offset + buf.len() as u64).div_ceil(ps);
         let mut tmp = vec![0u8; ((end - first) * ps) as usize];
-        self.store
-            .read_pages(&self.manifest, first, &mut tmp)
-            .map_err(err)?;
+        self.store.read_pages(&self.manifest, first, &mut tmp).map_err(err)?;
         let skip = (offset - first * ps) as usize;
         buf.copy_from_slice(&tmp[skip..skip + buf.len()]);
         Ok(())
@@ -133,10 +121,7 @@ impl FileSource {
     }
     /// Serve the whole file.
     pub fn whole(file: File) -> Result<Self> {
-        let len = file
-            .metadata()
-            .map_err(crate::error::sys("stat memory file"))?
-            .len();
+        let len = file.metadata().map_err(crate::error::sys("stat memory file"))?.len();
         Ok(FileSource::new(file, 0, len))
     }
 }
@@ -147,13 +132,11 @@ impl PageSource for FileSource {
     }
     fn fill(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         check_range(self, offset, buf.len())?;
-        self.file
-            .read_exact_at(buf, self.base + offset)
-            .map_err(|e| Error::Source {
-                offset,
-                len: buf.len() as u64,
-                reason: format!("pread: {e}"),
-            })
+        self.file.read_exact_at(buf, self.base + offset).map_err(|e| Error::Source {
+            offset,
+            len: buf.len() as u64,
+            reason: format!("pread: {e}"),
+        })
     }
 }
 

@@ -54,17 +54,10 @@ impl Mapping {
             )
         };
         assert_ne!(ptr, libc::MAP_FAILED);
-        Mapping {
-            ptr: ptr.cast(),
-            len,
-        }
+        Mapping { ptr: ptr.cast(), len }
     }
     pub(crate) fn region(&self, offset: u64) -> Region {
-        Region {
-            base: self.ptr as u64,
-            len: self.len as u64,
-            offset,
-        }
+        Region { base: self.ptr as u64, len: self.len as u64, offset }
     }
     /// Volatile read of byte `i` (faults it in).
     pub(crate) fn read(&self, i: usize) -> u8 {
@@ -121,10 +114,7 @@ fn store_with(img: &[u8], dir: &TempDir) -> (Arc<Store>, Arc<chunkstore::Manifes
 }
 
 fn cfg(batch: usize) -> ServerConfig {
-    ServerConfig {
-        batch,
-        ..Default::default()
-    }
+    ServerConfig { batch, ..Default::default() }
 }
 
 /// Read every byte of the mapping from another thread and compare.
@@ -193,12 +183,7 @@ fn serves_from_file_mem_and_zero_sources() {
     srv.stop();
 
     let z = Arc::new(Mapping::new(1 << 20));
-    let srv = PageServer::register(
-        vec![z.region(0)],
-        Arc::new(ZeroSource { len: 1 << 20 }),
-        cfg(64 << 10),
-    )
-    .unwrap();
+    let srv = PageServer::register(vec![z.region(0)], Arc::new(ZeroSource { len: 1 << 20 }), cfg(64 << 10)).unwrap();
     assert!(z.slice().iter().all(|&b| b == 0));
     let st = srv.stop();
     assert_eq!(st.pages_zeroed, 256);
@@ -213,8 +198,7 @@ fn two_regions_with_offsets() {
     let a = Arc::new(Mapping::new(256 * 4096));
     let b = Arc::new(Mapping::new(256 * 4096));
     let src = Arc::new(ChunkSource::new(store, m));
-    let srv =
-        PageServer::register(vec![a.region(0), b.region(256 * 4096)], src, cfg(64 << 10)).unwrap();
+    let srv = PageServer::register(vec![a.region(0), b.region(256 * 4096)], src, cfg(64 << 10)).unwrap();
     check_all(&a, &Arc::new(img[..256 * 4096].to_vec()));
     check_all(&b, &Arc::new(img[256 * 4096..].to_vec()));
     srv.stop();
@@ -246,9 +230,7 @@ fn record_then_prefetch_working_set() {
     let img = Arc::new(pattern(2048));
     let d = TempDir::new("wset");
     let (store, m) = store_with(&img, &d);
-    let touch: Vec<usize> = (0..2048)
-        .filter(|p| p % 13 == 0 || (700..760).contains(p))
-        .collect();
+    let touch: Vec<usize> = (0..2048).filter(|p| p % 13 == 0 || (700..760).contains(p)).collect();
     // First restore: record.
     let map = Arc::new(Mapping::new(img.len()));
     let src: Arc<dyn PageSource> = Arc::new(ChunkSource::new(store.clone(), m.clone()));
@@ -296,27 +278,16 @@ fn prefetch_races_faults() {
     let img = Arc::new(pattern(4096));
     let d = TempDir::new("race");
     let (store, m) = store_with(&img, &d);
-    let ws = WorkingSet {
-        page_size: 4096,
-        ranges: (0..4096u64)
-            .step_by(16)
-            .map(|p| (p * 4096, 65536))
-            .collect(),
-    };
+    let ws = WorkingSet { page_size: 4096, ranges: (0..4096u64).step_by(16).map(|p| (p * 4096, 65536)).collect() };
     let map = Arc::new(Mapping::new(img.len()));
     let mut c = cfg(64 << 10);
     c.prefetch = Some(ws);
-    let srv =
-        PageServer::register(vec![map.region(0)], Arc::new(ChunkSource::new(store, m)), c).unwrap();
+    let srv = PageServer::register(vec![map.region(0)], Arc::new(ChunkSource::new(store, m)), c).unwrap();
     // Read backwards while the prefetcher goes forwards.
     let (mm, e) = (map.clone(), img.clone());
     std::thread::spawn(move || {
         for p in (0..4096).rev() {
-            assert_eq!(
-                mm.slice()[p * 4096..][..4096],
-                e[p * 4096..][..4096],
-                "page {p}"
-            );
+            assert_eq!(mm.slice()[p * 4096..][..4096], e[p * 4096..][..4096], "page {p}");
         }
     })
     .join()
@@ -332,19 +303,12 @@ fn remove_case(policy: RemovePolicy) {
     let map = Arc::new(Mapping::new(img.len()));
     let mut c = cfg(64 << 10);
     c.remove_policy = policy;
-    let srv =
-        PageServer::register(vec![map.region(0)], Arc::new(ChunkSource::new(store, m)), c).unwrap();
+    let srv = PageServer::register(vec![map.region(0)], Arc::new(ChunkSource::new(store, m)), c).unwrap();
     check_all(&map, &img);
     // Drop pages 16..48 (must happen off the fault thread: madvise waits
     // for the REMOVE event to be read).
     // SAFETY: range inside our mapping.
-    let rc = unsafe {
-        libc::madvise(
-            map.ptr.wrapping_add(16 * 4096).cast(),
-            32 * 4096,
-            libc::MADV_DONTNEED,
-        )
-    };
+    let rc = unsafe { libc::madvise(map.ptr.wrapping_add(16 * 4096).cast(), 32 * 4096, libc::MADV_DONTNEED) };
     assert_eq!(rc, 0);
     let mut expect = (*img).clone();
     if policy == RemovePolicy::Zero {
@@ -370,16 +334,10 @@ fn event_remove_source_policy() {
 fn corrupt_store(img: &[u8], page: u64, d: &TempDir) -> (Arc<Store>, Arc<chunkstore::Manifest>) {
     use std::os::unix::fs::FileExt;
     let (store, m) = store_with(img, d);
-    let PageRef::Chunk(h) = m.page(page).unwrap() else {
-        panic!("page {page} is zero")
-    };
+    let PageRef::Chunk(h) = m.page(page).unwrap() else { panic!("page {page} is zero") };
     let e = store.chunk_entry(h).unwrap();
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(d.0.join("pack"))
-        .unwrap();
-    f.write_all_at(&[0xde, 0xad, 0xbe, 0xef], e.offset + 8)
-        .unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(d.0.join("pack")).unwrap();
+    f.write_all_at(&[0xde, 0xad, 0xbe, 0xef], e.offset + 8).unwrap();
     (store, m)
 }
 
@@ -390,12 +348,7 @@ fn corrupt_chunk_gives_efault_not_garbage_or_hang() {
     let bad_page = 5u64; // random content, stored raw
     let (store, m) = corrupt_store(&img, bad_page, &d);
     let map = Arc::new(Mapping::new(img.len()));
-    let srv = PageServer::register(
-        vec![map.region(0)],
-        Arc::new(ChunkSource::new(store, m)),
-        cfg(64 << 10),
-    )
-    .unwrap();
+    let srv = PageServer::register(vec![map.region(0)], Arc::new(ChunkSource::new(store, m)), cfg(64 << 10)).unwrap();
     // A kernel access into the bad page (write(2) from it) fails with EFAULT.
     let mm = map.clone();
     let h = std::thread::spawn(move || {
@@ -419,11 +372,7 @@ fn corrupt_chunk_gives_efault_not_garbage_or_hang() {
     }
     let (n, err) = h.join().unwrap();
     assert_eq!((n, err), (-1, Some(libc::EFAULT)));
-    assert!(
-        srv.error().unwrap().contains("corrupt"),
-        "{:?}",
-        srv.error()
-    );
+    assert!(srv.error().unwrap().contains("corrupt"), "{:?}", srv.error());
     // Good pages of the same block are still served correctly.
     assert_eq!(map.slice()[4 * 4096..5 * 4096], img[4 * 4096..5 * 4096]);
     assert_eq!(map.slice()[6 * 4096..7 * 4096], img[6 * 4096..7 * 4096]);
@@ -444,12 +393,7 @@ fn sigbus_child() {
     let d = TempDir::new("sigbus");
     let (store, m) = corrupt_store(&img, 5, &d);
     let map = Arc::new(Mapping::new(img.len()));
-    let _srv = PageServer::register(
-        vec![map.region(0)],
-        Arc::new(ChunkSource::new(store, m)),
-        cfg(64 << 10),
-    )
-    .unwrap();
+    let _srv = PageServer::register(vec![map.region(0)], Arc::new(ChunkSource::new(store, m)), cfg(64 << 10)).unwrap();
     let v = map.read(5 * 4096 + 100); // must die here with SIGBUS
     println!("read {v} from a corrupt page");
     std::process::exit(3);
@@ -459,12 +403,7 @@ fn sigbus_child() {
 fn corrupt_chunk_kills_reader_with_sigbus() {
     use std::os::unix::process::ExitStatusExt;
     let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([
-            "tests::sigbus_child",
-            "--exact",
-            "--test-threads=1",
-            "--nocapture",
-        ])
+        .args(["tests::sigbus_child", "--exact", "--test-threads=1", "--nocapture"])
         .env(CHILD_ENV, "1")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -498,18 +437,9 @@ fn firecracker_handshake_in_process() {
         let pid = fc::peer_pid(&stream);
         let (mappings, fd) = fc::recv_handshake(&stream).unwrap();
         let regions: Vec<Region> = mappings.iter().map(Region::from).collect();
-        let c = ServerConfig {
-            page_size: mappings[0].page_size as usize,
-            owner_pid: pid,
-            ..cfg(64 << 10)
-        };
-        let srv = PageServer::start(
-            uffd::Uffd::from_fd(fd, 0),
-            regions,
-            Arc::new(ChunkSource::new(store, m)),
-            c,
-        )
-        .unwrap();
+        let c = ServerConfig { page_size: mappings[0].page_size as usize, owner_pid: pid, ..cfg(64 << 10) };
+        let srv =
+            PageServer::start(uffd::Uffd::from_fd(fd, 0), regions, Arc::new(ChunkSource::new(store, m)), c).unwrap();
         (srv, mappings)
     });
     // VMM side: two regions, the second at offset 1 MiB of the snapshot.
@@ -538,11 +468,7 @@ fn firecracker_handshake_in_process() {
 
 #[test]
 fn bench_runs_small() {
-    let out = bench_store(&BenchOpts {
-        size_mib: 8,
-        runs: 1,
-        ..Default::default()
-    });
+    let out = bench_store(&BenchOpts { size_mib: 8, runs: 1, ..Default::default() });
     assert!(out.contains("compression"), "{out}");
 }
 
@@ -554,8 +480,7 @@ fn single_page_recording_is_exact() {
     let map = Arc::new(Mapping::new(img.len()));
     let mut c = cfg(4096);
     c.record = true;
-    let srv =
-        PageServer::register(vec![map.region(0)], Arc::new(ChunkSource::new(store, m)), c).unwrap();
+    let srv = PageServer::register(vec![map.region(0)], Arc::new(ChunkSource::new(store, m)), c).unwrap();
     let touched: Vec<usize> = (0..1024).filter(|p| p % 3 != 0).collect();
     for &p in &touched {
         map.read(p * 4096);
@@ -563,12 +488,7 @@ fn single_page_recording_is_exact() {
     let ws = srv.working_set();
     let st = srv.stop();
     assert_eq!(st.faults, touched.len() as u64);
-    assert_eq!(
-        ws.bytes(),
-        touched.len() as u64 * 4096,
-        "{:?}",
-        &ws.ranges[..4]
-    );
+    assert_eq!(ws.bytes(), touched.len() as u64 * 4096, "{:?}", &ws.ranges[..4]);
 }
 
 /// A kernel read of `len` bytes at `ptr` via write(2) into a pipe, on a
@@ -615,12 +535,7 @@ impl PageSource for PanickingSource {
 #[test]
 fn a_handler_that_dies_fails_stop() {
     let map = Arc::new(Mapping::new(1 << 20));
-    let srv = PageServer::register(
-        vec![map.region(0)],
-        Arc::new(PanickingSource),
-        cfg(64 << 10),
-    )
-    .unwrap();
+    let srv = PageServer::register(vec![map.region(0)], Arc::new(PanickingSource), cfg(64 << 10)).unwrap();
     // The faulting access fails (EFAULT for a kernel access) instead of hanging ...
     assert_eq!(kernel_read_with_timeout(&map, 8192), libc::EFAULT);
     assert!(srv.error().unwrap().contains("panicked"));
@@ -636,12 +551,7 @@ fn poison_unserved_before_stop() {
     let d = TempDir::new("poison");
     let (store, m) = store_with(&img, &d);
     let map = Arc::new(Mapping::new(img.len()));
-    let srv = PageServer::register(
-        vec![map.region(0)],
-        Arc::new(ChunkSource::new(store, m)),
-        cfg(4096),
-    )
-    .unwrap();
+    let srv = PageServer::register(vec![map.region(0)], Arc::new(ChunkSource::new(store, m)), cfg(4096)).unwrap();
     assert_eq!(kernel_read_with_timeout(&map, 2 * 4096), 0);
     assert_eq!(srv.poison_unserved().unwrap(), 63);
     srv.stop();
@@ -654,14 +564,7 @@ fn poison_unserved_before_stop() {
 fn eight_k_chunks_served_to_4k_pages() {
     let img = Arc::new(pattern(512));
     let d = TempDir::new("8k");
-    let store = Store::open_or_create(
-        &d.0,
-        StoreConfig {
-            page_size: 8192,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let store = Store::open_or_create(&d.0, StoreConfig { page_size: 8192, ..Default::default() }).unwrap();
     let (m, _) = store.put_image("img", &img).unwrap();
     let src = Arc::new(ChunkSource::new(Arc::new(store), Arc::new(m)));
     for batch in [4096, 64 << 10] {

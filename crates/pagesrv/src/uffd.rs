@@ -153,14 +153,8 @@ impl Event {
                 address: u64_at(16),
                 tid: u32::from_ne_bytes([m[24], m[25], m[26], m[27]]),
             },
-            EVENT_REMOVE => Event::Remove {
-                start: u64_at(8),
-                end: u64_at(16),
-            },
-            EVENT_UNMAP => Event::Unmap {
-                start: u64_at(8),
-                end: u64_at(16),
-            },
+            EVENT_REMOVE => Event::Remove { start: u64_at(8), end: u64_at(16) },
+            EVENT_UNMAP => Event::Unmap { start: u64_at(8), end: u64_at(16) },
             e => Event::Other(e),
         }
     }
@@ -193,10 +187,7 @@ impl Uffd {
     /// Feature bits the running kernel offers (probed on a throwaway uffd).
     pub fn available_features() -> io::Result<u64> {
         let probe = Self::raw_open()?;
-        let mut api = UffdioApi {
-            api: UFFD_API,
-            ..Default::default()
-        };
+        let mut api = UffdioApi { api: UFFD_API, ..Default::default() };
         // SAFETY: UFFDIO_API reads/writes exactly one UffdioApi, which we own.
         let rc = unsafe { libc::ioctl(probe.as_raw_fd(), UFFDIO_API as _, &mut api) };
         if rc != 0 {
@@ -207,8 +198,7 @@ impl Uffd {
 
     fn raw_open() -> io::Result<OwnedFd> {
         // SAFETY: userfaultfd(2) takes flags only and returns a new fd or -1.
-        let fd =
-            unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
+        let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -223,27 +213,17 @@ impl Uffd {
         if avail & required != required {
             return Err(io::Error::new(
                 io::ErrorKind::Unsupported,
-                format!(
-                    "userfaultfd features {:#x} not supported (kernel offers {avail:#x})",
-                    required & !avail
-                ),
+                format!("userfaultfd features {:#x} not supported (kernel offers {avail:#x})", required & !avail),
             ));
         }
         let fd = Self::raw_open()?;
-        let mut api = UffdioApi {
-            api: UFFD_API,
-            features: (wanted | required) & avail,
-            ioctls: 0,
-        };
+        let mut api = UffdioApi { api: UFFD_API, features: (wanted | required) & avail, ioctls: 0 };
         // SAFETY: UFFDIO_API reads/writes exactly one UffdioApi, which we own.
         let rc = unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_API as _, &mut api) };
         if rc != 0 {
             return Err(io::Error::last_os_error());
         }
-        Ok(Uffd {
-            fd,
-            features: (wanted | required) & avail,
-        })
+        Ok(Uffd { fd, features: (wanted | required) & avail })
     }
 
     /// Wrap a uffd that someone else already set up (e.g. received from
@@ -270,11 +250,7 @@ impl Uffd {
     /// Register `[start, start+len)` for missing-page faults; returns the
     /// ioctl bitmask the kernel allows on the range.
     pub fn register(&self, start: u64, len: u64) -> io::Result<u64> {
-        let mut r = UffdioRegister {
-            range: UffdioRange { start, len },
-            mode: REGISTER_MODE_MISSING,
-            ioctls: 0,
-        };
+        let mut r = UffdioRegister { range: UffdioRange { start, len }, mode: REGISTER_MODE_MISSING, ioctls: 0 };
         self.ioctl(UFFDIO_REGISTER, &mut r)?;
         Ok(r.ioctls)
     }
@@ -295,9 +271,7 @@ impl Uffd {
         match r {
             Ok(()) => Ok(Fill::Done),
             Err(e) => match e.raw_os_error() {
-                Some(libc::EAGAIN) if done > 0 && (done as u64) < len => {
-                    Ok(Fill::Partial(done as u64))
-                }
+                Some(libc::EAGAIN) if done > 0 && (done as u64) < len => Ok(Fill::Partial(done as u64)),
                 Some(libc::EAGAIN) => Ok(Fill::Again),
                 Some(libc::EEXIST) => Ok(Fill::Exists),
                 Some(libc::ESRCH) | Some(libc::ENOENT) => Ok(Fill::Gone),
@@ -309,24 +283,14 @@ impl Uffd {
     /// `UFFDIO_COPY` `src` to `dst` (page aligned, whole pages) and wake
     /// the faulting threads.
     pub fn copy(&self, dst: u64, src: &[u8]) -> io::Result<Fill> {
-        let mut c = UffdioCopy {
-            dst,
-            src: src.as_ptr() as u64,
-            len: src.len() as u64,
-            mode: 0,
-            copy: 0,
-        };
+        let mut c = UffdioCopy { dst, src: src.as_ptr() as u64, len: src.len() as u64, mode: 0, copy: 0 };
         let r = self.ioctl(UFFDIO_COPY, &mut c);
         Self::outcome(r, c.copy, c.len)
     }
 
     /// `UFFDIO_ZEROPAGE` over `[dst, dst+len)`.
     pub fn zeropage(&self, dst: u64, len: u64) -> io::Result<Fill> {
-        let mut z = UffdioZeropage {
-            range: UffdioRange { start: dst, len },
-            mode: 0,
-            zeropage: 0,
-        };
+        let mut z = UffdioZeropage { range: UffdioRange { start: dst, len }, mode: 0, zeropage: 0 };
         let r = self.ioctl(UFFDIO_ZEROPAGE, &mut z);
         Self::outcome(r, z.zeropage, len)
     }
@@ -334,11 +298,7 @@ impl Uffd {
     /// `UFFDIO_POISON` over `[dst, dst+len)`: later accesses get SIGBUS
     /// (kernel accesses get EFAULT). Wakes the faulting threads.
     pub fn poison(&self, dst: u64, len: u64) -> io::Result<Fill> {
-        let mut p = UffdioPoison {
-            range: UffdioRange { start: dst, len },
-            mode: 0,
-            updated: 0,
-        };
+        let mut p = UffdioPoison { range: UffdioRange { start: dst, len }, mode: 0, updated: 0 };
         let r = self.ioctl(UFFDIO_POISON, &mut p);
         Self::outcome(r, p.updated, len)
     }
@@ -347,13 +307,7 @@ impl Uffd {
     pub fn read_events(&self, out: &mut Vec<Event>) -> io::Result<usize> {
         let mut buf = [[0u8; MSG_SIZE]; 64];
         // SAFETY: we pass a writable buffer of exactly the length we give.
-        let n = unsafe {
-            libc::read(
-                self.fd.as_raw_fd(),
-                buf.as_mut_ptr().cast(),
-                std::mem::size_of_val(&buf),
-            )
-        };
+        let n = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), std::mem::size_of_val(&buf)) };
         if n < 0 {
             let e = io::Error::last_os_error();
             return match e.raw_os_error() {

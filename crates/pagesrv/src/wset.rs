@@ -53,9 +53,7 @@ impl WorkingSet {
         let page_size = r.u32().map_err(|e| bad(e.to_string()))?;
         let count = r.u32().map_err(|e| bad(e.to_string()))?;
         if !page_size.is_power_of_two() || u64::from(count) * 12 != r.remaining() as u64 {
-            return Err(bad(format!(
-                "page size {page_size}, {count} ranges do not fit"
-            )));
+            return Err(bad(format!("page size {page_size}, {count} ranges do not fit")));
         }
         let mut ranges = Vec::with_capacity(count as usize);
         for _ in 0..count {
@@ -73,16 +71,13 @@ impl WorkingSet {
     pub fn save(&self, path: &Path) -> Result<()> {
         let bytes = self.encode();
         let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, bytes)
-            .map_err(crate::error::sys(format!("write {}", tmp.display())))?;
-        std::fs::rename(&tmp, path)
-            .map_err(crate::error::sys(format!("rename to {}", path.display())))
+        std::fs::write(&tmp, bytes).map_err(crate::error::sys(format!("write {}", tmp.display())))?;
+        std::fs::rename(&tmp, path).map_err(crate::error::sys(format!("rename to {}", path.display())))
     }
 
     /// Load and check.
     pub fn load(path: &Path) -> Result<Self> {
-        let bytes =
-            std::fs::read(path).map_err(crate::error::sys(format!("read {}", path.display())))?;
+        let bytes = std::fs::read(path).map_err(crate::error::sys(format!("read {}", path.display())))?;
         Self::decode(path, &bytes)
     }
 }
