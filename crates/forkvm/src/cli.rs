@@ -21,6 +21,12 @@ pub enum Command {
     Demo(DemoArgs),
     /// Print benchmark tables (median/min/max of N runs).
     Bench(BenchArgs),
+    /// Scripted end-to-end scenarios (used by the Linux e2e test inside the QEMU L1).
+    Scenario(crate::scenario::ScenarioArgs),
+    /// Snapshot a running VM into the chunk store and free its memory.
+    Hibernate(crate::hibernate_cmd::HibernateArgs),
+    /// Wake a hibernated VM: lazy restore through the userfaultfd page server.
+    Wake(crate::hibernate_cmd::WakeArgs),
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -82,6 +88,10 @@ pub struct DemoArgs {
 pub enum BenchKind {
     /// Boot to first serial line, pause and resume latency.
     Vm,
+    /// Snapshot, restore and fork-clone costs (256 MiB and 2 GiB guests).
+    Clone,
+    /// Chunk store and page server: compression, dedup, fault latency, lazy resume.
+    Store,
 }
 
 #[derive(Args, Debug)]

@@ -2,9 +2,13 @@
 //! matter most (`forkvm demo` and the test command).
 
 mod bench;
+mod bench_clone;
+mod bench_store;
 mod cli;
 mod demo;
+mod hibernate_cmd;
 mod run;
+mod scenario;
 mod size;
 mod stats;
 
@@ -18,6 +22,9 @@ fn main() {
         cli::Command::Run(args) => run::run(args),
         cli::Command::Demo(args) => demo::demo(args),
         cli::Command::Bench(args) => bench::bench(args),
+        cli::Command::Scenario(args) => scenario::scenario(args),
+        cli::Command::Hibernate(args) => hibernate_cmd::hibernate(args),
+        cli::Command::Wake(args) => hibernate_cmd::wake(args),
     };
     match result {
         Ok(code) => std::process::exit(code),
