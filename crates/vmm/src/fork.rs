@@ -5,12 +5,12 @@
 //! side writes are ever copied.
 
 use std::io::{BufRead, BufReader, Write};
-use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::microvm::MicroVm;
+use crate::persist::state::VmState;
 use crate::snapshot::parts_from_state;
 use crate::vcpu_thread::ExitReason;
 use crate::Error;
@@ -66,10 +66,37 @@ pub struct ForkReport {
     pub fork: Duration,
 }
 
+/// Parent-side values of the children of [`MicroVm::fork_with`]: (pid, value).
+pub type Forked<P> = Vec<(i32, P)>;
+
 impl MicroVm {
-    /// Forks the VM into `count` children that run independently of the parent and each other.
-    /// The parent is paused for the duration and resumed afterwards if it was running.
+    /// Forks the VM into `count` children that run independently of the parent and each other,
+    /// each with its console on a socket the parent holds. The parent is paused for the duration
+    /// and resumed afterwards if it was running.
     pub fn fork(&self, count: usize) -> Result<(Vec<ForkedChild>, ForkReport), Error> {
+        let (forked, report) = self.fork_with(
+            count,
+            |_| UnixStream::pair().map_err(Error::Io),
+            |_, sock, parent, state| parent.socket_child_main(state, sock),
+        )?;
+        let mut children = Vec::with_capacity(forked.len());
+        for (pid, console) in forked {
+            let reader = BufReader::new(console.try_clone().map_err(Error::Io)?);
+            children.push(ForkedChild { pid, console, reader });
+        }
+        Ok((children, report))
+    }
+
+    /// The general fork: for each child, `prepare(i)` makes a (parent value, child value) pair in
+    /// the parent before fork(); the child process drops every parent value it inherited, runs
+    /// `child(i, child value, self, state)` and exits with the code it returns. Use
+    /// [`MicroVm::build_fork_child`] in `child` to get the child's VM.
+    pub fn fork_with<P, C>(
+        &self,
+        count: usize,
+        mut prepare: impl FnMut(usize) -> Result<(P, C), Error>,
+        child: impl Fn(usize, C, &MicroVm, &VmState) -> i32,
+    ) -> Result<(Forked<P>, ForkReport), Error> {
         if let Some(r) = self.control().exit_reason() {
             return Err(Error::State(format!("cannot fork a stopped VM (it exited: {r:?})")));
         }
@@ -78,62 +105,58 @@ impl MicroVm {
         }
         let was_paused = self.is_paused();
         let pause = if was_paused { Duration::ZERO } else { self.pause()? };
-        let result = self.fork_paused(count);
+        let result = (|| {
+            let t0 = Instant::now();
+            let state = self.save_state()?;
+            // Shared-file memory must stop being shared before anyone else maps it.
+            self.memory().freeze()?;
+            let save = t0.elapsed();
+            let t1 = Instant::now();
+            let mut forked: Forked<P> = Vec::with_capacity(count);
+            for i in 0..count {
+                let (p, c) = prepare(i)?;
+                // SAFETY: fork has no memory-safety preconditions; the child only runs code that
+                // does not depend on locks held by the parent's other threads (the vCPU threads
+                // are parked outside every lock) and leaves with _exit.
+                let pid = unsafe { libc::fork() };
+                if pid < 0 {
+                    return Err(Error::Io(std::io::Error::last_os_error()));
+                }
+                if pid == 0 {
+                    drop(p);
+                    drop(std::mem::take(&mut forked));
+                    let code = child(i, c, self, &state);
+                    // SAFETY: leaving the child without running the parent's destructors.
+                    unsafe { libc::_exit(code) };
+                }
+                drop(c);
+                forked.push((pid, p));
+            }
+            Ok((forked, save, t1.elapsed()))
+        })();
         if !was_paused {
             self.resume()?;
         }
-        result.map(|(children, save, fork)| (children, ForkReport { pause, save, fork }))
+        result.map(|(forked, save, fork)| (forked, ForkReport { pause, save, fork }))
     }
 
-    fn fork_paused(&self, count: usize) -> Result<(Vec<ForkedChild>, Duration, Duration), Error> {
-        let t0 = Instant::now();
-        let state = self.save_state()?;
-        // Shared-file memory must stop being shared before anyone else maps it.
-        self.memory().freeze()?;
-        let save = t0.elapsed();
-        let t1 = Instant::now();
-        let mut children: Vec<ForkedChild> = Vec::with_capacity(count);
-        for _ in 0..count {
-            let (parent_end, child_end) = UnixStream::pair().map_err(Error::Io)?;
-            // SAFETY: fork has no memory-safety preconditions; the child only runs code that
-            // does not depend on locks held by the parent's other threads (the vCPU threads are
-            // parked outside every lock) and leaves with _exit.
-            let pid = unsafe { libc::fork() };
-            if pid < 0 {
-                return Err(Error::Io(std::io::Error::last_os_error()));
-            }
-            if pid == 0 {
-                drop(parent_end);
-                for c in &children {
-                    // SAFETY: closing the parent's ends of earlier siblings' consoles in this child.
-                    unsafe { libc::close(c.console.as_raw_fd()) };
-                }
-                let code = self.child_main(&state, child_end);
-                // SAFETY: leaving the child without running the parent's destructors.
-                unsafe { libc::_exit(code) };
-            }
-            drop(child_end);
-            let reader = BufReader::new(parent_end.try_clone().map_err(Error::Io)?);
-            children.push(ForkedChild { pid, console: parent_end, reader });
-        }
-        Ok((children, save, t1.elapsed()))
-    }
-
-    /// Runs in the fork child: a new VM over the inherited memory, console on `sock`.
-    fn child_main(&self, state: &crate::persist::state::VmState, sock: UnixStream) -> i32 {
+    /// In a fork child: a new KVM VM over the inherited memory, restored from `state` with a
+    /// bumped generation and a fresh seed, console mirrored to `mirror`. Closes the parent's KVM
+    /// fds. The returned VM is running.
+    pub fn build_fork_child(&self, state: &VmState, mirror: Option<Box<dyn Write + Send>>) -> Result<MicroVm, Error> {
         for &fd in &self.kvm_fds {
             // SAFETY: these KVM fds belong to the parent's VM; the child never uses them.
             unsafe { libc::close(fd) };
         }
+        let parts = parts_from_state(state, Arc::clone(self.memory()), mirror, self.track_dirty)?;
+        MicroVm::assemble(parts)
+    }
+
+    /// Fork child with its console on `sock`: serial input from it, serial output to it; closing
+    /// the socket stops the VM and the child.
+    fn socket_child_main(&self, state: &VmState, sock: UnixStream) -> i32 {
         let Ok(out) = sock.try_clone() else { return 2 };
-        let parts = match parts_from_state(state, Arc::clone(self.memory()), Some(Box::new(out)), self.track_dirty) {
-            Ok(p) => p,
-            Err(e) => {
-                let _ = (&sock).write_all(format!("forkvm-child-error {e}\n").as_bytes());
-                return 1;
-            }
-        };
-        let vm = match MicroVm::assemble(parts) {
+        let vm = match self.build_fork_child(state, Some(Box::new(out))) {
             Ok(vm) => vm,
             Err(e) => {
                 let _ = (&sock).write_all(format!("forkvm-child-error {e}\n").as_bytes());
