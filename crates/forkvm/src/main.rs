@@ -7,6 +7,7 @@ mod bench_store;
 mod cli;
 mod demo;
 mod hibernate_cmd;
+mod hostmem;
 mod run;
 mod scenario;
 mod size;
