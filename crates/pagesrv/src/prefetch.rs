@@ -11,10 +11,25 @@ use crate::wset::WorkingSet;
 
 pub(crate) fn prefetch_loop(s: &Shared, ws: &WorkingSet) {
     let t0 = Instant::now();
+    fetch_ranges(s, &ws.ranges, true);
+    if s.stop.load(Relaxed) {
+        return;
+    }
+    if let Ok(mut t) = s.prefetch_time.lock() {
+        *t = Some(t0.elapsed());
+    }
+    tracing::debug!(elapsed = ?t0.elapsed(), since_start = ?s.started.elapsed(), "prefetch done");
+}
+
+/// Place every missing page of the source ranges `ranges`, in order.
+/// Returns the first source error (pages that failed stay missing, so a
+/// fault on them retries and fails the faulting thread if needed).
+pub(crate) fn fetch_ranges(s: &Shared, ranges: &[(u64, u32)], prefetch: bool) -> Option<String> {
     let ps = s.cfg.page_size as u64;
-    for &(off, len) in &ws.ranges {
+    let mut first_err = None;
+    for &(off, len) in ranges {
         if s.stop.load(Relaxed) {
-            return;
+            return first_err;
         }
         let end = off + u64::from(len);
         for rs in &s.regions {
@@ -36,16 +51,15 @@ pub(crate) fn prefetch_loop(s: &Shared, ws: &WorkingSet) {
                 }
                 let mut tries = 0;
                 loop {
-                    match place(s, rs, q0, p, true) {
+                    match place(s, rs, q0, p, prefetch) {
                         Ok(Outcome::Retry) if tries < 100 && !s.stop.load(Relaxed) => {
                             tries += 1;
                             std::thread::sleep(Duration::from_micros(100));
                         }
                         Ok(_) => break,
                         Err(e) => {
-                            // Not fatal here: a fault on these pages will
-                            // retry and fail the faulting thread if needed.
                             tracing::warn!("prefetch: {e}");
+                            first_err.get_or_insert(e.to_string());
                             break;
                         }
                     }
@@ -53,8 +67,5 @@ pub(crate) fn prefetch_loop(s: &Shared, ws: &WorkingSet) {
             }
         }
     }
-    if let Ok(mut t) = s.prefetch_time.lock() {
-        *t = Some(t0.elapsed());
-    }
-    tracing::debug!(elapsed = ?t0.elapsed(), since_start = ?s.started.elapsed(), "prefetch done");
+    first_err
 }

@@ -220,6 +220,12 @@ impl PageServer {
         Ok(PageServer { shared, stop_fd, fault_thread: Some(fault_thread), prefetch_thread })
     }
 
+    /// A cheap, cloneable read-only view of this server (error, stats,
+    /// working set), for threads that must not own the server.
+    pub fn monitor(&self) -> Monitor {
+        Monitor { shared: self.shared.clone() }
+    }
+
     /// Counters and latency quantiles so far.
     pub fn stats(&self) -> StatsSnapshot {
         self.shared.stats.snapshot()
@@ -251,6 +257,27 @@ impl PageServer {
         self.shared.prefetch_time.lock().ok().and_then(|t| *t)
     }
 
+    /// Place every page not yet present, from the calling thread, in
+    /// chunks of up to 2 MiB (e.g. to finish a lazy restore and release the
+    /// source). Returns the pages placed; the first source error fails it.
+    pub fn fill_remaining(&self) -> Result<u64> {
+        let s = &self.shared;
+        let before = s.stats.pages_copied.load(Relaxed) + s.stats.pages_zeroed.load(Relaxed);
+        let ranges: Vec<(u64, u32)> = s
+            .regions
+            .iter()
+            .flat_map(|rs| {
+                let end = rs.r.offset + rs.r.len;
+                (rs.r.offset..end).step_by(2 << 20).map(move |o| (o, (end - o).min(2 << 20) as u32))
+            })
+            .collect();
+        if let Some(e) = prefetch::fetch_ranges(s, &ranges, false) {
+            return Err(Error::Source { offset: 0, len: 0, reason: e });
+        }
+        let after = s.stats.pages_copied.load(Relaxed) + s.stats.pages_zeroed.load(Relaxed);
+        Ok(after - before)
+    }
+
     /// Poison every page not yet served so that later accesses raise
     /// SIGBUS instead of reading zeros once the uffd is closed. Returns the
     /// number of pages poisoned.
@@ -275,6 +302,53 @@ impl PageServer {
         if let Some(h) = self.fault_thread.take() {
             let _ = h.join();
         }
+    }
+}
+
+/// A read-only view of a [`PageServer`] (see [`PageServer::monitor`]). It
+/// stays valid after the server stops (it then reports the final state).
+#[derive(Debug, Clone)]
+pub struct Monitor {
+    shared: Arc<Shared>,
+}
+
+impl Monitor {
+    /// Counters and latency quantiles so far.
+    pub fn stats(&self) -> StatsSnapshot {
+        self.shared.stats.snapshot()
+    }
+
+    /// The first source error seen, if any.
+    pub fn error(&self) -> Option<String> {
+        self.shared.error.lock().ok().and_then(|e| e.clone())
+    }
+
+    /// Blocks first touched by faults so far, in order (if `record` is on).
+    pub fn working_set(&self) -> WorkingSet {
+        WorkingSet {
+            page_size: self.shared.cfg.page_size as u32,
+            ranges: self.shared.recorded.lock().map(|r| r.clone()).unwrap_or_default(),
+        }
+    }
+
+    /// Pages currently known to be present.
+    pub fn resident_pages(&self) -> usize {
+        self.shared.regions.iter().map(|r| r.present.count()).sum()
+    }
+
+    /// Pages of all regions.
+    pub fn total_pages(&self) -> usize {
+        self.shared.regions.iter().map(|r| r.pages).sum()
+    }
+
+    /// How long the prefetch thread took, once it has finished.
+    pub fn prefetch_time(&self) -> Option<std::time::Duration> {
+        self.shared.prefetch_time.lock().ok().and_then(|t| *t)
+    }
+
+    /// When the server started.
+    pub fn started(&self) -> Instant {
+        self.shared.started
     }
 }
 

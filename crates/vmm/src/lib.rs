@@ -6,6 +6,9 @@ pub mod arch;
 pub mod devices;
 pub mod error;
 pub mod fork;
+pub mod hibernate;
+pub mod lazy_restore;
+mod memory_failure;
 pub mod microvm;
 pub mod persist;
 pub mod snapshot;
@@ -13,6 +16,8 @@ pub mod vcpu_thread;
 pub mod vstate;
 
 pub use error::Error;
+pub use hibernate::{Compression, HibernateOptions, HibernateReport};
+pub use lazy_restore::{WakeHandle, WakeOptions, WakeReport, WakeStats};
 pub use microvm::{BootSource, MicroVm, VmConfig};
 pub use snapshot::{RestoreMode, RestoreOptions, SnapshotKind, SnapshotReport};
 pub use vcpu_thread::ExitReason;
