@@ -15,8 +15,27 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Boot a VM (the embedded test guest or a Linux kernel) with its console on stdin/stdout.
+    /// Boot a VM (the embedded test guest or a Linux kernel). Console on stdin/stdout, or with
+    /// --name --detach in the background behind its API socket.
     Run(RunArgs),
+    /// Start a VM from a snapshot directory (eager copy or copy-on-write).
+    Restore(RestoreArgs),
+    /// List the VMs of this host (running, paused, hibernated).
+    Ls,
+    /// Print a VM's status as JSON.
+    Status(NameArg),
+    /// Send a line to a VM's console and print what it answers.
+    Exec(ExecArgs),
+    /// Park a VM's vCPUs.
+    Pause(NameArg),
+    /// Continue a paused VM (or wake a hibernated one).
+    Resume(NameArg),
+    /// Snapshot a VM into a directory (full, or a diff against its previous snapshot).
+    Snapshot(SnapshotArgs),
+    /// Fork-clone a running VM into N running children with their own names and sockets.
+    Fork(ForkArgs),
+    /// Stop a VM and its VMM process.
+    Stop(NameArg),
     /// The main job on defaults: boot, talk to, pause and resume the embedded test guest.
     Demo(DemoArgs),
     /// Print benchmark tables (median/min/max of N runs).
@@ -71,10 +90,87 @@ pub struct VmArgs {
     pub no_thp: bool,
 }
 
+/// How a VMM process is hosted: anonymous in the foreground, or named behind an API socket.
+#[derive(Args, Debug, Clone)]
+pub struct HostArgs {
+    /// Serve the VM's API socket under this name (see `forkvm ls`).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Run in the background (needs --name); the console goes to <run dir>/<name>/console.log.
+    #[arg(long, requires = "name")]
+    pub detach: bool,
+    /// Internal: this process is the detached VMM.
+    #[arg(long, hide = true, requires = "name")]
+    pub background: bool,
+}
+
 #[derive(Args, Debug)]
 pub struct RunArgs {
     #[command(flatten)]
     pub vm: VmArgs,
+    #[command(flatten)]
+    pub host: HostArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct RestoreArgs {
+    /// Snapshot directory (written by `forkvm snapshot`).
+    pub dir: PathBuf,
+    /// Map the memory image copy-on-write instead of copying it in.
+    #[arg(long)]
+    pub cow: bool,
+    /// Leave the restored VM paused.
+    #[arg(long)]
+    pub paused: bool,
+    /// Refuse a snapshot whose guest memory is not of this size.
+    #[arg(long, value_parser = parse_size)]
+    pub mem: Option<u64>,
+    #[command(flatten)]
+    pub host: HostArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct NameArg {
+    /// VM name.
+    pub name: String,
+}
+
+#[derive(Args, Debug)]
+pub struct ExecArgs {
+    /// VM name.
+    pub name: String,
+    /// The line to send (words are joined with spaces).
+    #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+    pub line: Vec<String>,
+    /// Print console lines until one contains this text (default: print the next line).
+    #[arg(long)]
+    pub wait_for: Option<String>,
+    /// Seconds to wait for the answer.
+    #[arg(long, default_value_t = 10)]
+    pub timeout: u64,
+}
+
+#[derive(Args, Debug)]
+pub struct SnapshotArgs {
+    /// VM name.
+    pub name: String,
+    /// Snapshot directory.
+    pub dir: PathBuf,
+    /// Only pages dirtied since this VM's previous snapshot.
+    #[arg(long)]
+    pub diff: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ForkArgs {
+    /// VM name.
+    pub name: String,
+    /// Number of children.
+    #[arg(long, default_value_t = 1)]
+    pub count: usize,
+    /// Children are named <prefix>1..<prefix>N (default <name>-c).
+    #[arg(long)]
+    pub prefix: Option<String>,
 }
 
 #[derive(Args, Debug)]

@@ -1,6 +1,7 @@
 //! `forkvm`: run, pause, snapshot and fork microVMs. See the README for the two commands that
 //! matter most (`forkvm demo` and the test command).
 
+mod api;
 mod bench;
 mod bench_clone;
 mod bench_store;
@@ -10,8 +11,10 @@ mod hibernate_cmd;
 mod hostmem;
 mod run;
 mod scenario;
+mod server;
 mod size;
 mod stats;
+mod vmctl;
 
 use clap::Parser;
 
@@ -21,6 +24,15 @@ fn main() {
     let cli = cli::Cli::parse();
     let result = match cli.command {
         cli::Command::Run(args) => run::run(args),
+        cli::Command::Restore(args) => run::restore(args),
+        cli::Command::Ls => vmctl::ls(),
+        cli::Command::Status(a) => vmctl::status(&a.name),
+        cli::Command::Exec(args) => vmctl::exec(&args),
+        cli::Command::Pause(a) => vmctl::simple(&a.name, api::Request::Pause),
+        cli::Command::Resume(a) => vmctl::resume(&a.name),
+        cli::Command::Snapshot(args) => vmctl::snapshot(&args),
+        cli::Command::Fork(args) => vmctl::fork(&args),
+        cli::Command::Stop(a) => vmctl::simple(&a.name, api::Request::Stop),
         cli::Command::Demo(args) => demo::demo(args),
         cli::Command::Bench(args) => bench::bench(args),
         cli::Command::Scenario(args) => scenario::scenario(args),

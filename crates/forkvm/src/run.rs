@@ -1,11 +1,12 @@
 //! `forkvm run`: boot a VM with its serial console on stdin/stdout; exit when the guest does.
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::time::Duration;
 
-use vmm::{Backing, BootSource, ExitReason, MicroVm, VmConfig};
+use vmm::{Backing, BootSource, ExitReason, MicroVm, RestoreMode, RestoreOptions, VmConfig};
 
-use crate::cli::{BackingArg, RunArgs, VmArgs};
+use crate::cli::{BackingArg, HostArgs, RestoreArgs, RunArgs, VmArgs};
+use crate::server::{redirect_output, serve, Claimed};
 
 fn read_file(what: &str, path: &std::path::Path) -> Result<Vec<u8>, String> {
     let bytes = std::fs::read(path).map_err(|e| format!("cannot read {what} {}: {e}", path.display()))?;
@@ -41,10 +42,71 @@ pub fn vm_config(a: &VmArgs) -> Result<VmConfig, String> {
 
 pub fn run(args: RunArgs) -> Result<i32, String> {
     let mut cfg = vm_config(&args.vm)?;
-    cfg.console_mirror = Some(Box::new(std::io::stdout()));
-    let vm = MicroVm::boot(cfg).map_err(|e| e.to_string())?;
+    let test_guest = matches!(cfg.boot, BootSource::TestGuest);
+    host(&args.host, move |mirror| {
+        cfg.console_mirror = Some(mirror);
+        let vm = MicroVm::boot(cfg).map_err(|e| e.to_string())?;
+        if test_guest {
+            // Serve requests only once the guest listens on its console.
+            vm.wait_for(test_guest::READY_LINE, Duration::from_secs(30)).map_err(|e| e.to_string())?;
+        }
+        Ok(vm)
+    })
+}
+
+pub fn restore(args: RestoreArgs) -> Result<i32, String> {
+    let mode = if args.cow { RestoreMode::Cow } else { RestoreMode::Eager };
+    host(&args.host, |mirror| {
+        let opts = RestoreOptions {
+            expect_mem: args.mem,
+            paused: args.paused,
+            track_dirty: true,
+            console_mirror: Some(mirror),
+        };
+        MicroVm::restore(&args.dir, mode, opts).map_err(|e| e.to_string())
+    })
+}
+
+/// Runs the VM `make` builds (given its console mirror): in the foreground with the console on
+/// stdin/stdout, optionally serving its API under a name, or detached in the background.
+fn host(h: &HostArgs, make: impl FnOnce(Box<dyn Write + Send>) -> Result<MicroVm, String>) -> Result<i32, String> {
+    if h.detach {
+        return crate::vmctl::spawn_detached(h.name.as_deref().unwrap_or_default());
+    }
+    let Some(name) = &h.name else {
+        let vm = make(Box::new(std::io::stdout()))?;
+        stdin_to_console(&vm);
+        return match vm.wait_exit(None) {
+            Some(ExitReason::GuestReset | ExitReason::GuestShutdown | ExitReason::Stopped) | None => Ok(0),
+            Some(ExitReason::Error(e)) => Err(e),
+        };
+    };
+    let claimed = Claimed::new(name)?;
+    let mirror: Box<dyn Write + Send> = if h.background {
+        let log = claimed.console_log();
+        Box::new(std::fs::File::create(&log).map_err(|e| format!("cannot create {}: {e}", log.display()))?)
+    } else {
+        Box::new(std::io::stdout())
+    };
+    let vm = match make(mirror) {
+        Ok(vm) => vm,
+        Err(e) => {
+            claimed.release();
+            return Err(e);
+        }
+    };
+    if h.background {
+        // From here on our errors and logs go to the VM's log; the launcher has its answer.
+        redirect_output(&claimed.dir.join("vmm.log"));
+    } else {
+        stdin_to_console(&vm);
+    }
+    Ok(serve(claimed, vm, None))
+}
+
+/// Console input: stdin bytes go to the guest's serial port as they come.
+fn stdin_to_console(vm: &MicroVm) {
     let serial = vm.serial().clone();
-    // Console input: stdin bytes go to the guest's serial port as they come.
     std::thread::spawn(move || {
         let mut stdin = std::io::stdin().lock();
         let mut buf = [0u8; 256];
@@ -55,8 +117,4 @@ pub fn run(args: RunArgs) -> Result<i32, String> {
             serial.send(&buf[..n], Duration::from_secs(3600));
         }
     });
-    match vm.wait_exit(None) {
-        Some(ExitReason::GuestReset | ExitReason::GuestShutdown | ExitReason::Stopped) | None => Ok(0),
-        Some(ExitReason::Error(e)) => Err(e),
-    }
 }

@@ -9,6 +9,9 @@ mod checksum;
 /// The test guest ELF image.
 pub static ELF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/test-guest.elf"));
 
+/// The line the guest prints once it listens on its console.
+pub const READY_LINE: &str = "forkvm-test-guest ready";
+
 /// Guest-physical address of the generation page: u64 generation, then 32 bytes of fresh seed.
 pub const GEN_GPA: u64 = 0x6000;
 

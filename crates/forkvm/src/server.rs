@@ -1,0 +1,341 @@
+//! The VMM process side of the per-VM API: claim a name, serve requests for one VM, clean up
+//! when it exits. Fork children claim their names in the parent (before fork) and serve their own
+//! sockets.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use vmm::{ExitReason, MicroVm, SnapshotKind};
+
+use crate::api::{self, Request, Response};
+
+/// A VM name whose socket this process has bound.
+#[derive(Debug)]
+pub struct Claimed {
+    pub name: String,
+    pub dir: PathBuf,
+    listener: UnixListener,
+}
+
+impl Claimed {
+    /// Claims `name`: creates its directory and binds its socket. A live VM of that name is an
+    /// error; leftovers of a dead one are removed.
+    pub fn new(name: &str) -> Result<Self, String> {
+        let dir = api::vm_dir(name)?;
+        std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        let sock = api::socket_path(&dir);
+        let listener = match UnixListener::bind(&sock) {
+            Ok(l) => l,
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                if UnixStream::connect(&sock).is_ok() {
+                    return Err(format!("a VM named {name:?} is already running"));
+                }
+                let _ = std::fs::remove_file(&sock);
+                UnixListener::bind(&sock).map_err(|e| format!("cannot bind {}: {e}", sock.display()))?
+            }
+            Err(e) => return Err(format!("cannot bind {}: {e}", sock.display())),
+        };
+        let _ = std::fs::remove_dir_all(dir.join(HIBERNATED));
+        Ok(Claimed { name: name.to_string(), dir, listener })
+    }
+
+    pub fn console_log(&self) -> PathBuf {
+        self.dir.join("console.log")
+    }
+
+    /// Gives the name up without serving (the VM failed to start).
+    pub fn release(self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Subdirectory of a VM's directory holding its hibernation state.
+pub const HIBERNATED: &str = "hibernated";
+
+/// What a VMM process knows about the VM it serves.
+struct Host {
+    vm: Arc<MicroVm>,
+    name: String,
+    dir: PathBuf,
+    parent: Option<String>,
+    listener_fd: i32,
+    /// Set by a successful hibernate: keep the directory on exit.
+    keep_dir: std::sync::atomic::AtomicBool,
+}
+
+/// Serves the API for `vm` until it exits; returns the process exit code.
+pub fn serve(claimed: Claimed, vm: MicroVm, parent: Option<String>) -> i32 {
+    // Fork children are reaped by the kernel: nobody waits for them here.
+    // SAFETY: setting a signal disposition to SIG_IGN has no memory-safety preconditions.
+    unsafe { libc::signal(libc::SIGCHLD, libc::SIG_IGN) };
+    let Claimed { name, dir, listener } = claimed;
+    let _ = std::fs::write(dir.join("pid"), format!("{}\n", std::process::id()));
+    let host = Arc::new(Host {
+        vm: Arc::new(vm),
+        name,
+        dir,
+        parent,
+        listener_fd: listener.as_raw_fd(),
+        keep_dir: false.into(),
+    });
+    let h = Arc::clone(&host);
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            h.handle(conn);
+        }
+    });
+    let reason = host.vm.wait_exit(None);
+    tracing::info!("VM {} exited: {reason:?}", host.name);
+    let _ = std::fs::remove_file(api::socket_path(&host.dir));
+    if !host.keep_dir.load(std::sync::atomic::Ordering::SeqCst) {
+        let _ = std::fs::remove_dir_all(&host.dir);
+    }
+    match reason {
+        Some(ExitReason::Error(e)) => {
+            eprintln!("forkvm: error: VM {}: {e}", host.name);
+            1
+        }
+        _ => 0,
+    }
+}
+
+/// What to do after the answer is sent.
+enum After {
+    Nothing,
+    Stop,
+}
+
+impl Host {
+    fn handle(&self, conn: UnixStream) {
+        let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
+        let mut line = String::new();
+        let read = BufReader::new(&conn).take(api::MAX_LINE).read_line(&mut line);
+        let (resp, after) = match read {
+            Err(e) => (Response::err(format!("cannot read request: {e}")), After::Nothing),
+            Ok(_) => match serde_json::from_str::<Request>(&line) {
+                Err(e) => (Response::err(format!("bad request: {e}")), After::Nothing),
+                Ok(req) => self.dispatch(req, conn.as_raw_fd()),
+            },
+        };
+        let mut out = serde_json::to_string(&resp).unwrap_or_else(|_| r#"{"ok":false}"#.into());
+        out.push('\n');
+        let _ = (&conn).write_all(out.as_bytes());
+        drop(conn);
+        if let After::Stop = after {
+            self.vm.control().stop(ExitReason::Stopped);
+        }
+    }
+
+    fn dispatch(&self, req: Request, conn_fd: i32) -> (Response, After) {
+        let result = match req {
+            Request::Status => Ok(self.status()),
+            Request::Pause => self.vm.pause().map(|d| json!({ "pause_ms": ms(d) })).map_err(|e| e.to_string()),
+            Request::Resume => self.vm.resume().map(|d| json!({ "resume_ms": ms(d) })).map_err(|e| e.to_string()),
+            Request::Exec { line, wait_for, timeout_ms } => {
+                self.exec(&line, wait_for.as_deref(), Duration::from_millis(timeout_ms))
+            }
+            Request::Snapshot { dir, diff } => self.snapshot(&dir, diff),
+            Request::Fork { count, prefix } => self.fork(count, prefix, conn_fd),
+            Request::Hibernate { store } => {
+                match crate::hibernate_cmd::hibernate_vm(&self.vm, &self.dir.join(HIBERNATED), store.as_deref()) {
+                    Ok(v) => {
+                        self.keep_dir.store(true, std::sync::atomic::Ordering::SeqCst);
+                        return (Response::ok(v), After::Stop);
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+            Request::Stop => return (Response::ok(json!({})), After::Stop),
+        };
+        match result {
+            Ok(v) => (Response::ok(v), After::Nothing),
+            Err(e) => (Response::err(e), After::Nothing),
+        }
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let ctl = self.vm.control();
+        let state = match ctl.exit_reason() {
+            Some(r) => format!("exited ({r:?})"),
+            None if self.vm.is_paused() => "paused".into(),
+            None => "running".into(),
+        };
+        json!({
+            "name": self.name,
+            "pid": std::process::id(),
+            "state": state,
+            "mem_mib": self.vm.memory().size() >> 20,
+            "vcpus": self.vm.vcpu_count(),
+            "generation": self.vm.generation(),
+            "parent": self.parent,
+            "uptime_s": self.vm.started().elapsed().as_secs_f64(),
+            "console_log": self.dir.join("console.log"),
+        })
+    }
+
+    fn exec(&self, line: &str, wait_for: Option<&str>, timeout: Duration) -> Result<serde_json::Value, String> {
+        if self.vm.is_paused() {
+            return Err(format!("VM {:?} is paused: resume it first", self.name));
+        }
+        let console = self.vm.console();
+        let mut cursor = console.cursor();
+        self.vm.send_line(line).map_err(|e| e.to_string())?;
+        let deadline = Instant::now() + timeout;
+        let mut lines = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match console.wait_line(&mut cursor, left, |_| true) {
+                Some(l) => {
+                    let done = wait_for.is_none_or(|w| l.contains(w));
+                    lines.push(l);
+                    if done {
+                        return Ok(json!({ "lines": lines }));
+                    }
+                }
+                None => {
+                    let what = wait_for.map_or("a line".to_string(), |w| format!("a line containing {w:?}"));
+                    return Err(format!("no answer ({what}) within {timeout:?}; got {lines:?}"));
+                }
+            }
+        }
+    }
+
+    fn snapshot(&self, dir: &Path, diff: bool) -> Result<serde_json::Value, String> {
+        let was_paused = self.vm.is_paused();
+        let pause = if was_paused { Duration::ZERO } else { self.vm.pause().map_err(|e| e.to_string())? };
+        let kind = if diff { SnapshotKind::Diff } else { SnapshotKind::Full };
+        let r = self.vm.snapshot(dir, kind);
+        if !was_paused {
+            self.vm.resume().map_err(|e| format!("snapshot done but the VM did not resume: {e}"))?;
+        }
+        let r = r.map_err(|e| e.to_string())?;
+        Ok(json!({
+            "dir": dir,
+            "kind": if diff { "diff" } else { "full" },
+            "pause_ms": ms(pause),
+            "snapshot_ms": ms(r.duration),
+            "state_bytes": r.state_bytes,
+            "pages_written": r.pages_written,
+            "memory_disk_bytes": r.memory_disk_bytes,
+            "linked": r.linked,
+        }))
+    }
+
+    fn fork(&self, count: usize, prefix: Option<String>, conn_fd: i32) -> Result<serde_json::Value, String> {
+        if !(1..=64).contains(&count) {
+            return Err(format!("fork count must be 1 to 64, not {count}"));
+        }
+        let prefix = prefix.unwrap_or_else(|| format!("{}-c", self.name));
+        let names: Vec<String> = (1..=count).map(|i| format!("{prefix}{i}")).collect();
+        for n in &names {
+            api::check_name(n)?;
+        }
+        let mut claims = Vec::with_capacity(count);
+        for n in &names {
+            match Claimed::new(n) {
+                Ok(c) => claims.push(Some(c)),
+                Err(e) => {
+                    claims.into_iter().flatten().for_each(Claimed::release);
+                    return Err(e);
+                }
+            }
+        }
+        let t0 = Instant::now();
+        let listener_fd = self.listener_fd;
+        let parent = self.name.clone();
+        let (forked, rep) = self
+            .vm
+            .fork_with(
+                count,
+                |i| {
+                    let claimed = claims[i].take().ok_or_else(|| vmm::Error::State("fork: name not claimed".into()))?;
+                    let (rx, tx) = UnixStream::pair().map_err(vmm::Error::Io)?;
+                    Ok((rx, (claimed, tx)))
+                },
+                |_, (claimed, tx), vm, state| {
+                    // SAFETY: the parent's listener fd is not used in the child.
+                    unsafe { libc::close(listener_fd) };
+                    // SAFETY: neither is the connection that asked for the fork.
+                    unsafe { libc::close(conn_fd) };
+                    child_main(claimed, tx, vm, state, &parent)
+                },
+            )
+            .map_err(|e| {
+                claims.iter_mut().filter_map(Option::take).for_each(Claimed::release);
+                e.to_string()
+            })?;
+        let fork_ms = ms(t0.elapsed());
+        let mut children = Vec::new();
+        let mut errors = Vec::new();
+        for ((pid, rx), name) in forked.into_iter().zip(&names) {
+            let _ = rx.set_read_timeout(Some(Duration::from_secs(30)));
+            let mut line = String::new();
+            let _ = BufReader::new(&rx).read_line(&mut line);
+            match line.trim_end().strip_prefix("ready") {
+                Some(_) => children.push(json!({ "name": name, "pid": pid })),
+                None if line.is_empty() => errors.push(format!("{name}: the child exited before it was ready")),
+                None => errors.push(format!("{name}: {}", line.trim_end())),
+            }
+        }
+        if !errors.is_empty() {
+            return Err(format!("fork: {}", errors.join("; ")));
+        }
+        Ok(json!({
+            "children": children,
+            "pause_ms": ms(rep.pause),
+            "save_ms": ms(rep.save),
+            "fork_ms": ms(rep.fork),
+            "fork_total_ms": fork_ms,
+            "ready_ms": ms(t0.elapsed()),
+        }))
+    }
+}
+
+/// A fork child: own logs, a new KVM VM over the inherited memory, then its own API server.
+fn child_main(
+    claimed: Claimed,
+    mut ready: UnixStream,
+    parent_vm: &MicroVm,
+    state: &vmm::persist::state::VmState,
+    parent: &str,
+) -> i32 {
+    redirect_output(&claimed.dir.join("vmm.log"));
+    let console = match std::fs::File::create(claimed.console_log()) {
+        Ok(f) => f,
+        Err(e) => {
+            let _ = writeln!(ready, "error cannot create console log: {e}");
+            return 1;
+        }
+    };
+    match parent_vm.build_fork_child(state, Some(Box::new(console))) {
+        Ok(vm) => {
+            let _ = writeln!(ready, "ready");
+            drop(ready);
+            serve(claimed, vm, Some(parent.to_string()))
+        }
+        Err(e) => {
+            let _ = writeln!(ready, "error {e}");
+            claimed.release();
+            1
+        }
+    }
+}
+
+/// Points stdout and stderr at `path` (a detached VMM's log).
+pub fn redirect_output(path: &Path) {
+    if let Ok(f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
+        for target in [1, 2] {
+            // SAFETY: dup2 of a valid open fd onto a standard fd; `f` stays open until after.
+            unsafe { libc::dup2(f.as_raw_fd(), target) };
+        }
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}

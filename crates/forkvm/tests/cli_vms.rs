@@ -1,0 +1,181 @@
+//! KVM tier through the CLI: named VMs behind their API sockets — detach, exec, pause/resume,
+//! snapshot, restore, fork, ls, stop — and the errors bad requests get.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+/// Every test gets its own run directory, so tests never see each other's VMs.
+struct Env {
+    run: PathBuf,
+    names: Vec<String>,
+}
+
+impl Env {
+    fn new(tag: &str) -> Self {
+        let run = std::env::temp_dir().join(format!("forkvm-cli-vms-{}-{tag}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&run);
+        std::fs::create_dir_all(&run).unwrap();
+        Env { run, names: Vec::new() }
+    }
+
+    fn cmd(&self, args: &[&str]) -> Output {
+        let out =
+            Command::new(env!("CARGO_BIN_EXE_forkvm")).env("FORKVM_RUN_DIR", &self.run).args(args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.contains("panicked"), "forkvm {args:?} panicked: {stderr}");
+        out
+    }
+
+    /// Runs a command that must succeed; returns its stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.cmd(args);
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(out.status.success(), "forkvm {args:?} failed: {}{stdout}", String::from_utf8_lossy(&out.stderr));
+        stdout
+    }
+
+    /// Runs a command that must fail with one error line containing `needle`.
+    fn fails(&self, args: &[&str], needle: &str) {
+        let out = self.cmd(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "forkvm {args:?} should have failed; stdout: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        assert!(stderr.lines().count() == 1 && stderr.starts_with("forkvm: error: "), "one error line: {stderr}");
+        assert!(stderr.contains(needle), "expected {needle:?} in {stderr}");
+    }
+
+    fn start(&mut self, name: &str, extra: &[&str]) {
+        let mut args = vec!["run", "--guest", "test", "--mem", "64M", "--name", name, "--detach"];
+        args.extend_from_slice(extra);
+        self.ok(&args);
+        self.names.push(name.to_string());
+        assert_eq!(self.exec(name, "ping"), "pong");
+    }
+
+    fn exec(&self, name: &str, line: &str) -> String {
+        self.ok(&["exec", name, line]).trim_end().to_string()
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        // Stop whatever is left (children included) so no VMM process outlives the test.
+        if let Ok(rd) = std::fs::read_dir(&self.run) {
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().to_string();
+                let _ = self.cmd(&["stop", &name]);
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.run);
+        for snap in ["snap-a", "snap-a-diff"] {
+            let _ = std::fs::remove_dir_all(self.run.with_extension(snap));
+        }
+    }
+}
+
+fn count(s: &str) -> u64 {
+    s.strip_prefix("count ").and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("not a count answer: {s:?}"))
+}
+
+#[test]
+fn detach_exec_pause_resume_snapshot_restore_stop() {
+    let mut env = Env::new("life");
+    env.start("a", &[]);
+    let c1 = count(&env.exec("a", "count"));
+    env.ok(&["pause", "a"]);
+    env.fails(&["exec", "a", "ping"], "paused");
+    let ls = env.ok(&["ls"]);
+    assert!(ls.lines().any(|l| l.starts_with("a ") && l.contains("paused")), "{ls}");
+    env.ok(&["resume", "a"]);
+    assert_eq!(count(&env.exec("a", "count")), c1 + 1);
+
+    let snap = env.run.with_extension("snap-a");
+    let out = env.ok(&["snapshot", "a", snap.to_str().unwrap()]);
+    assert!(out.contains("full snapshot"), "{out}");
+    assert!(env.exec("a", "touch 0x300000 2 9").starts_with("touched"));
+    let diff = env.run.with_extension("snap-a-diff");
+    assert!(env.ok(&["snapshot", "a", diff.to_str().unwrap(), "--diff"]).contains("diff snapshot"));
+
+    // Restored VMs continue from the snapshot, independently of the original.
+    env.ok(&["restore", snap.to_str().unwrap(), "--cow", "--name", "b", "--detach"]);
+    env.names.push("b".into());
+    assert_eq!(count(&env.exec("b", "count")), c1 + 2);
+    assert_eq!(count(&env.exec("a", "count")), c1 + 2);
+    // Booted VMs are generation 1; every restore or fork bumps it.
+    assert_eq!(env.exec("a", "gen"), "gen 1");
+    assert_eq!(env.exec("b", "gen"), "gen 2");
+    env.ok(&["restore", diff.to_str().unwrap(), "--name", "c", "--detach"]);
+    assert_eq!(env.exec("c", "sum 0x300000 2"), env.exec("a", "sum 0x300000 2"));
+
+    env.fails(&["restore", snap.to_str().unwrap(), "--mem", "128M", "--name", "d", "--detach"], "64 MiB");
+    env.fails(&["restore", "/nonexistent/snap", "--name", "d", "--detach"], "cannot read snapshot state");
+    env.fails(&["run", "--guest", "test", "--mem", "64M", "--name", "a", "--detach"], "already running");
+
+    for n in ["a", "b", "c"] {
+        env.ok(&["stop", n]);
+    }
+    env.fails(&["exec", "a", "ping"], "no running VM named \"a\"");
+    let ls = env.ok(&["ls"]);
+    assert_eq!(ls.lines().count(), 1, "only the header is left: {ls}");
+}
+
+#[test]
+fn fork_children_are_independent_named_vms() {
+    let mut env = Env::new("fork");
+    env.start("p", &[]);
+    assert!(env.exec("p", "touch 0x300000 4 1").starts_with("touched"));
+    let before = env.exec("p", "sum 0x300000 4");
+    let out = env.ok(&["fork", "p", "--count", "2"]);
+    assert!(out.contains("p-c1 pid") && out.contains("p-c2 pid"), "{out}");
+
+    // Not twins: new generation, different randomness; all three keep running.
+    let r: Vec<String> = ["p", "p-c1", "p-c2"].iter().map(|n| env.exec(n, "random")).collect();
+    assert!(r[0] != r[1] && r[1] != r[2] && r[0] != r[2], "{r:?}");
+    assert_eq!(env.exec("p-c1", "gen"), "gen 2");
+    let status = env.ok(&["status", "p-c2"]);
+    assert!(status.contains("\"parent\": \"p\""), "{status}");
+
+    // Writes in one never show in another.
+    assert!(env.exec("p-c1", "touch 0x300000 4 2").starts_with("touched"));
+    assert_eq!(env.exec("p", "sum 0x300000 4"), before);
+    assert_eq!(env.exec("p-c2", "sum 0x300000 4"), before);
+    assert_ne!(env.exec("p-c1", "sum 0x300000 4"), before);
+
+    // Children fork too; names in use are refused before anything forks.
+    env.fails(&["fork", "p", "--count", "1"], "already running");
+    assert!(env.ok(&["fork", "p-c1", "--prefix", "g"]).contains("g1 pid"));
+    assert_eq!(env.exec("g1", "sum 0x300000 4"), env.exec("p-c1", "sum 0x300000 4"));
+    env.fails(&["fork", "p", "--count", "0"], "fork count");
+    env.fails(&["fork", "p", "--prefix", "bad/name"], "invalid VM name");
+
+    // A stopped parent cannot be forked; its children live on.
+    env.ok(&["stop", "p"]);
+    env.fails(&["fork", "p"], "no running VM named");
+    assert_eq!(env.exec("p-c2", "ping"), "pong");
+}
+
+#[test]
+fn bad_requests_get_clear_errors() {
+    let mut env = Env::new("bad");
+    env.fails(&["exec", "ghost", "ping"], "no running VM named \"ghost\"");
+    env.fails(&["pause", "../etc"], "invalid VM name");
+    let out = env.cmd(&["run", "--guest", "test", "--detach"]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--name <NAME>"));
+    env.start("v", &[]);
+    // Raw protocol junk on the socket: an error answer, the VM unharmed.
+    use std::io::{BufRead, BufReader, Write};
+    for junk in ["{\"op\":\"explode\"}\n", "not json\n", "{\"op\":\"snapshot\"}\n"] {
+        let mut s = std::os::unix::net::UnixStream::connect(env.run.join("v/api.sock")).unwrap();
+        s.write_all(junk.as_bytes()).unwrap();
+        let mut answer = String::new();
+        BufReader::new(&s).read_line(&mut answer).unwrap();
+        assert!(answer.contains("\"ok\":false") && answer.contains("bad request"), "{answer}");
+    }
+    env.fails(&["snapshot", "v", "/proc/forkvm-cannot-write-here"], "cannot create snapshot directory");
+    env.fails(&["exec", "v", "--timeout", "1", "--wait-for", "never-printed", "ping"], "no answer");
+    assert_eq!(env.exec("v", "ping"), "pong");
+}
