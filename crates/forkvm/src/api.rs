@@ -166,7 +166,7 @@ mod tests {
         assert_eq!(r, Request::Exec { line: "ping".into(), wait_for: None, timeout_ms: 10_000 });
         let s = serde_json::to_string(&Request::Fork { count: 3, prefix: None }).unwrap();
         assert_eq!(serde_json::from_str::<Request>(&s).unwrap(), Request::Fork { count: 3, prefix: None });
-        for junk in [r#"{"op":"explode"}"#, r#"{"op":"fork"}"#, r#"{"op":"pause","x":1}"#, "[]", "{"] {
+        for junk in [r#"{"op":"explode"}"#, r#"{"op":"fork"}"#, r#"{"op":"exec","line":"x","y":1}"#, "[]", "{"] {
             assert!(serde_json::from_str::<Request>(junk).is_err(), "{junk}");
         }
     }

@@ -1,32 +1,123 @@
-//! `forkvm hibernate` / `forkvm wake` (owned by the chunk store / page server work).
+//! `forkvm hibernate` / `forkvm wake`: a named VM's memory goes into the chunk store and its VMM
+//! process exits; waking starts a new VMM process that restores it lazily through the
+//! userfaultfd page server (pages come in as the guest touches them, the recorded working set
+//! ahead of that).
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use clap::Args;
+use vmm::{HibernateOptions, MicroVm, WakeOptions};
+
+use crate::api::{self, Request};
+use crate::server::{redirect_output, serve, Claimed, HIBERNATED};
 
 #[derive(Args, Debug)]
 pub struct HibernateArgs {
     /// VM name.
     pub vm: String,
+    /// Chunk store directory (default: $FORKVM_STORE, else /var/lib/forkvm/store for root, else
+    /// ~/.local/share/forkvm/store). Shared by all VMs, so identical pages are stored once.
+    #[arg(long)]
+    pub store: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
 pub struct WakeArgs {
     /// VM name.
     pub vm: String,
+    /// Chunk store directory (default: the one the VM was hibernated into).
+    #[arg(long)]
+    pub store: Option<PathBuf>,
+    /// Internal: this process is the woken VM's VMM.
+    #[arg(long, hide = true)]
+    pub background: bool,
+}
+
+/// The default chunk store of this host.
+pub fn default_store() -> PathBuf {
+    if let Some(s) = std::env::var_os("FORKVM_STORE") {
+        return PathBuf::from(s);
+    }
+    // SAFETY: getuid has no preconditions and cannot fail.
+    if unsafe { libc::getuid() } == 0 {
+        return PathBuf::from("/var/lib/forkvm/store");
+    }
+    let data = std::env::var_os("XDG_DATA_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
+        .unwrap_or_else(std::env::temp_dir);
+    data.join("forkvm/store")
 }
 
 pub fn hibernate(args: HibernateArgs) -> Result<i32, String> {
-    Err(format!("hibernate {}: not implemented yet", args.vm))
+    let store = std::path::absolute(args.store.unwrap_or_else(default_store)).map_err(|e| e.to_string())?;
+    let v = api::call(&args.vm, &Request::Hibernate { store: Some(store.clone()) }, Duration::from_secs(600))?;
+    let f = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+    let mib = |k: &str| v[k].as_u64().unwrap_or(0) as f64 / f64::from(1u32 << 20);
+    println!(
+        "{}: hibernated in {:.1} ms (pause {:.3}, store {:.1}) into {}: {:.1} MiB guest, {:.1} MiB non-zero, \
+         {:.1} MiB newly stored; pages zero {}, unique {}, dedup {}",
+        args.vm,
+        f("total_ms"),
+        f("pause_ms"),
+        f("store_ms"),
+        store.display(),
+        mib("bytes_raw"),
+        mib("bytes_nonzero"),
+        mib("bytes_stored"),
+        v["pages_zero"],
+        v["pages_unique"],
+        v["pages_dedup"],
+    );
+    Ok(0)
+}
+
+/// Server side of the hibernate request: hibernates `vm` into `dir` and `store`.
+pub fn hibernate_vm(vm: &MicroVm, dir: &Path, store: Option<&Path>) -> Result<serde_json::Value, String> {
+    let store = store.map_or_else(default_store, Path::to_path_buf);
+    let was_running = !vm.is_paused();
+    let rep = match vm.hibernate(dir, &store, &HibernateOptions::default()) {
+        Ok(r) => r,
+        Err(e) => {
+            // Lose nothing: a failed hibernation leaves the VM as it was.
+            if was_running {
+                let _ = vm.resume();
+            }
+            return Err(e.to_string());
+        }
+    };
+    serde_json::to_value(rep).map_err(|e| e.to_string())
 }
 
 pub fn wake(args: WakeArgs) -> Result<i32, String> {
-    Err(format!("wake {}: not implemented yet", args.vm))
-}
-
-/// Hibernates `vm` into `dir` (state) and the chunk store (`store`, default: the shared one).
-pub fn hibernate_vm(
-    _vm: &vmm::MicroVm,
-    dir: &std::path::Path,
-    _store: Option<&std::path::Path>,
-) -> Result<serde_json::Value, String> {
-    Err(format!("hibernate into {}: not implemented yet", dir.display()))
+    let dir = api::vm_dir(&args.vm)?;
+    let hib = dir.join(HIBERNATED);
+    let record = vmm::hibernate::read_record(&hib).map_err(|_| format!("no hibernated VM named {:?}", args.vm))?;
+    let store = args.store.clone().unwrap_or_else(|| PathBuf::from(&record.store));
+    if !args.background {
+        let mut argv: Vec<OsString> = vec!["wake".into(), args.vm.clone().into(), "--store".into()];
+        argv.push(std::path::absolute(&store).map_err(|e| e.to_string())?.into());
+        argv.push("--background".into());
+        return crate::vmctl::spawn_detached(&args.vm, argv);
+    }
+    let claimed = Claimed::for_wake(&args.vm)?;
+    let log = claimed.console_log();
+    let console = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)
+        .map_err(|e| format!("cannot open {}: {e}", log.display()))?;
+    let opts = WakeOptions { console_mirror: Some(Box::new(console)), track_dirty: true, ..Default::default() };
+    let (vm, handle) = match MicroVm::wake(&hib, &store, opts) {
+        Ok(x) => x,
+        Err(e) => {
+            claimed.release_keeping(HIBERNATED);
+            return Err(e.to_string());
+        }
+    };
+    redirect_output(&claimed.dir.join("vmm.log"));
+    tracing::info!("woke {}: {:?}", args.vm, handle.report());
+    Ok(serve(claimed, vm, None, Some(handle)))
 }

@@ -71,7 +71,7 @@ pub fn restore(args: RestoreArgs) -> Result<i32, String> {
 /// stdin/stdout, optionally serving its API under a name, or detached in the background.
 fn host(h: &HostArgs, make: impl FnOnce(Box<dyn Write + Send>) -> Result<MicroVm, String>) -> Result<i32, String> {
     if h.detach {
-        return crate::vmctl::spawn_detached(h.name.as_deref().unwrap_or_default());
+        return crate::vmctl::spawn_detached(h.name.as_deref().unwrap_or_default(), crate::vmctl::background_args());
     }
     let Some(name) = &h.name else {
         let vm = make(Box::new(std::io::stdout()))?;
@@ -101,7 +101,7 @@ fn host(h: &HostArgs, make: impl FnOnce(Box<dyn Write + Send>) -> Result<MicroVm
     } else {
         stdin_to_console(&vm);
     }
-    Ok(serve(claimed, vm, None))
+    Ok(serve(claimed, vm, None, None))
 }
 
 /// Console input: stdin bytes go to the guest's serial port as they come.

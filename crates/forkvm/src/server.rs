@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use vmm::{ExitReason, MicroVm, SnapshotKind};
+use vmm::{ExitReason, MicroVm, SnapshotKind, WakeHandle};
 
 use crate::api::{self, Request, Response};
 
@@ -26,6 +26,17 @@ impl Claimed {
     /// Claims `name`: creates its directory and binds its socket. A live VM of that name is an
     /// error; leftovers of a dead one are removed.
     pub fn new(name: &str) -> Result<Self, String> {
+        let c = Self::bind(name)?;
+        let _ = std::fs::remove_dir_all(c.dir.join(HIBERNATED));
+        Ok(c)
+    }
+
+    /// Claims the name of a hibernated VM to wake it, keeping its hibernation.
+    pub fn for_wake(name: &str) -> Result<Self, String> {
+        Self::bind(name)
+    }
+
+    fn bind(name: &str) -> Result<Self, String> {
         let dir = api::vm_dir(name)?;
         std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
         let sock = api::socket_path(&dir);
@@ -40,7 +51,6 @@ impl Claimed {
             }
             Err(e) => return Err(format!("cannot bind {}: {e}", sock.display())),
         };
-        let _ = std::fs::remove_dir_all(dir.join(HIBERNATED));
         Ok(Claimed { name: name.to_string(), dir, listener })
     }
 
@@ -51,6 +61,15 @@ impl Claimed {
     /// Gives the name up without serving (the VM failed to start).
     pub fn release(self) {
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+
+    /// Gives the name up but keeps the subdirectory `keep` (a hibernation that failed to wake).
+    pub fn release_keeping(self, keep: &str) {
+        let _ = std::fs::remove_file(api::socket_path(&self.dir));
+        let _ = std::fs::remove_file(self.dir.join("pid"));
+        if !self.dir.join(keep).exists() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }
 
@@ -66,10 +85,12 @@ struct Host {
     listener_fd: i32,
     /// Set by a successful hibernate: keep the directory on exit.
     keep_dir: std::sync::atomic::AtomicBool,
+    /// The page server of a woken VM whose memory may still be coming in.
+    wake: Option<WakeHandle>,
 }
 
 /// Serves the API for `vm` until it exits; returns the process exit code.
-pub fn serve(claimed: Claimed, vm: MicroVm, parent: Option<String>) -> i32 {
+pub fn serve(claimed: Claimed, vm: MicroVm, parent: Option<String>, wake: Option<WakeHandle>) -> i32 {
     // Fork children are reaped by the kernel: nobody waits for them here.
     // SAFETY: setting a signal disposition to SIG_IGN has no memory-safety preconditions.
     unsafe { libc::signal(libc::SIGCHLD, libc::SIG_IGN) };
@@ -82,6 +103,7 @@ pub fn serve(claimed: Claimed, vm: MicroVm, parent: Option<String>) -> i32 {
         parent,
         listener_fd: listener.as_raw_fd(),
         keep_dir: false.into(),
+        wake,
     });
     let h = Arc::clone(&host);
     std::thread::spawn(move || {
@@ -246,6 +268,10 @@ impl Host {
             }
         }
         let t0 = Instant::now();
+        if let Some(w) = &self.wake {
+            // Children do not inherit the page server: everything must be in before fork().
+            w.fetch_all().map_err(|e| e.to_string())?;
+        }
         let listener_fd = self.listener_fd;
         let parent = self.name.clone();
         let (forked, rep) = self
@@ -316,7 +342,7 @@ fn child_main(
         Ok(vm) => {
             let _ = writeln!(ready, "ready");
             drop(ready);
-            serve(claimed, vm, Some(parent.to_string()))
+            serve(claimed, vm, Some(parent.to_string()), None)
         }
         Err(e) => {
             let _ = writeln!(ready, "error {e}");

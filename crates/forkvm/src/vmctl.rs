@@ -1,5 +1,6 @@
 //! The CLI side of the per-VM API: start detached VMM processes and send them requests.
 
+use std::ffi::OsString;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -12,15 +13,20 @@ const QUICK: Duration = Duration::from_secs(10);
 /// Snapshots of big guests and forks of many children take a while.
 const SLOW: Duration = Duration::from_secs(600);
 
-/// Re-runs this command in a new background process (without --detach, with --background) and
-/// returns once its API answers.
-pub fn spawn_detached(name: &str) -> Result<i32, String> {
+/// This command again, for the background VMM process: without --detach, with --background.
+pub fn background_args() -> Vec<OsString> {
+    let mut args: Vec<OsString> = std::env::args_os().skip(1).filter(|a| a != "--detach").collect();
+    args.push("--background".into());
+    args
+}
+
+/// Runs forkvm with `args` in a new background process that serves VM `name`, and returns once
+/// its API answers.
+pub fn spawn_detached(name: &str, args: Vec<OsString>) -> Result<i32, String> {
     api::check_name(name)?;
     let exe = std::env::current_exe().map_err(|e| format!("cannot find the forkvm binary: {e}"))?;
-    let args = std::env::args_os().skip(1).filter(|a| a != "--detach");
     let mut child = Command::new(exe)
         .args(args)
-        .arg("--background")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .process_group(0)
@@ -64,7 +70,11 @@ pub fn simple(name: &str, req: Request) -> Result<i32, String> {
 pub fn resume(name: &str) -> Result<i32, String> {
     let dir = api::vm_dir(name)?;
     if !api::socket_path(&dir).exists() && dir.join(HIBERNATED).exists() {
-        return crate::hibernate_cmd::wake(crate::hibernate_cmd::WakeArgs { vm: name.to_string() });
+        return crate::hibernate_cmd::wake(crate::hibernate_cmd::WakeArgs {
+            vm: name.to_string(),
+            store: None,
+            background: false,
+        });
     }
     simple(name, Request::Resume)
 }

@@ -20,8 +20,12 @@ impl Env {
     }
 
     fn cmd(&self, args: &[&str]) -> Output {
-        let out =
-            Command::new(env!("CARGO_BIN_EXE_forkvm")).env("FORKVM_RUN_DIR", &self.run).args(args).output().unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_forkvm"))
+            .env("FORKVM_RUN_DIR", &self.run)
+            .env("FORKVM_STORE", self.run.with_extension("store"))
+            .args(args)
+            .output()
+            .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!stderr.contains("panicked"), "forkvm {args:?} panicked: {stderr}");
         out
@@ -71,7 +75,7 @@ impl Drop for Env {
             }
         }
         let _ = std::fs::remove_dir_all(&self.run);
-        for snap in ["snap-a", "snap-a-diff"] {
+        for snap in ["snap-a", "snap-a-diff", "store"] {
             let _ = std::fs::remove_dir_all(self.run.with_extension(snap));
         }
     }
@@ -178,4 +182,37 @@ fn bad_requests_get_clear_errors() {
     env.fails(&["snapshot", "v", "/proc/forkvm-cannot-write-here"], "cannot create snapshot directory");
     env.fails(&["exec", "v", "--timeout", "1", "--wait-for", "never-printed", "ping"], "no answer");
     assert_eq!(env.exec("v", "ping"), "pong");
+}
+
+#[test]
+fn hibernate_frees_the_vmm_and_wake_continues_lazily() {
+    let mut env = Env::new("hib");
+    env.start("h", &[]);
+    assert!(env.exec("h", "touch 0x400000 8 0x42").starts_with("touched"));
+    let sum = env.exec("h", "sum 0x400000 8");
+    let c = count(&env.exec("h", "count"));
+    let out = env.ok(&["hibernate", "h"]);
+    assert!(out.contains("hibernated in") && out.contains("pages zero"), "{out}");
+    env.fails(&["exec", "h", "ping"], "no running VM named");
+    let ls = env.ok(&["ls"]);
+    assert!(ls.lines().any(|l| l.starts_with("h ") && l.contains("hibernated")), "{ls}");
+
+    // `resume` of a hibernated VM wakes it: a new VMM process, memory served on demand.
+    env.ok(&["resume", "h"]);
+    assert_eq!(count(&env.exec("h", "count")), c + 1);
+    assert_eq!(env.exec("h", "sum 0x400000 8"), sum);
+    assert_eq!(env.exec("h", "gen"), "gen 2");
+    // Again, with the working set recorded by the first wake.
+    env.ok(&["hibernate", "h"]);
+    env.ok(&["wake", "h"]);
+    assert_eq!(count(&env.exec("h", "count")), c + 2);
+    // A child of a woken VM gets all of its memory, not just what the parent touched so far.
+    env.ok(&["fork", "h"]);
+    assert_eq!(env.exec("h-c1", "sum 0x400000 8"), sum);
+    assert_eq!(count(&env.exec("h-c1", "count")), c + 3);
+    env.ok(&["stop", "h-c1"]);
+    env.ok(&["stop", "h"]);
+
+    env.fails(&["wake", "h"], "no hibernated VM named \"h\"");
+    env.fails(&["hibernate", "ghost"], "no running VM named");
 }
