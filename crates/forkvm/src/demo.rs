@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use vmm::{MicroVm, VmConfig};
+use vmm::{MicroVm, RestoreMode, RestoreOptions, SnapshotKind, VmConfig};
 
 use crate::cli::DemoArgs;
 
@@ -41,6 +41,61 @@ pub fn demo(args: DemoArgs) -> Result<i32, String> {
     println!("  guest> spin 300000 -> {spun}   (the loop continued exactly where it stopped)");
     ask(&vm, "count")?;
     ask(&vm, "random")?;
+    clones(&vm)?;
     println!("done.");
     Ok(0)
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// Snapshot and copy-on-write restore, then a fork into two children that are not twins.
+fn clones(vm: &MicroVm) -> Result<(), String> {
+    let dir = std::env::temp_dir().join(format!("forkvm-demo-{}", std::process::id()));
+    let result = (|| {
+        vm.pause().map_err(|e| e.to_string())?;
+        let rep = vm.snapshot(&dir, SnapshotKind::Full).map_err(|e| e.to_string())?;
+        vm.resume().map_err(|e| e.to_string())?;
+        println!(
+            "snapshot in {:.2} ms: {} B of state, {} memory pages written to {}",
+            ms(rep.duration),
+            rep.state_bytes,
+            rep.pages_written,
+            dir.display()
+        );
+        let t = Instant::now();
+        let restored =
+            MicroVm::restore(&dir, RestoreMode::Cow, RestoreOptions::default()).map_err(|e| e.to_string())?;
+        println!("restored copy-on-write in {:.2} ms; the clone continues from the snapshot:", ms(t.elapsed()));
+        ask(&restored, "count")?;
+        ask(&restored, "sum 0x400000 16")?;
+        drop(restored);
+
+        let t = Instant::now();
+        let (mut kids, rep) = vm.fork(2).map_err(|e| e.to_string())?;
+        let first = kids[0].command("ping", T).map_err(|e| e.to_string())?;
+        println!(
+            "forked into 2 children in {:.2} ms (parent paused {:.3} ms); first child answered {first} after {:.2} ms",
+            ms(rep.pause + rep.save + rep.fork),
+            ms(rep.pause),
+            ms(t.elapsed())
+        );
+        for (i, k) in kids.iter_mut().enumerate() {
+            let g = k.command("gen", T).map_err(|e| e.to_string())?;
+            let r = k.command("random", T).map_err(|e| e.to_string())?;
+            let w = k.command(&format!("touch 0x400000 1 {}", i + 1), T).map_err(|e| e.to_string())?;
+            let s = k.command("sum 0x400000 16", T).map_err(|e| e.to_string())?;
+            println!("  child {} (pid {}): {g}, {r}, after {w}: {s}", i + 1, k.pid);
+        }
+        println!("  parent: (its memory is untouched by the children)");
+        ask(vm, "random")?;
+        ask(vm, "sum 0x400000 16")?;
+        for k in kids {
+            k.stop().map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
 }
