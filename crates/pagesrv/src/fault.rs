@@ -60,6 +60,7 @@ pub(crate) fn fault_thread(s: &Shared, stop_fd: &OwnedFd) {
         Ok(clean) => !clean,
     };
     if failed {
+        run_hook(s, "the page server failed");
         match poison_unserved(s) {
             Ok(n) => tracing::error!(pages = n, "page server failed; unserved pages poisoned"),
             Err(e) => tracing::error!("page server failed and could not poison: {e}"),
@@ -145,6 +146,18 @@ pub(crate) fn on_remove(s: &Shared, start: u64, end: u64) {
         if s.cfg.remove_policy == RemovePolicy::Zero {
             rs.removed.set_range(a, b);
         }
+    }
+}
+
+/// Tell the owner (see `ServerConfig::on_failure`), with the first error seen.
+fn run_hook(s: &Shared, what: &str) {
+    if let Some(h) = &s.cfg.on_failure {
+        let first = s.error.lock().ok().and_then(|e| e.clone());
+        let msg = match first {
+            Some(e) => format!("{what}: {e}"),
+            None => what.to_string(),
+        };
+        (h.0)(&msg);
     }
 }
 
@@ -237,6 +250,7 @@ pub(crate) fn serve_fault(s: &Shared, address: u64, tid: u32, first: bool) -> Ou
 /// Make the access to `page_addr` fail instead of hanging: poison it, or
 /// send SIGBUS to the faulting thread.
 pub(crate) fn fail_page(s: &Shared, page_addr: u64, tid: u32) {
+    run_hook(s, &format!("page at {page_addr:#x} cannot be served"));
     let ps = s.cfg.page_size as u64;
     match s.uffd.poison(page_addr, ps) {
         Ok(Fill::Done | Fill::Partial(_) | Fill::Exists) => {

@@ -26,7 +26,7 @@ pub mod wset;
 
 pub use bench::{bench_store, BenchOpts};
 pub use error::{Error, Result};
-pub use server::{Monitor, PageServer, Region, RemovePolicy, ServerConfig};
+pub use server::{FailureHook, Monitor, PageServer, Region, RemovePolicy, ServerConfig};
 pub use source::{ChunkSource, FileSource, MemSource, PageSource, ZeroSource};
 pub use stats::{Histogram, Stats, StatsSnapshot};
 pub use uffd::Uffd;

@@ -79,6 +79,22 @@ pub struct ServerConfig {
     pub remove_policy: RemovePolicy,
     /// Process owning the regions, for SIGBUS if poisoning is unavailable.
     pub owner_pid: Option<i32>,
+    /// Called with the reason just *before* a page is poisoned (or the
+    /// faulting thread signalled) because it cannot be served, and before
+    /// a failing server poisons everything unserved. A VMM stops its vCPUs
+    /// here: a hypervisor may not turn a poisoned page into an error the
+    /// guest cannot ignore (KVM on some hosts reports it as an MMIO access).
+    pub on_failure: Option<FailureHook>,
+}
+
+/// See [`ServerConfig::on_failure`]. Runs on the fault thread: keep it short.
+#[derive(Clone)]
+pub struct FailureHook(pub Arc<dyn Fn(&str) + Send + Sync>);
+
+impl std::fmt::Debug for FailureHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FailureHook")
+    }
 }
 
 impl Default for ServerConfig {
@@ -90,6 +106,7 @@ impl Default for ServerConfig {
             prefetch: None,
             remove_policy: RemovePolicy::Zero,
             owner_pid: None,
+            on_failure: None,
         }
     }
 }

@@ -348,7 +348,11 @@ fn corrupt_chunk_gives_efault_not_garbage_or_hang() {
     let bad_page = 5u64; // random content, stored raw
     let (store, m) = corrupt_store(&img, bad_page, &d);
     let map = Arc::new(Mapping::new(img.len()));
-    let srv = PageServer::register(vec![map.region(0)], Arc::new(ChunkSource::new(store, m)), cfg(64 << 10)).unwrap();
+    let told = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let t2 = told.clone();
+    let hook = crate::FailureHook(Arc::new(move |why: &str| t2.lock().unwrap().push(why.to_string())));
+    let c = ServerConfig { on_failure: Some(hook), ..cfg(64 << 10) };
+    let srv = PageServer::register(vec![map.region(0)], Arc::new(ChunkSource::new(store, m)), c).unwrap();
     // A kernel access into the bad page (write(2) from it) fails with EFAULT.
     let mm = map.clone();
     let h = std::thread::spawn(move || {
@@ -379,6 +383,9 @@ fn corrupt_chunk_gives_efault_not_garbage_or_hang() {
     let st = srv.stop();
     assert_eq!(st.pages_poisoned, 1, "{st:?}");
     assert!(st.source_errors >= 1);
+    let told = told.lock().unwrap();
+    assert_eq!(told.len(), 1, "the failure hook runs once per failed page: {told:?}");
+    assert!(told[0].contains("cannot be served") && told[0].contains("corrupt"), "{told:?}");
 }
 
 const CHILD_ENV: &str = "PAGESRV_TEST_SIGBUS_CHILD";

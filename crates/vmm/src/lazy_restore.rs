@@ -6,17 +6,21 @@
 //! working set recorded by an earlier wake is prefetched (REAP). The [`WakeHandle`] keeps the
 //! server alive and reports what it did.
 //!
-//! Failure: a page the server cannot produce is poisoned, KVM sends the vCPU a SIGBUS, and
-//! [`crate::memory_failure`] turns that into [`crate::ExitReason::Error`] for this VM.
+//! Failure: when the server cannot produce a page (corrupt or missing chunk, unreadable store)
+//! it first stops the VM with [`crate::ExitReason::Error`] (its failure hook), then poisons the
+//! page. The stop must come first: on this project's PVM hosts KVM turns a poisoned guest page
+//! into an MMIO access that reads 0xff, which the guest would silently consume. Where KVM
+//! instead sends the vCPU thread SIGBUS, [`crate::memory_failure`] keeps that from killing the
+//! process. A page the restore itself needs (the generation page) fails the wake.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use chunkstore::Store;
-use pagesrv::{ChunkSource, Monitor, PageServer, Region, ServerConfig, WorkingSet};
+use pagesrv::{ChunkSource, FailureHook, Monitor, PageServer, Region, ServerConfig, WorkingSet};
 use serde::{Deserialize, Serialize};
 
 use crate::arch::layout::GEN_PAGE;
@@ -24,7 +28,7 @@ use crate::hibernate::{hio, ms, read_record, store_err, HibernationRecord, WSET_
 use crate::memory_failure::{self, Watch};
 use crate::microvm::MicroVm;
 use crate::snapshot::{parts_from_state, STATE_FILE};
-use crate::vcpu_thread::Want;
+use crate::vcpu_thread::{Control, ExitReason, Want};
 use crate::vstate::memory::{Backing, GuestMem};
 use crate::Error;
 
@@ -121,8 +125,8 @@ pub struct WakeStats {
 }
 
 /// Keeps a woken VM's page server alive. Drop it only after the VM stopped, or once all memory
-/// is resident ([`WakeHandle::fetch_all`]): dropping it poisons the pages never served, so a VM
-/// still running gets an error on touching them rather than reading zeros.
+/// is resident ([`WakeHandle::fetch_all`]): dropping it earlier stops the VM with an error, and
+/// poisons the pages never served (a later host access to them raises SIGBUS, not zeros).
 #[derive(Debug)]
 pub struct WakeHandle {
     server: Option<PageServer>,
@@ -132,6 +136,7 @@ pub struct WakeHandle {
     saved: Arc<AtomicBool>,
     recorder: Option<std::thread::JoinHandle<()>>,
     stop_recorder: Arc<(Mutex<bool>, std::sync::Condvar)>,
+    vm: Weak<Control>,
     _watch: Watch,
 }
 
@@ -212,6 +217,14 @@ impl Drop for WakeHandle {
             }
         }
         if let Some(s) = self.server.take() {
+            let complete = self.monitor.resident_pages() == self.monitor.total_pages();
+            if let Some(ctl) = self.vm.upgrade().filter(|_| !complete) {
+                if ctl.exit_reason().is_none() {
+                    let msg = "guest memory could not be served: its page server was stopped while the VM ran";
+                    tracing::error!("{msg}");
+                    ctl.stop(ExitReason::Error(msg.into()));
+                }
+            }
             if let Err(e) = s.poison_unserved() {
                 tracing::warn!("cannot poison unserved guest pages: {e}");
             }
@@ -318,7 +331,23 @@ impl MicroVm {
         let regions: Vec<Region> =
             mem.regions().iter().map(|r| Region { base: r.host as u64, len: r.size, offset: r.file_offset }).collect();
         let source = Arc::new(ChunkSource::new(Arc::new(st), Arc::new(manifest)));
-        let cfg = ServerConfig { batch: opts.batch, record: recording, prefetch, ..Default::default() };
+        // Set once the VM exists: a page that cannot be served stops it before the vCPU goes on.
+        let vm_ctl: Arc<OnceLock<Weak<Control>>> = Arc::new(OnceLock::new());
+        let cell = vm_ctl.clone();
+        let hook = FailureHook(Arc::new(move |why: &str| {
+            if let Some(ctl) = cell.get().and_then(Weak::upgrade) {
+                let msg = format!("guest memory could not be served: {why}");
+                tracing::error!("{msg}");
+                ctl.stop(ExitReason::Error(msg));
+            }
+        }));
+        let cfg = ServerConfig {
+            batch: opts.batch,
+            record: recording,
+            prefetch,
+            on_failure: Some(hook),
+            ..Default::default()
+        };
         let server = PageServer::register(regions, source, cfg)
             .map_err(|e| Error::State(format!("cannot start the page server: {e}")))?;
         let monitor = server.monitor();
@@ -338,6 +367,7 @@ impl MicroVm {
         p.start = Want::Pause;
         mem_clear_host_dirty(&p.mem);
         let vm = MicroVm::assemble(p)?;
+        let _ = vm_ctl.set(Arc::downgrade(vm.control()));
         vm.pause()?;
         let mut tids = Vec::new();
         for id in 0..usize::from(vm.vcpu_count()) {
@@ -382,6 +412,7 @@ impl MicroVm {
             saved: saved.clone(),
             recorder,
             stop_recorder,
+            vm: Arc::downgrade(vm.control()),
             _watch: watch,
         };
         if !recording {
