@@ -210,6 +210,13 @@ impl MicroVm {
         self.generation
     }
 
+    /// The seed bytes of the generation page (fresh for every clone and restore), for a guest
+    /// agent that reseeds the guest kernel's CRNG. `None` if guest memory cannot be read there.
+    pub fn generation_seed(&self) -> Option<[u8; 32]> {
+        let mut seed = [0u8; 32];
+        self.mem.read(layout::GEN_PAGE + 8, &mut seed).then_some(seed)
+    }
+
     /// When the VM was created (for boot-time measurements).
     pub fn started(&self) -> Instant {
         self.started
