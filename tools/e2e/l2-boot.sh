@@ -9,7 +9,9 @@
 #   L2_BOOT_TIMEOUT   seconds to wait for FORKVM-READY (default 300)
 #   L2_EXIT_TIMEOUT   seconds to wait for forkvm to exit after reboot (default 60)
 #   L2_MEM, L2_VCPUS  (default 256M, 1)
-#   L2_CMDLINE        (default "console=ttyS0 reboot=k panic=-1 quiet")
+#   L2_CMDLINE        (default: the fast one of `forkvm scenario linux`: acpi=off pci=off,
+#                     no i8042 or rtc_cmos driver (their probes cost ~17 s nested),
+#                     one 8250 port)
 #   L2_REQUIRE_EXIT   1 (default): fail if forkvm does not exit on guest reboot
 #   FORKVM, L2_DIR, L2_WORK  binary (/forkvm), kernel+initrd dir (/l2), scratch
 #                     dir (/tmp/l2); for running this script outside L1
@@ -21,7 +23,7 @@ boot_timeout="${L2_BOOT_TIMEOUT:-300}"
 exit_timeout="${L2_EXIT_TIMEOUT:-60}"
 mem="${L2_MEM:-256M}"
 vcpus="${L2_VCPUS:-1}"
-cmdline="${L2_CMDLINE:-console=ttyS0 reboot=k panic=-1 quiet}"
+cmdline="${L2_CMDLINE:-console=ttyS0 reboot=k panic=-1 acpi=off pci=off quiet initcall_blacklist=i8042_init,cmos_init 8250.nr_uarts=1}"
 require_exit="${L2_REQUIRE_EXIT:-1}"
 
 forkvm="${FORKVM:-/forkvm}"

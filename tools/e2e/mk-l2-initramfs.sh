@@ -3,19 +3,35 @@
 # /init that mounts proc/sys/dev, prints
 #     FORKVM-READY uptime=<first field of /proc/uptime>
 # on the console and then runs an interactive shell on the serial console
-# (ttyS0), for test scripts to type commands into.
+# (ttyS0), for test scripts to type commands into. With --agent, the static
+# guest agent is installed as /bin/forkvm-agent (forkvm types
+# `forkvm-agent reseed <hex> <generation>` into clones to reseed their CRNG).
 #
-# Usage: mk-l2-initramfs.sh [OUT]   (default: $FORKVM_CACHE/l2-initrd.img)
+# Usage: mk-l2-initramfs.sh [--agent BIN] [OUT]   (default OUT: $FORKVM_CACHE/l2-initrd.img)
+# Env: FORKVM_AGENT_BIN (same as --agent)
 set -euo pipefail
 export E2E_TAG=mk-l2-initramfs
 # shellcheck source=lib.sh source-path=SCRIPTDIR
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
+agent="${FORKVM_AGENT_BIN:-}"
+if [[ "${1:-}" == --agent ]]; then agent="${2:?--agent needs a file}"; shift 2; fi
 out="${1:-$CACHE/l2-initrd.img}"
 root="$(mktemp -d "${TMPDIR:-/tmp}/forkvm-l2root.XXXXXX")"
 trap 'rm -rf "$root"' EXIT
 
 e2e_install_busybox "$root"
+if [[ -n "$agent" ]]; then
+    [[ -f "$agent" ]] || e2e_die "guest agent $agent does not exist"
+    if command -v file >/dev/null 2>&1; then
+        case "$(file -L "$agent")" in
+            *"statically linked"*|*"static-pie linked"*) ;;
+            *) e2e_die "$agent is not statically linked. Build with RUSTFLAGS='-C target-feature=+crt-static' --target x86_64-unknown-linux-gnu" ;;
+        esac
+    fi
+    install -m 0755 "$agent" "$root/bin/forkvm-agent"
+    if command -v strip >/dev/null 2>&1; then strip --strip-debug "$root/bin/forkvm-agent" || true; fi
+fi
 
 cat >"$root/init" <<'INIT'
 #!/bin/sh
@@ -42,5 +58,5 @@ printf 'PS1="# "\nexport PS1\n' >"$root/etc/profile"
 
 mkdir -p "$(dirname "$out")"
 e2e_pack_cpio "$root" "$out"
-e2e_log "wrote $out ($(du -h "$out" | cut -f1))"
+e2e_log "wrote $out ($(du -h "$out" | cut -f1))${agent:+ with /bin/forkvm-agent}"
 printf '%s\n' "$out"

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One entry point for the Linux end-to-end test:
 #   1. fetch-guest.sh       Debian cloud kernel, kvm modules, busybox (cached)
-#   2. build forkvm static  cargo build --release -p forkvm (crt-static)
-#   3. mk-l2-initramfs.sh   the L2 guest initramfs
+#   2. build forkvm static  cargo build --release -p forkvm -p guest-agent (crt-static)
+#   3. mk-l2-initramfs.sh   the L2 guest initramfs (with /bin/forkvm-agent)
 #   4. mk-l1-initramfs.sh   the L1 initramfs with forkvm + L2 + test script
 #   5. run-l1.sh            QEMU TCG (nested SVM) boots L1, which runs the test
 # and exits with the test's status.
@@ -14,8 +14,10 @@
 #                   into L1 with its libraries) as /forkvm with l2-boot.sh, to
 #                   measure nested L2 Linux boot without the real forkvm
 #   --forkvm BIN    use this static binary instead of building one
-#   --script FILE   test script run inside L1 (default tools/e2e/l2-boot.sh)
-#   --timeout S     QEMU hard timeout (default $E2E_TIMEOUT or 900)
+#   --script FILE   test script run inside L1 (default tools/e2e/l2-suite.sh, which
+#                   runs l2-boot.sh and l2-scenario.sh, staged as /e2e/*.sh in L1)
+#   --timeout S     QEMU hard timeout (default $E2E_TIMEOUT or 480: the e2e tier
+#                   must stay under 10 minutes)
 # Env: FORKVM_CACHE (cache dir), L1_APPEND (extra L1 kernel args; the test
 # script sees NAME=VALUE words as environment, e.g. L2_BOOT_TIMEOUT=600),
 # E2E_VERBOSE=1, and everything run-l1.sh accepts.
@@ -28,7 +30,7 @@ placeholder=0
 qemu_l2=0
 forkvm="${FORKVM_BIN:-}"
 script="${E2E_SCRIPT:-}"
-timeout_s="${E2E_TIMEOUT:-900}"
+timeout_s="${E2E_TIMEOUT:-480}"
 while (($#)); do
     case "$1" in
         --placeholder) placeholder=1; shift ;;
@@ -55,17 +57,26 @@ build_probe() { # -> $CACHE/build/kvm-probe (dependency-free, plain rustc)
     fi
 }
 
-build_forkvm() { # -> prints path of static forkvm
-    local tdir
+tdir="${CARGO_TARGET_DIR:-$REPO_ROOT/target}"
+agent_bin="$tdir/$target/release/forkvm-agent"
+
+build_forkvm() { # -> prints path of static forkvm; also builds the static guest agent
     e2e_require cargo "rustup (https://rustup.rs)"
-    e2e_log "building static forkvm: RUSTFLAGS='-C target-feature=+crt-static' cargo build --release --target $target -p forkvm"
+    e2e_log "building static forkvm + forkvm-agent: RUSTFLAGS='-C target-feature=+crt-static' cargo build --release --target $target -p forkvm -p guest-agent"
     if ! (cd "$REPO_ROOT" && RUSTFLAGS="-C target-feature=+crt-static" \
-            cargo build --release --target "$target" -p forkvm >&2); then
-        e2e_die "cargo build of forkvm failed; fix it, pass --forkvm BIN, or use --placeholder to test the harness alone"
+            cargo build --release --target "$target" -p forkvm -p guest-agent >&2); then
+        e2e_die "cargo build of forkvm/guest-agent failed; fix it, pass --forkvm BIN, or use --placeholder to test the harness alone"
     fi
-    tdir="${CARGO_TARGET_DIR:-$REPO_ROOT/target}"
     [[ -x "$tdir/$target/release/forkvm" ]] || e2e_die "built forkvm not found at $tdir/$target/release/forkvm"
+    [[ -x "$agent_bin" ]] || e2e_die "built forkvm-agent not found at $agent_bin"
     printf '%s\n' "$tdir/$target/release/forkvm"
+}
+
+build_agent() { # static guest agent alone (when --forkvm BIN is given)
+    e2e_log "building static forkvm-agent"
+    (cd "$REPO_ROOT" && RUSTFLAGS="-C target-feature=+crt-static" \
+        cargo build --release --target "$target" -p guest-agent >&2) \
+        || e2e_die "cargo build of guest-agent failed"
 }
 
 # Copy qemu-system-x86_64, its shared libraries and the firmware it needs
@@ -99,16 +110,28 @@ if ((qemu_l2)); then
     stage_qemu "$CACHE/build/qemu-stage"
     forkvm="$E2E_DIR/mock-forkvm.sh"
     extra_args=(--extra "$CACHE/build/qemu-stage")
+    script="${script:-$E2E_DIR/l2-boot.sh}"
     export L1_APPEND="MOCK_ACCEL=kvm${L1_APPEND:+ $L1_APPEND}"
 elif ((placeholder)); then
     forkvm="${forkvm:-$CACHE/build/kvm-probe}"
     script="${script:-$E2E_DIR/kvm-probe.sh}"
 elif [[ -z "$forkvm" ]]; then
     forkvm="$(build_forkvm)"
+else
+    build_agent
 fi
-script="${script:-$E2E_DIR/l2-boot.sh}"
+if [[ -z "$script" ]]; then
+    # The real test: /e2e.sh = l2-suite.sh running /e2e/l2-boot.sh and /e2e/l2-scenario.sh.
+    script="$E2E_DIR/l2-suite.sh"
+    stage="$CACHE/build/e2e-stage"
+    rm -rf "$stage"; mkdir -p "$stage/e2e"
+    cp "$E2E_DIR/l2-boot.sh" "$E2E_DIR/l2-scenario.sh" "$stage/e2e/"
+    extra_args=(--extra "$stage")
+fi
 
-"$E2E_DIR/mk-l2-initramfs.sh" "$CACHE/l2-initrd.img" >/dev/null
+agent_args=()
+if [[ -x "$agent_bin" ]] && ((!placeholder && !qemu_l2)); then agent_args=(--agent "$agent_bin"); fi
+"$E2E_DIR/mk-l2-initramfs.sh" "${agent_args[@]}" "$CACHE/l2-initrd.img" >/dev/null
 "$E2E_DIR/mk-l1-initramfs.sh" --forkvm "$forkvm" --script "$script" \
     --l2-kernel "$CACHE/vmlinuz" --l2-initrd "$CACHE/l2-initrd.img" \
     --out "$CACHE/l1-initrd.img" "${extra_args[@]}" >/dev/null
