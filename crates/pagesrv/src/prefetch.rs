@@ -9,9 +9,38 @@ use crate::fault::place;
 use crate::server::{Outcome, Shared};
 use crate::wset::WorkingSet;
 
+/// Pages placed per `UFFDIO_COPY` by the prefetcher: large enough to amortise the ioctl, small
+/// enough that the decompressed buffer stays in cache (4 MiB runs were ~30% slower than 256 KiB).
+const CHUNK_PAGES: usize = 64;
+/// Unit of work dealt to parallel prefetch workers.
+const PIECE: u32 = 1 << 20;
+
 pub(crate) fn prefetch_loop(s: &Shared, ws: &WorkingSet) {
     let t0 = Instant::now();
-    fetch_ranges(s, &ws.ranges, true);
+    let n = s.cfg.prefetch_threads.clamp(1, 16);
+    if n == 1 {
+        fetch_ranges(s, &ws.ranges, true);
+    } else {
+        // Cut the ranges into 1 MiB pieces dealt round-robin, so every worker goes through the
+        // working set roughly in recorded (first-touch) order.
+        let mut pieces: Vec<(u64, u32)> = Vec::new();
+        for &(off, len) in &ws.ranges {
+            let mut o = 0u32;
+            while o < len {
+                let l = (len - o).min(PIECE);
+                pieces.push((off + u64::from(o), l));
+                o += l;
+            }
+        }
+        std::thread::scope(|sc| {
+            for k in 0..n {
+                let mine: Vec<(u64, u32)> = pieces.iter().skip(k).step_by(n).copied().collect();
+                let _ = std::thread::Builder::new()
+                    .name(format!("pagesrv-prefetch{k}"))
+                    .spawn_scoped(sc, move || fetch_ranges(s, &mine, true));
+            }
+        });
+    }
     if s.stop.load(Relaxed) {
         return;
     }
@@ -46,7 +75,7 @@ pub(crate) fn fetch_ranges(s: &Shared, ranges: &[(u64, u32)], prefetch: bool) ->
                     continue;
                 }
                 let q0 = p;
-                while p < b && !rs.present.get(p) && !rs.removed.get(p) {
+                while p < b && p - q0 < CHUNK_PAGES && !rs.present.get(p) && !rs.removed.get(p) {
                     p += 1;
                 }
                 let mut tries = 0;

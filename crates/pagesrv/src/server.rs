@@ -75,6 +75,8 @@ pub struct ServerConfig {
     pub record: bool,
     /// Prefetch these ranges in a background thread (REAP).
     pub prefetch: Option<WorkingSet>,
+    /// Threads prefetching in parallel (1 = in recorded order, one thread).
+    pub prefetch_threads: usize,
     /// How to serve pages after `UFFD_EVENT_REMOVE`.
     pub remove_policy: RemovePolicy,
     /// Process owning the regions, for SIGBUS if poisoning is unavailable.
@@ -104,6 +106,7 @@ impl Default for ServerConfig {
             batch: 64 << 10,
             record: false,
             prefetch: None,
+            prefetch_threads: 1,
             remove_policy: RemovePolicy::Zero,
             owner_pid: None,
             on_failure: None,

@@ -248,22 +248,25 @@ fn record_then_prefetch_working_set() {
     let ws2 = WorkingSet::load(&path).unwrap();
     assert_eq!(ws, ws2);
 
-    // Second restore: prefetch, then touch the same pages.
-    let map = Arc::new(Mapping::new(img.len()));
-    let mut c = cfg(64 << 10);
-    c.prefetch = Some(ws2.clone());
-    let mut srv = PageServer::register(vec![map.region(0)], src, c).unwrap();
-    let t = srv.wait_prefetch();
-    assert!(t.is_some());
-    assert_eq!(srv.resident_pages() as u64, ws2.bytes() / 4096);
-    for &p in &touch {
-        assert_eq!(map.read(p * 4096 + 5), img[p * 4096 + 5]);
+    // Second restore: prefetch (one thread, then two in parallel), then touch the same pages.
+    for threads in [1, 2] {
+        let map = Arc::new(Mapping::new(img.len()));
+        let mut c = cfg(64 << 10);
+        c.prefetch = Some(ws2.clone());
+        c.prefetch_threads = threads;
+        let mut srv = PageServer::register(vec![map.region(0)], src.clone(), c).unwrap();
+        let t = srv.wait_prefetch();
+        assert!(t.is_some());
+        assert_eq!(srv.resident_pages() as u64, ws2.bytes() / 4096);
+        for &p in &touch {
+            assert_eq!(map.read(p * 4096 + 5), img[p * 4096 + 5]);
+        }
+        check_all(&map, &img);
+        let st = srv.stop();
+        assert_eq!(st.pages_prefetched, ws2.bytes() / 4096, "{st:?}");
+        // Faults only for pages outside the working set.
+        assert!(st.faults < 2048 / 16, "{st:?}");
     }
-    check_all(&map, &img);
-    let st = srv.stop();
-    assert_eq!(st.pages_prefetched, ws2.bytes() / 4096, "{st:?}");
-    // Faults only for pages outside the working set.
-    assert!(st.faults < 2048 / 16, "{st:?}");
 
     // A corrupted working-set file is rejected.
     let mut bytes = std::fs::read(&path).unwrap();

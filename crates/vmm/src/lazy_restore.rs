@@ -48,6 +48,8 @@ pub struct WakeOptions {
     pub batch: usize,
     /// Prefetch the recorded working set, if the directory has one.
     pub prefetch: bool,
+    /// Threads prefetching it in parallel.
+    pub prefetch_threads: usize,
     pub record: Record,
     /// Save the recorded working set this long after resume (also saved by
     /// [`WakeHandle::save_working_set`] and when the handle is dropped).
@@ -65,6 +67,7 @@ impl Default for WakeOptions {
         WakeOptions {
             batch: 64 << 10,
             prefetch: true,
+            prefetch_threads: 2,
             record: Record::Auto,
             record_for: Duration::from_secs(2),
             paused: false,
@@ -345,6 +348,7 @@ impl MicroVm {
             batch: opts.batch,
             record: recording,
             prefetch,
+            prefetch_threads: opts.prefetch_threads,
             on_failure: Some(hook),
             ..Default::default()
         };
