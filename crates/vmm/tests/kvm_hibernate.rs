@@ -262,3 +262,67 @@ fn bad_hibernations_are_rejected_with_clear_errors() {
     assert!(e.contains("the hibernated guest has"), "{e}");
     std::fs::remove_dir_all(&root).unwrap();
 }
+
+#[test]
+fn a_woken_vm_hibernates_again_without_being_fully_resident() {
+    let root = tmpdir("again");
+    let (dir, store) = (root.join("vm"), root.join("store"));
+    let vm = boot(32 << 20);
+    vm.command("touch 0x500000 32 0x42", T).unwrap();
+    let sum = sum_of(&vm, 0x500000, 32);
+    assert_eq!(vm.command("count", T).unwrap(), "count 1");
+    let first = hibernate(&vm, &dir, &store).image;
+    drop(vm);
+    let (w, h) = MicroVm::wake(&dir, &store, WakeOptions::default()).unwrap();
+    assert_eq!(w.command("count", T).unwrap(), "count 2");
+    assert!(h.stats().resident_pages < h.stats().total_pages);
+    // Unserved pages are read through the page server while storing.
+    let rep = hibernate(&w, &dir, &store);
+    assert!(rep.pages_unique < 64, "almost everything is already in the store: {rep:?}");
+    drop(w);
+    drop(h);
+    let images = vmm::hibernate::chunkstore::Store::open_readonly(&store).unwrap().list_images().unwrap();
+    assert_eq!(images, vec![rep.image.clone()], "the replaced image {first} is dropped");
+    let (w, h) = MicroVm::wake(&dir, &store, WakeOptions::default()).unwrap();
+    assert_eq!(w.command("count", T).unwrap(), "count 3");
+    assert_eq!(sum_of(&w, 0x500000, 32), sum);
+    assert_eq!(w.command("gen", T).unwrap(), "gen 3");
+    drop(w);
+    drop(h);
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
+const CHILD_ENV: &str = "FORKVM_HIBERNATE_TEST_CHILD";
+
+/// Runs only as the child of `another_process_wakes_the_vm`.
+#[test]
+fn wake_in_child_process() {
+    let Ok(paths) = std::env::var(CHILD_ENV) else {
+        return;
+    };
+    let (dir, store) = paths.split_once('\n').unwrap();
+    let (w, _h) = MicroVm::wake(Path::new(dir), Path::new(store), WakeOptions::default()).unwrap();
+    assert_eq!(w.command("count", T).unwrap(), "count 2");
+    println!("child-woke {}", sum_of(&w, 0x400000, 8));
+}
+
+#[test]
+fn another_process_wakes_the_vm() {
+    let root = tmpdir("xproc");
+    let (dir, store) = (root.join("vm"), root.join("store"));
+    let vm = boot(32 << 20);
+    vm.command("touch 0x400000 8 0x3c", T).unwrap();
+    vm.command("count", T).unwrap();
+    let sum = sum_of(&vm, 0x400000, 8);
+    hibernate(&vm, &dir, &store);
+    drop(vm);
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["wake_in_child_process", "--exact", "--nocapture", "--test-threads=1"])
+        .env(CHILD_ENV, format!("{}\n{}", dir.display(), store.display()))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "child failed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains(&format!("child-woke {sum}")), "{stdout}");
+    std::fs::remove_dir_all(&root).unwrap();
+}
