@@ -119,7 +119,7 @@ pub fn bench_store(args: &BenchArgs) -> Result<i32, String> {
     let mut pf_resident = Samples::new("REAP: wake -> working set resident", "ms");
     let mut pf_pong = Samples::new("REAP: wake -> first answer", "ms");
     let mut demand = Samples::new("no prefetch: wake -> WS touched (faults, 64K)", "ms");
-    let mut eager_ws = Samples::new("eager copy of the WS pages, then resume", "ms");
+    let mut eager_ws = Samples::new("eager copy of the WS pages (VM not yet built)", "ms");
     for _ in 0..runs.min(5) {
         let t0 = Instant::now();
         let (w, mut h) =
