@@ -7,7 +7,9 @@
 # Env: L1_INITRD, L1_KERNEL, E2E_TIMEOUT (default 900), E2E_LOG,
 #      L1_MEM (default 4G), L1_SMP (default 2), L1_CPU, L1_APPEND (extra
 #      kernel args, e.g. "loglevel=7" or "E2E_NO_PROBE=1"), E2E_VERBOSE=1
-#      (show kernel messages; default boots L1 with "quiet").
+#      (show kernel messages; default boots L1 with "quiet"),
+#      E2E_LOCKUP_KILL (default 60): stop QEMU once L1's kernel reports a CPU
+#      stuck for this many seconds (a QEMU TCG nested-SVM hang never recovers).
 #
 # Exit status: the E2E-EXIT code; 124 on timeout; 125 if QEMU ended without
 # an E2E-EXIT line; 2 for usage errors.
@@ -62,6 +64,7 @@ qemu=(qemu-system-x86_64
     -no-reboot -nodefaults -display none -monitor none
     -serial stdio
     -kernel "$kernel" -initrd "$initrd"
+    -pidfile "$CACHE/.qemu.pid"
     -append "$append")
 
 e2e_log "kernel=$kernel initrd=$initrd ($(du -h "$initrd" | cut -f1)) timeout=${timeout_s}s log=$log"
@@ -71,6 +74,7 @@ start_ns=$(date +%s%N)
 ms_since_start() { echo $((($(date +%s%N) - start_ns) / 1000000)); }
 code=""
 : >"$log"
+rm -f "$CACHE/.qemu.pid"
 
 set +e
 # stdin from /dev/null: never let QEMU put a terminal into raw mode.
@@ -83,6 +87,16 @@ timeout -k 10 "$timeout_s" "${qemu[@]}" </dev/null 2>&1 \
         *L1-INIT\ uptime=*) printf '[run-l1] host: L1 /init reached after %s ms\n' "$(ms_since_start)" ;;
         *L1-KVM-READY*)     printf '[run-l1] host: L1 /dev/kvm ready after %s ms\n' "$(ms_since_start)" ;;
         *E2E-EXIT\ *)       printf '[run-l1] host: E2E-EXIT seen after %s ms\n' "$(ms_since_start)" ;;
+        *"soft lockup - CPU#"*" stuck for "*)
+            stuck="${line##* stuck for }"; stuck="${stuck%%s!*}"
+            if [[ "$stuck" =~ ^[0-9]+$ ]] && ((stuck >= ${E2E_LOCKUP_KILL:-60})); then
+                printf '[run-l1] host: L1 CPU stuck for %s s (soft lockup); stopping QEMU\n' "$stuck"
+                qpid="$(cat "$CACHE/.qemu.pid" 2>/dev/null || true)"
+                # Only our QEMU: the pidfile is fresh (removed before start) and names a qemu.
+                if [[ "$qpid" =~ ^[0-9]+$ && "$(cat "/proc/$qpid/comm" 2>/dev/null)" == qemu* ]]; then
+                    kill "$qpid" 2>/dev/null || true
+                fi
+            fi ;;
     esac
 done
 statuses=("${PIPESTATUS[@]}")

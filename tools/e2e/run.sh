@@ -16,11 +16,15 @@
 #   --forkvm BIN    use this static binary instead of building one
 #   --script FILE   test script run inside L1 (default tools/e2e/l2-suite.sh, which
 #                   runs l2-boot.sh and l2-scenario.sh, staged as /e2e/*.sh in L1)
-#   --timeout S     QEMU hard timeout (default $E2E_TIMEOUT or 480: the e2e tier
-#                   must stay under 10 minutes)
+#   --timeout S     QEMU hard timeout (default $E2E_TIMEOUT or 240; a pass needs
+#                   ~30 s). If L1's kernel reports a soft lockup (a QEMU TCG
+#                   nested-SVM hang, seen once while an L1 KVM VM was torn down)
+#                   and L1 never finishes, the L1 boot is retried once, so the
+#                   tier stays under 10 minutes even then.
 # Env: FORKVM_CACHE (cache dir), L1_APPEND (extra L1 kernel args; the test
 # script sees NAME=VALUE words as environment, e.g. L2_BOOT_TIMEOUT=600),
-# E2E_VERBOSE=1, and everything run-l1.sh accepts.
+# E2E_VERBOSE=1, E2E_PROBE=1 (run the kvm-probe preflight in L1 before the real
+# test too; --placeholder always runs it), and everything run-l1.sh accepts.
 set -euo pipefail
 export E2E_TAG=run
 # shellcheck source=lib.sh source-path=SCRIPTDIR
@@ -30,7 +34,7 @@ placeholder=0
 qemu_l2=0
 forkvm="${FORKVM_BIN:-}"
 script="${E2E_SCRIPT:-}"
-timeout_s="${E2E_TIMEOUT:-480}"
+timeout_s="${E2E_TIMEOUT:-240}"
 while (($#)); do
     case "$1" in
         --placeholder) placeholder=1; shift ;;
@@ -137,10 +141,27 @@ if [[ -x "$agent_bin" ]] && ((!placeholder && !qemu_l2)); then agent_args=(--age
     --out "$CACHE/l1-initrd.img" "${extra_args[@]}" >/dev/null
 e2e_log "prepared in $((SECONDS - t_start)) s; booting L1 (forkvm=$forkvm script=$script)"
 
-set +e
-"$E2E_DIR/run-l1.sh" --initrd "$CACHE/l1-initrd.img" --kernel "$CACHE/vmlinuz" --timeout "$timeout_s"
-rc=$?
-set -e
+if ((!placeholder)) && [[ "${E2E_PROBE:-0}" != 1 ]]; then
+    # The real test exercises KVM itself; the preflight only adds one more VM teardown.
+    export L1_APPEND="E2E_NO_PROBE=1${L1_APPEND:+ $L1_APPEND}"
+fi
+
+l1_log="${E2E_LOG:-$CACHE/l1-console.log}"
+run_l1() {
+    set +e
+    "$E2E_DIR/run-l1.sh" --initrd "$CACHE/l1-initrd.img" --kernel "$CACHE/vmlinuz" --timeout "$timeout_s"
+    rc=$?
+    set -e
+}
+run_l1
+if ((rc == 124 || rc == 125)) && grep -q 'soft lockup' "$l1_log"; then
+    cp -f "$l1_log" "$l1_log.lockup"
+    e2e_log "L1 kernel soft lockup ($(grep -m1 -o 'soft lockup.*' "$l1_log")) and no E2E-EXIT: a QEMU TCG nested-SVM hang in L1, not a test result; log kept in $l1_log.lockup; retrying the L1 boot once"
+    run_l1
+fi
+# Trend numbers (L1 wall clock), repeated at the end for CI logs.
+grep -E '^(L2-BOOT-TIME|L2 boot time:|fork time:|fork child first answer:|E2E-TEST )' \
+    "$l1_log" 2>/dev/null | sed 's/^/[run] trend: /' >&2 || true
 if ((rc == 0)); then
     e2e_log "PASS ($((SECONDS - t_start)) s)"
 else
