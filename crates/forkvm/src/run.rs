@@ -77,7 +77,12 @@ fn host(h: &HostArgs, make: impl FnOnce(Box<dyn Write + Send>) -> Result<MicroVm
         let vm = make(Box::new(std::io::stdout()))?;
         stdin_to_console(&vm);
         return match vm.wait_exit(None) {
-            Some(ExitReason::GuestReset | ExitReason::GuestShutdown | ExitReason::Stopped) | None => Ok(0),
+            Some(ExitReason::GuestReset | ExitReason::Stopped) | None => Ok(0),
+            Some(ExitReason::GuestShutdown) => {
+                // Not a reset: say so, so an early exit is never silent.
+                eprintln!("forkvm: the guest shut down (triple fault, or halt with interrupts off)");
+                Ok(0)
+            }
             Some(ExitReason::Error(e)) => Err(e),
         };
     };

@@ -103,6 +103,13 @@ impl MicroVm {
         if count == 0 {
             return Err(Error::Config("fork count must be at least 1".into()));
         }
+        if self.lazy_memory.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(Error::State(
+                "this VM's memory is still served lazily (woken from hibernation): a fork child would not inherit \
+                 the page server; fetch it all first (WakeHandle::fetch_all)"
+                    .into(),
+            ));
+        }
         let was_paused = self.is_paused();
         let pause = if was_paused { Duration::ZERO } else { self.pause()? };
         let result = (|| {

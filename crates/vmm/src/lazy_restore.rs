@@ -139,6 +139,8 @@ pub struct WakeHandle {
     saved: Arc<AtomicBool>,
     recorder: Option<std::thread::JoinHandle<()>>,
     stop_recorder: Arc<(Mutex<bool>, std::sync::Condvar)>,
+    /// The VM's "memory still lazy" flag, cleared by [`WakeHandle::fetch_all`].
+    lazy_memory: Arc<AtomicBool>,
     vm: Weak<Control>,
     _watch: Watch,
 }
@@ -187,10 +189,12 @@ impl WakeHandle {
 
     /// Brings every page not yet served in from the store (then the server is idle).
     pub fn fetch_all(&self) -> Result<u64, Error> {
-        match &self.server {
-            Some(s) => s.fill_remaining().map_err(|e| Error::State(format!("fetching guest memory: {e}"))),
-            None => Ok(0),
-        }
+        let n = match &self.server {
+            Some(s) => s.fill_remaining().map_err(|e| Error::State(format!("fetching guest memory: {e}")))?,
+            None => 0,
+        };
+        self.lazy_memory.store(false, SeqCst);
+        Ok(n)
     }
 }
 
@@ -417,8 +421,10 @@ impl MicroVm {
             recorder,
             stop_recorder,
             vm: Arc::downgrade(vm.control()),
+            lazy_memory: Arc::clone(&vm.lazy_memory),
             _watch: watch,
         };
+        vm.lazy_memory.store(true, SeqCst);
         if !recording {
             saved.store(true, SeqCst);
         }

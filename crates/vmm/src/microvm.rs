@@ -85,6 +85,9 @@ pub struct MicroVm {
     pub(crate) kvm_fds: Vec<i32>,
     /// The last snapshot directory: the base of the next diff snapshot.
     pub(crate) last_snapshot: std::sync::Mutex<Option<std::path::PathBuf>>,
+    /// Guest memory is still being filled by a page server (a lazy wake): a fork child would
+    /// not inherit it, so fork refuses until it is all in.
+    pub(crate) lazy_memory: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The parts a VM is assembled from, fresh or restored.
@@ -173,6 +176,7 @@ impl MicroVm {
             msr_indices,
             kvm_fds,
             last_snapshot: std::sync::Mutex::new(None),
+            lazy_memory: Arc::default(),
         };
         me.spawn(p.vcpus)?;
         Ok(me)

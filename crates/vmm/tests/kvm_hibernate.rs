@@ -326,3 +326,28 @@ fn another_process_wakes_the_vm() {
     assert!(stdout.contains(&format!("child-woke {sum}")), "{stdout}");
     std::fs::remove_dir_all(&root).unwrap();
 }
+
+/// A fork child does not inherit the page server: forking a lazily woken VM is refused until all
+/// of its memory is in, and then the child sees all of it.
+#[test]
+fn fork_of_a_woken_vm_waits_for_all_memory() {
+    let root = tmpdir("fork");
+    let (dir, store) = (root.join("vm"), root.join("store"));
+    let vm = boot(64 << 20);
+    vm.command("touch 0x500000 8 0x31", T).unwrap();
+    let sum = sum_of(&vm, 0x500000, 8);
+    hibernate(&vm, &dir, &store);
+    drop(vm);
+    let (w, h) = MicroVm::wake(&dir, &store, WakeOptions { prefetch: false, ..Default::default() }).unwrap();
+    let e = w.fork(1).unwrap_err().to_string();
+    assert!(e.contains("served lazily"), "{e}");
+    h.fetch_all().unwrap();
+    let (mut kids, _) = w.fork(1).unwrap();
+    assert_eq!(kids[0].command("sum 0x500000 8", T).unwrap(), sum);
+    for k in kids {
+        k.stop().unwrap();
+    }
+    drop(w);
+    drop(h);
+    std::fs::remove_dir_all(&root).unwrap();
+}
