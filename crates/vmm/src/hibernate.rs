@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use crate::microvm::MicroVm;
 use crate::persist::envelope::{self, Kind};
 use crate::persist::state::VmState;
-use crate::snapshot::STATE_FILE;
+use crate::snapshot::{write_synced, STATE_FILE};
 use crate::Error;
 
 /// The hibernation record file in a hibernation directory.
@@ -121,14 +121,6 @@ pub(crate) fn hio(what: &str, path: &Path) -> impl Fn(std::io::Error) -> Error {
 pub(crate) fn store_err(store: &Path) -> impl Fn(chunkstore::Error) -> Error {
     let s = store.display().to_string();
     move |e| Error::State(format!("chunk store {s}: {e}"))
-}
-
-fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), Error> {
-    use std::io::Write;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp).map_err(hio("cannot write", &tmp))?;
-    f.write_all(bytes).and_then(|()| f.sync_all()).map_err(hio("cannot write", &tmp))?;
-    std::fs::rename(&tmp, path).map_err(hio("cannot write", path))
 }
 
 /// Reads and checks the record of a hibernation directory.

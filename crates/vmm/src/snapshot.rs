@@ -205,7 +205,8 @@ impl std::fmt::Debug for RestoreOptions {
     }
 }
 
-fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), Error> {
+/// Writes `bytes` to `path` atomically (temporary file, fsync, rename).
+pub(crate) fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), Error> {
     use std::io::Write;
     let tmp = path.with_extension("tmp");
     let mut f = std::fs::File::create(&tmp).map_err(sio("cannot write", &tmp))?;
