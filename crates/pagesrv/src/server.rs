@@ -248,25 +248,22 @@ impl PageServer {
 
     /// Counters and latency quantiles so far.
     pub fn stats(&self) -> StatsSnapshot {
-        self.shared.stats.snapshot()
+        self.monitor().stats()
     }
 
     /// The first source error seen, if any.
     pub fn error(&self) -> Option<String> {
-        self.shared.error.lock().ok().and_then(|e| e.clone())
+        self.monitor().error()
     }
 
     /// Blocks first touched by faults so far, in order (if `record` is on).
     pub fn working_set(&self) -> WorkingSet {
-        WorkingSet {
-            page_size: self.shared.cfg.page_size as u32,
-            ranges: self.shared.recorded.lock().map(|r| r.clone()).unwrap_or_default(),
-        }
+        self.monitor().working_set()
     }
 
     /// Pages currently known to be present.
     pub fn resident_pages(&self) -> usize {
-        self.shared.regions.iter().map(|r| r.present.count()).sum()
+        self.monitor().resident_pages()
     }
 
     /// Wait for the prefetch thread; returns how long prefetching took.

@@ -4,9 +4,10 @@
 //! the state with a bumped generation and a fresh seed, and runs on its own. Only pages that one
 //! side writes are ever copied.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::microvm::MicroVm;
@@ -170,25 +171,33 @@ impl MicroVm {
                 return 1;
             }
         };
-        let serial = vm.serial().clone();
-        let ctl = vm.control().clone();
-        std::thread::spawn(move || {
-            let mut r = BufReader::new(sock);
-            let mut buf = Vec::new();
-            loop {
-                buf.clear();
-                match r.read_until(b'\n', &mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(_) => {
-                        serial.send(&buf, Duration::from_secs(60));
-                    }
-                }
-            }
-            ctl.stop(ExitReason::Stopped);
-        });
+        if vm.feed_console_from(sock).is_err() {
+            return 1;
+        }
         match vm.wait_exit(None) {
             Some(ExitReason::Error(_)) => 1,
             _ => 0,
         }
+    }
+}
+
+impl MicroVm {
+    /// Feeds lines read from `input` to the guest's serial input on a thread of its own; when
+    /// `input` ends (or fails), the VM is stopped. The console of fork children.
+    pub fn feed_console_from(&self, input: impl Read + Send + 'static) -> Result<JoinHandle<()>, Error> {
+        let serial = self.serial().clone();
+        let ctl = self.control().clone();
+        std::thread::Builder::new()
+            .name("console-input".into())
+            .spawn(move || {
+                let mut r = BufReader::new(input);
+                let mut buf = Vec::new();
+                while let Ok(1..) = r.read_until(b'\n', &mut buf) {
+                    serial.send(&buf, Duration::from_secs(60));
+                    buf.clear();
+                }
+                ctl.stop(ExitReason::Stopped);
+            })
+            .map_err(Error::Io)
     }
 }

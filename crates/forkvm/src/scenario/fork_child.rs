@@ -6,7 +6,7 @@
 //! the child's generation page, so every clone's CRNG diverges from its parent's before the
 //! parent can type anything (the socket is only read after that line is queued).
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -148,24 +148,8 @@ fn child_main(parent: &MicroVm, state: &VmState, sock: UnixStream, reseed: bool)
             return report(format!("reseed: {e}"));
         }
     }
-    let serial = vm.serial().clone();
-    let ctl = vm.control().clone();
     let Ok(input) = sock.try_clone() else { return report("cannot clone the console socket".into()) };
-    let spawned = std::thread::Builder::new().name("child-input".into()).spawn(move || {
-        let mut r = BufReader::new(input);
-        let mut buf = Vec::new();
-        loop {
-            buf.clear();
-            match r.read_until(b'\n', &mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {
-                    serial.send(&buf, Duration::from_secs(60));
-                }
-            }
-        }
-        ctl.stop(ExitReason::Stopped);
-    });
-    if let Err(e) = spawned {
+    if let Err(e) = vm.feed_console_from(input) {
         return report(format!("console thread: {e}"));
     }
     match vm.wait_exit(None) {
