@@ -152,7 +152,10 @@ fn child_main(parent: &MicroVm, state: &VmState, sock: UnixStream, reseed: bool)
     if let Err(e) = vm.feed_console_from(input) {
         return report(format!("console thread: {e}"));
     }
-    match vm.wait_exit(None) {
+    let reason = vm.wait_exit(None);
+    // Say why the child VM ended, so an unexpected exit is never silent.
+    let _ = (&sock).write_all(format!("forkvm-child-exit {reason:?}\n").as_bytes());
+    match reason {
         Some(ExitReason::Error(_)) => 1,
         _ => 0,
     }
