@@ -36,7 +36,7 @@ pub enum Command {
     Fork(ForkArgs),
     /// Stop a VM and its VMM process.
     Stop(NameArg),
-    /// The main job on defaults: boot, talk to, pause and resume the embedded test guest.
+    /// The main job on defaults: boot the embedded test guest, pause/resume, snapshot, restore, fork.
     Demo(DemoArgs),
     /// Print benchmark tables (median/min/max of N runs).
     Bench(BenchArgs),
