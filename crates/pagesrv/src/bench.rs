@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use chunkstore::{Codec, Manifest, Store, StoreConfig};
 
-use crate::server::{PageServer, Region, ServerConfig};
+use crate::anon::AnonMap;
+use crate::server::{PageServer, ServerConfig};
 use crate::source::{ChunkSource, PageSource};
 use crate::wset::WorkingSet;
 
@@ -124,33 +125,6 @@ fn working_set_pages(pages: usize, pct: usize, seed: u64) -> Vec<usize> {
     out
 }
 
-struct Anon {
-    ptr: *mut u8,
-    len: usize,
-}
-impl Anon {
-    fn new(len: usize) -> Option<Self> {
-        // SAFETY: anonymous private mapping at a kernel-chosen address.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        (ptr != libc::MAP_FAILED).then_some(Anon { ptr: ptr.cast(), len })
-    }
-}
-impl Drop for Anon {
-    fn drop(&mut self) {
-        // SAFETY: unmapping exactly what `new` mapped.
-        unsafe { libc::munmap(self.ptr.cast(), self.len) };
-    }
-}
-
 struct RunResult {
     access: Vec<Duration>,
     total: Duration,
@@ -169,9 +143,9 @@ fn restore_run(
     prefetch: Option<WorkingSet>,
     record: bool,
 ) -> Result<(RunResult, WorkingSet), String> {
-    let map = Anon::new(len).ok_or("mmap failed")?;
+    let map = AnonMap::new(len).map_err(|e| format!("mmap: {e}"))?;
     let cfg = ServerConfig { batch, record, prefetch, ..Default::default() };
-    let region = Region { base: map.ptr as u64, len: len as u64, offset: 0 };
+    let region = map.region(0);
     let srv = PageServer::register(vec![region], src.clone(), cfg).map_err(|e| e.to_string())?;
     let mut access = Vec::with_capacity(order.len());
     let t0 = Instant::now();
@@ -388,7 +362,7 @@ fn bench_inner(opts: &BenchOpts) -> Result<String, String> {
     let mut eager = Vec::new();
     let mut eager_all = Vec::new();
     for _ in 0..runs {
-        let map = Anon::new(len).ok_or("mmap failed")?;
+        let map = AnonMap::new(len).map_err(|e| format!("mmap: {e}"))?;
         // SAFETY: the mapping is live, len bytes, and only used here.
         let dst = unsafe { std::slice::from_raw_parts_mut(map.ptr, len) };
         let t = Instant::now();
@@ -397,7 +371,7 @@ fn bench_inner(opts: &BenchOpts) -> Result<String, String> {
         }
         eager.push(t.elapsed());
         drop(map);
-        let map = Anon::new(len).ok_or("mmap failed")?;
+        let map = AnonMap::new(len).map_err(|e| format!("mmap: {e}"))?;
         // SAFETY: as above.
         let dst = unsafe { std::slice::from_raw_parts_mut(map.ptr, len) };
         let t = Instant::now();
@@ -406,30 +380,20 @@ fn bench_inner(opts: &BenchOpts) -> Result<String, String> {
         }
         eager_all.push(t.elapsed());
     }
-    let (em, emin, emax) = med_min_max(eager);
-    let (am, amin, amax) = med_min_max(eager_all);
-    let _ = writeln!(
-        out,
-        "{:<22} {:>8} {:>10} {:>10} {:>11} {:>11} {:>24}",
-        "eager, same WS pages",
-        "-",
-        "-",
-        "-",
-        "-",
-        "-",
-        format!("{} / {} / {}", ms(em), ms(emin), ms(emax))
-    );
-    let _ = writeln!(
-        out,
-        "{:<22} {:>8} {:>10} {:>10} {:>11} {:>11} {:>24}",
-        "eager, whole image",
-        "-",
-        "-",
-        "-",
-        "-",
-        "-",
-        format!("{} / {} / {}", ms(am), ms(amin), ms(amax))
-    );
+    for (name, runs) in [("eager, same WS pages", eager), ("eager, whole image", eager_all)] {
+        let (m, min, max) = med_min_max(runs);
+        let _ = writeln!(
+            out,
+            "{:<22} {:>8} {:>10} {:>10} {:>11} {:>11} {:>24}",
+            name,
+            "-",
+            "-",
+            "-",
+            "-",
+            "-",
+            format!("{} / {} / {}", ms(m), ms(min), ms(max))
+        );
+    }
     let _ = writeln!(
         out,
         "\nfault p50/p99 = server-side service time (message read -> page placed); access = guest-side first-touch time.\nrecorded working set (from the single-page run): {} ranges, {:.1} MiB",

@@ -12,6 +12,7 @@
 //! failure policy (poisoned pages raise SIGBUS instead of hanging) and
 //! [`fc`] for the Firecracker-compatible socket handshake.
 
+mod anon;
 pub mod bench;
 mod bitmap;
 mod error;

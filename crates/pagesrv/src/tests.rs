@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use chunkstore::{PageRef, Store, StoreConfig};
 
+use crate::anon::AnonMap;
 use crate::*;
 
 pub(crate) struct TempDir(pub PathBuf);
@@ -28,52 +29,6 @@ impl TempDir {
 impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// An anonymous private mapping, unmapped on drop.
-pub(crate) struct Mapping {
-    pub ptr: *mut u8,
-    pub len: usize,
-}
-// SAFETY: the mapping is plain memory; tests coordinate access.
-unsafe impl Send for Mapping {}
-// SAFETY: as above.
-unsafe impl Sync for Mapping {}
-impl Mapping {
-    pub(crate) fn new(len: usize) -> Self {
-        // SAFETY: anonymous mapping, no file, kernel picks the address.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        assert_ne!(ptr, libc::MAP_FAILED);
-        Mapping { ptr: ptr.cast(), len }
-    }
-    pub(crate) fn region(&self, offset: u64) -> Region {
-        Region { base: self.ptr as u64, len: self.len as u64, offset }
-    }
-    /// Volatile read of byte `i` (faults it in).
-    pub(crate) fn read(&self, i: usize) -> u8 {
-        assert!(i < self.len);
-        // SAFETY: in bounds of a live mapping.
-        unsafe { std::ptr::read_volatile(self.ptr.wrapping_add(i)) }
-    }
-    pub(crate) fn slice(&self) -> &[u8] {
-        // SAFETY: live mapping of len bytes; faults are served by the server.
-        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
-    }
-}
-impl Drop for Mapping {
-    fn drop(&mut self) {
-        // SAFETY: we mapped exactly this range.
-        unsafe { libc::munmap(self.ptr.cast(), self.len) };
     }
 }
 
@@ -118,7 +73,7 @@ fn cfg(batch: usize) -> ServerConfig {
 }
 
 /// Read every byte of the mapping from another thread and compare.
-fn check_all(map: &Arc<Mapping>, expect: &Arc<Vec<u8>>) {
+fn check_all(map: &Arc<AnonMap>, expect: &Arc<Vec<u8>>) {
     let (m, e) = (map.clone(), expect.clone());
     std::thread::spawn(move || {
         for (i, page) in e.chunks(4096).enumerate() {
@@ -143,7 +98,7 @@ fn serves_every_byte_single_and_batched() {
     let d = TempDir::new("all");
     let (store, m) = store_with(&img, &d);
     for batch in [4096, 64 << 10, 256 << 10, 2 << 20] {
-        let map = Arc::new(Mapping::new(img.len()));
+        let map = Arc::new(AnonMap::new(img.len()).unwrap());
         let src = Arc::new(ChunkSource::new(store.clone(), m.clone()));
         let srv = PageServer::register(vec![map.region(0)], src, cfg(batch)).unwrap();
         check_all(&map, &img);
@@ -168,7 +123,7 @@ fn serves_from_file_mem_and_zero_sources() {
     let path = d.0.join("mem");
     std::fs::write(&path, &*img).unwrap();
     let file_src = Arc::new(FileSource::whole(std::fs::File::open(&path).unwrap()).unwrap());
-    let map = Arc::new(Mapping::new(img.len()));
+    let map = Arc::new(AnonMap::new(img.len()).unwrap());
     let srv = PageServer::register(vec![map.region(0)], file_src, cfg(64 << 10)).unwrap();
     check_all(&map, &img);
     drop(srv);
@@ -177,12 +132,12 @@ fn serves_from_file_mem_and_zero_sources() {
     let parent = Arc::new(img.clone());
     // SAFETY: `parent` outlives the server (stopped below) and is not written.
     let mem_src = Arc::new(unsafe { MemSource::new(parent.as_ptr(), parent.len() as u64) });
-    let child = Arc::new(Mapping::new(img.len()));
+    let child = Arc::new(AnonMap::new(img.len()).unwrap());
     let srv = PageServer::register(vec![child.region(0)], mem_src, cfg(256 << 10)).unwrap();
     check_all(&child, &img);
     srv.stop();
 
-    let z = Arc::new(Mapping::new(1 << 20));
+    let z = Arc::new(AnonMap::new(1 << 20).unwrap());
     let srv = PageServer::register(vec![z.region(0)], Arc::new(ZeroSource { len: 1 << 20 }), cfg(64 << 10)).unwrap();
     assert!(z.slice().iter().all(|&b| b == 0));
     let st = srv.stop();
@@ -195,8 +150,8 @@ fn two_regions_with_offsets() {
     let img = Arc::new(pattern(512));
     let d = TempDir::new("regions");
     let (store, m) = store_with(&img, &d);
-    let a = Arc::new(Mapping::new(256 * 4096));
-    let b = Arc::new(Mapping::new(256 * 4096));
+    let a = Arc::new(AnonMap::new(256 * 4096).unwrap());
+    let b = Arc::new(AnonMap::new(256 * 4096).unwrap());
     let src = Arc::new(ChunkSource::new(store, m));
     let srv = PageServer::register(vec![a.region(0), b.region(256 * 4096)], src, cfg(64 << 10)).unwrap();
     check_all(&a, &Arc::new(img[..256 * 4096].to_vec()));
@@ -218,7 +173,7 @@ fn dedup_correctness_across_images() {
     let (mb, st) = store.put_image("b", &b).unwrap();
     assert!(st.new_chunks <= 57, "{st:?}");
     let store = Arc::new(store);
-    let map = Arc::new(Mapping::new(b.len()));
+    let map = Arc::new(AnonMap::new(b.len()).unwrap());
     let src = Arc::new(ChunkSource::new(store, Arc::new(mb)));
     let srv = PageServer::register(vec![map.region(0)], src, cfg(64 << 10)).unwrap();
     check_all(&map, &Arc::new(b));
@@ -232,7 +187,7 @@ fn record_then_prefetch_working_set() {
     let (store, m) = store_with(&img, &d);
     let touch: Vec<usize> = (0..2048).filter(|p| p % 13 == 0 || (700..760).contains(p)).collect();
     // First restore: record.
-    let map = Arc::new(Mapping::new(img.len()));
+    let map = Arc::new(AnonMap::new(img.len()).unwrap());
     let src: Arc<dyn PageSource> = Arc::new(ChunkSource::new(store.clone(), m.clone()));
     let mut c = cfg(64 << 10);
     c.record = true;
@@ -250,7 +205,7 @@ fn record_then_prefetch_working_set() {
 
     // Second restore: prefetch (one thread, then two in parallel), then touch the same pages.
     for threads in [1, 2] {
-        let map = Arc::new(Mapping::new(img.len()));
+        let map = Arc::new(AnonMap::new(img.len()).unwrap());
         let mut c = cfg(64 << 10);
         c.prefetch = Some(ws2.clone());
         c.prefetch_threads = threads;
@@ -282,7 +237,7 @@ fn prefetch_races_faults() {
     let d = TempDir::new("race");
     let (store, m) = store_with(&img, &d);
     let ws = WorkingSet { page_size: 4096, ranges: (0..4096u64).step_by(16).map(|p| (p * 4096, 65536)).collect() };
-    let map = Arc::new(Mapping::new(img.len()));
+    let map = Arc::new(AnonMap::new(img.len()).unwrap());
     let mut c = cfg(64 << 10);
     c.prefetch = Some(ws);
     let srv = PageServer::register(vec![map.region(0)], Arc::new(ChunkSource::new(store, m)), c).unwrap();
@@ -303,7 +258,7 @@ fn remove_case(policy: RemovePolicy) {
     let img = Arc::new(pattern(256));
     let d = TempDir::new("remove");
     let (store, m) = store_with(&img, &d);
-    let map = Arc::new(Mapping::new(img.len()));
+    let map = Arc::new(AnonMap::new(img.len()).unwrap());
     let mut c = cfg(64 << 10);
     c.remove_policy = policy;
     let srv = PageServer::register(vec![map.region(0)], Arc::new(ChunkSource::new(store, m)), c).unwrap();
@@ -350,7 +305,7 @@ fn corrupt_chunk_gives_efault_not_garbage_or_hang() {
     let d = TempDir::new("corrupt");
     let bad_page = 5u64; // random content, stored raw
     let (store, m) = corrupt_store(&img, bad_page, &d);
-    let map = Arc::new(Mapping::new(img.len()));
+    let map = Arc::new(AnonMap::new(img.len()).unwrap());
     let told = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
     let t2 = told.clone();
     let hook = crate::FailureHook(Arc::new(move |why: &str| t2.lock().unwrap().push(why.to_string())));
@@ -402,7 +357,7 @@ fn sigbus_child() {
     let img = pattern(64);
     let d = TempDir::new("sigbus");
     let (store, m) = corrupt_store(&img, 5, &d);
-    let map = Arc::new(Mapping::new(img.len()));
+    let map = Arc::new(AnonMap::new(img.len()).unwrap());
     let _srv = PageServer::register(vec![map.region(0)], Arc::new(ChunkSource::new(store, m)), cfg(64 << 10)).unwrap();
     let v = map.read(5 * 4096 + 100); // must die here with SIGBUS
     println!("read {v} from a corrupt page");
@@ -453,8 +408,8 @@ fn firecracker_handshake_in_process() {
         (srv, mappings)
     });
     // VMM side: two regions, the second at offset 1 MiB of the snapshot.
-    let a = Arc::new(Mapping::new(256 * 4096));
-    let b = Arc::new(Mapping::new(256 * 4096));
+    let a = Arc::new(AnonMap::new(256 * 4096).unwrap());
+    let b = Arc::new(AnonMap::new(256 * 4096).unwrap());
     let uffd = uffd::Uffd::new(uffd::features::EVENT_REMOVE, 0).unwrap();
     let mut maps = Vec::new();
     for (mp, off) in [(&a, 0u64), (&b, 256 * 4096)] {
@@ -487,7 +442,7 @@ fn single_page_recording_is_exact() {
     let img = Arc::new(pattern(1024));
     let d = TempDir::new("exact");
     let (store, m) = store_with(&img, &d);
-    let map = Arc::new(Mapping::new(img.len()));
+    let map = Arc::new(AnonMap::new(img.len()).unwrap());
     let mut c = cfg(4096);
     c.record = true;
     let srv = PageServer::register(vec![map.region(0)], Arc::new(ChunkSource::new(store, m)), c).unwrap();
@@ -503,7 +458,7 @@ fn single_page_recording_is_exact() {
 
 /// A kernel read of `len` bytes at `ptr` via write(2) into a pipe, on a
 /// thread, bounded by a timeout. Returns the errno (0 on success).
-fn kernel_read_with_timeout(map: &Arc<Mapping>, offset: usize) -> i32 {
+fn kernel_read_with_timeout(map: &Arc<AnonMap>, offset: usize) -> i32 {
     let mm = map.clone();
     let h = std::thread::spawn(move || {
         let mut fds = [0i32; 2];
@@ -544,7 +499,7 @@ impl PageSource for PanickingSource {
 
 #[test]
 fn a_handler_that_dies_fails_stop() {
-    let map = Arc::new(Mapping::new(1 << 20));
+    let map = Arc::new(AnonMap::new(1 << 20).unwrap());
     let srv = PageServer::register(vec![map.region(0)], Arc::new(PanickingSource), cfg(64 << 10)).unwrap();
     // The faulting access fails (EFAULT for a kernel access) instead of hanging ...
     assert_eq!(kernel_read_with_timeout(&map, 8192), libc::EFAULT);
@@ -560,7 +515,7 @@ fn poison_unserved_before_stop() {
     let img = Arc::new(pattern(64));
     let d = TempDir::new("poison");
     let (store, m) = store_with(&img, &d);
-    let map = Arc::new(Mapping::new(img.len()));
+    let map = Arc::new(AnonMap::new(img.len()).unwrap());
     let srv = PageServer::register(vec![map.region(0)], Arc::new(ChunkSource::new(store, m)), cfg(4096)).unwrap();
     assert_eq!(kernel_read_with_timeout(&map, 2 * 4096), 0);
     assert_eq!(srv.poison_unserved().unwrap(), 63);
@@ -578,7 +533,7 @@ fn eight_k_chunks_served_to_4k_pages() {
     let (m, _) = store.put_image("img", &img).unwrap();
     let src = Arc::new(ChunkSource::new(Arc::new(store), Arc::new(m)));
     for batch in [4096, 64 << 10] {
-        let map = Arc::new(Mapping::new(img.len()));
+        let map = Arc::new(AnonMap::new(img.len()).unwrap());
         let srv = PageServer::register(vec![map.region(0)], src.clone(), cfg(batch)).unwrap();
         // Odd pages first so that later runs start at unaligned pages.
         for p in (1..512).step_by(2) {
