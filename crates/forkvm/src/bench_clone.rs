@@ -68,11 +68,20 @@ fn boot_dirtied(mem: u64, backing: Backing) -> Result<MicroVm, String> {
     Ok(vm)
 }
 
-fn ping(vm: &MicroVm) -> Result<(), String> {
-    match vm.command("ping", T).map_err(s)?.as_str() {
-        "pong" => Ok(()),
-        other => Err(format!("guest answered {other:?} to ping")),
+/// Checks the guest's answer to `cmd`.
+fn expect(cmd: &str, answer: String, ok: impl Fn(&str) -> bool) -> Result<(), String> {
+    match ok(&answer) {
+        true => Ok(()),
+        false => Err(format!("guest answered {answer:?} to {cmd}")),
     }
+}
+
+fn is_pong(answer: &str) -> bool {
+    answer == "pong"
+}
+
+fn ping(vm: &MicroVm) -> Result<(), String> {
+    expect("ping", vm.command("ping", T).map_err(s)?, is_pong)
 }
 
 fn mib(bytes: u64) -> f64 {
@@ -172,9 +181,7 @@ fn fork_rows(vm: &MicroVm, runs: usize) -> Result<(Vec<Samples>, Vec<Samples>), 
         let (mut kids, rep) = vm.fork(1).map_err(s)?;
         let answer = kids[0].command("ping", T).map_err(s)?;
         first.push_duration(t.elapsed());
-        if answer != "pong" {
-            return Err(format!("fork child answered {answer:?} to ping"));
-        }
+        expect("ping", answer, is_pong)?;
         pause.push_duration(rep.pause);
         save.push_duration(rep.save);
         fork.push_duration(rep.fork);
@@ -192,10 +199,7 @@ fn fork_rows(vm: &MicroVm, runs: usize) -> Result<(Vec<Samples>, Vec<Samples>), 
         let before = mem_available()?;
         let (mut kids, _) = vm.fork(CHILDREN).map_err(s)?;
         for k in &mut kids {
-            let answer = k.command("ping", T).map_err(s)?;
-            if answer != "pong" {
-                return Err(format!("fork child answered {answer:?} to ping"));
-            }
+            expect("ping", k.command("ping", T).map_err(s)?, is_pong)?;
         }
         let after = mem_available()?;
         added.values.push(mib(before.saturating_sub(after)));
@@ -205,11 +209,8 @@ fn fork_rows(vm: &MicroVm, runs: usize) -> Result<(Vec<Samples>, Vec<Samples>), 
         }
         private.values.push(kib as f64 / 1024.0);
         for k in &mut kids {
-            let answer =
-                k.command(&format!("touch {:#x} {CHILD_WRITE_PAGES} 7", test_guest::LOW_LIMIT), T).map_err(s)?;
-            if !answer.starts_with("touched") {
-                return Err(format!("fork child answered {answer:?} to touch"));
-            }
+            let touch = format!("touch {:#x} {CHILD_WRITE_PAGES} 7", test_guest::LOW_LIMIT);
+            expect(&touch, k.command(&touch, T).map_err(s)?, |a| a.starts_with("touched"))?;
         }
         after_write.values.push(mib(before.saturating_sub(mem_available()?)));
         for k in kids {

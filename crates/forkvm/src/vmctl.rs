@@ -132,26 +132,26 @@ pub fn ls() -> Result<i32, String> {
         Err(e) => return Err(format!("cannot list {}: {e}", run.display())),
     };
     names.sort();
-    println!("{:<24} {:>8} {:<10} {:>8} {:>4} PARENT", "NAME", "PID", "STATE", "MEM_MIB", "GEN");
+    let row = |name: &str, pid: &str, state: &str, mem: &str, gen: &str, parent: &str| {
+        println!("{name:<24} {pid:>8} {state:<10} {mem:>8} {gen:>4} {parent}");
+    };
+    row("NAME", "PID", "STATE", "MEM_MIB", "GEN", "PARENT");
     for name in names.iter().filter(|n| api::check_name(n).is_ok()) {
         let dir = run.join(name);
         if !dir.join("pid").exists() && !dir.join(HIBERNATED).exists() {
             continue; // not a VM's directory
         }
         match api::call_dir(&dir, name, &Request::Status, Duration::from_secs(2)) {
-            Ok(v) => println!(
-                "{:<24} {:>8} {:<10} {:>8} {:>4} {}",
+            Ok(v) => row(
                 name,
-                v["pid"],
+                &v["pid"].to_string(),
                 v["state"].as_str().unwrap_or("?"),
-                v["mem_mib"],
-                v["generation"],
-                v["parent"].as_str().unwrap_or("-")
+                &v["mem_mib"].to_string(),
+                &v["generation"].to_string(),
+                v["parent"].as_str().unwrap_or("-"),
             ),
-            Err(_) if dir.join(HIBERNATED).exists() => {
-                println!("{:<24} {:>8} {:<10} {:>8} {:>4} -", name, "-", "hibernated", "-", "-")
-            }
-            Err(_) => println!("{:<24} {:>8} {:<10} {:>8} {:>4} -", name, "-", "gone", "-", "-"),
+            Err(_) if dir.join(HIBERNATED).exists() => row(name, "-", "hibernated", "-", "-", "-"),
+            Err(_) => row(name, "-", "gone", "-", "-", "-"),
         }
     }
     Ok(0)
