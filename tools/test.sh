@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # forkvm's whole test suite, the one command in the README and in .ci/run:
+#   0. cargo fmt --check and cargo clippy -D warnings (the house rules)
 #   1. unit tests (no KVM) and KVM tests (this machine's /dev/kvm, our test guest): cargo test
 #   2. Linux end-to-end: forkvm inside a QEMU TCG L1 with nested SVM boots Debian's cloud kernel
 # It installs what it needs (apt packages; guest artifacts cached in .cache/, git-ignored).
@@ -12,6 +13,12 @@ if [[ ! -e /dev/kvm ]]; then
     echo "tools/test.sh: /dev/kvm is missing: the KVM tests need a host with KVM (load kvm_intel/kvm_amd, or enable nested virtualization)" >&2
     exit 1
 fi
+
+echo "== cargo fmt --check"
+cargo fmt --all --check
+
+echo "== cargo clippy (warnings are errors)"
+cargo clippy --workspace --all-targets -- -D warnings
 
 echo "== cargo test (unit + KVM tiers)"
 cargo test --workspace --all-targets

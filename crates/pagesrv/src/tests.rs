@@ -348,12 +348,8 @@ fn corrupt_chunk_gives_efault_not_garbage_or_hang() {
 
 const CHILD_ENV: &str = "PAGESRV_TEST_SIGBUS_CHILD";
 
-/// Run in a child process by `corrupt_chunk_kills_reader_with_sigbus`.
-#[test]
-fn sigbus_child() {
-    if std::env::var_os(CHILD_ENV).is_none() {
-        return;
-    }
+/// The child of `corrupt_chunk_kills_reader_with_sigbus`: never returns.
+fn sigbus_child() -> ! {
     let img = pattern(64);
     let d = TempDir::new("sigbus");
     let (store, m) = corrupt_store(&img, 5, &d);
@@ -364,11 +360,16 @@ fn sigbus_child() {
     std::process::exit(3);
 }
 
+/// Runs itself again as a child process (CHILD_ENV set) that reads a corrupt page and must die
+/// of SIGBUS; both roles do real work.
 #[test]
 fn corrupt_chunk_kills_reader_with_sigbus() {
     use std::os::unix::process::ExitStatusExt;
+    if std::env::var_os(CHILD_ENV).is_some() {
+        sigbus_child();
+    }
     let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["tests::sigbus_child", "--exact", "--test-threads=1", "--nocapture"])
+        .args(["tests::corrupt_chunk_kills_reader_with_sigbus", "--exact", "--test-threads=1", "--nocapture"])
         .env(CHILD_ENV, "1")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())

@@ -5,6 +5,8 @@
 //!   ping                      -> pong
 //!   count                     -> count <n>       (n grows by one per call; lives in guest memory)
 //!   spin <n>                  -> spun <total>    (busy loop adding n to a counter: pause lands mid-loop)
+//!   wait <gpa>                -> waiting, then waited <spins> once the u64 at gpa is non-zero
+//!                                (a loop only the host ends: a pause deterministically lands in it)
 //!   touch <gpa> <pages> <b>   -> touched <pages> (fill pages with byte b)
 //!   sum <gpa> <pages>         -> sum <hex>       (checksum::fold_word over little-endian u64 words)
 //!   random                    -> random <hex>    (reseeded when the VM generation changes)
@@ -126,6 +128,19 @@ fn handle(st: &mut State, line: &[u8]) {
                 answer("spun ", st.spins, false);
             }
             None => serial::write_str("err usage: spin <n>\n"),
+        },
+        b"wait" => match arg() {
+            Some(gpa) if check_range(st, gpa, 1).is_some() => {
+                serial::write_str("waiting\n");
+                // SAFETY: check_range proved gpa is page-aligned RAM above our image; the host
+                // writes the flag while the guest spins.
+                while unsafe { core::ptr::read_volatile(gpa as *const u64) } == 0 {
+                    // SAFETY: a plain volatile access to our own counter.
+                    unsafe { core::ptr::write_volatile(&mut st.spins, core::ptr::read_volatile(&st.spins) + 1) };
+                }
+                answer("waited ", st.spins, false);
+            }
+            _ => serial::write_str("err usage: wait <gpa>\n"),
         },
         b"touch" => match (arg(), arg(), arg()) {
             (Some(gpa), Some(pages), Some(byte)) if byte < 256 => match check_range(st, gpa, pages) {
