@@ -15,9 +15,11 @@
 //! over the bounds, bad JSON, unknown message types and data where none belongs are errors, never
 //! panics or unbounded allocations.
 
+pub mod client;
 mod frame;
 mod msg;
 
+pub use client::{Client, ClientError, ExitInfo, Stream};
 pub use frame::{read_frame, write_frame, Frame, FrameError, MAX_DATA, MAX_FRAME, MAX_HEADER};
 pub use msg::{ExecRequest, HookDone, HookResult, Msg, ReadFileRequest, WriteFileRequest};
 

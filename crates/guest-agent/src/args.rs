@@ -5,9 +5,28 @@ use crate::error::AgentError;
 /// Longest seed accepted, in bytes (the kernel accepts more; a clone needs 32).
 pub const MAX_SEED: usize = 256;
 
+/// Where `serve` listens.
+#[derive(Debug, PartialEq, Eq, Clone)]
+pub enum Listen {
+    Vsock(u32),
+    Unix(std::path::PathBuf),
+}
+
+/// Options of `forkvm-agent serve`.
+#[derive(Debug, PartialEq, Eq, Clone)]
+pub struct ServeOpts {
+    pub listen: Listen,
+    /// User hooks run by the clone hook (executables, in name order).
+    pub hooks_dir: std::path::PathBuf,
+    /// Do not step CLOCK_REALTIME (host tests).
+    pub no_clock: bool,
+}
+
 #[derive(Debug, PartialEq, Eq)]
 pub enum Command {
     Help,
+    /// Serve the agent protocol until killed.
+    Serve(ServeOpts),
     /// Credit `seed` to the input pool and reseed the CRNG; `generation` is only reported.
     Reseed {
         seed: Vec<u8>,
@@ -34,8 +53,34 @@ pub fn parse(argv: &[String]) -> Result<Command, AgentError> {
                 .transpose()?;
             Ok(Command::Reseed { seed, generation })
         }
+        "serve" => parse_serve(rest).map(Command::Serve),
         other => Err(AgentError::Usage(format!("unknown command {other:?}"))),
     }
+}
+
+fn parse_serve(rest: &[String]) -> Result<ServeOpts, AgentError> {
+    let mut o = ServeOpts {
+        listen: Listen::Vsock(agent_proto::AGENT_PORT),
+        hooks_dir: "/etc/forkvm/hooks.d".into(),
+        no_clock: false,
+    };
+    let mut it = rest.iter();
+    while let Some(a) = it.next() {
+        let mut value =
+            |what: &str| it.next().cloned().ok_or_else(|| AgentError::Usage(format!("{what} needs a value")));
+        match a.as_str() {
+            "--unix" => o.listen = Listen::Unix(value("--unix")?.into()),
+            "--port" => {
+                let v = value("--port")?;
+                let p = v.parse().map_err(|_| AgentError::Usage(format!("port {v:?} is not a number")))?;
+                o.listen = Listen::Vsock(p);
+            }
+            "--hooks-dir" => o.hooks_dir = value("--hooks-dir")?.into(),
+            "--no-clock" => o.no_clock = true,
+            other => return Err(AgentError::Usage(format!("unknown serve option {other:?}"))),
+        }
+    }
+    Ok(o)
 }
 
 /// Decodes an even-length hex string of 1..=MAX_SEED bytes.
@@ -65,6 +110,7 @@ pub fn parse_hex(s: &str) -> Result<Vec<u8>, AgentError> {
 }
 
 #[cfg(test)]
+#[allow(clippy::panic)]
 mod tests {
     use super::*;
 
@@ -83,6 +129,20 @@ mod tests {
             Some(Command::Reseed { seed: vec![1], generation: Some(7) })
         );
         assert_eq!(parse(&argv(&["--help"])).ok(), Some(Command::Help));
+    }
+
+    #[test]
+    fn serve_options() {
+        let Ok(Command::Serve(o)) = parse(&argv(&["serve"])) else { panic!("serve") };
+        assert_eq!(o.listen, Listen::Vsock(52));
+        assert!(!o.no_clock);
+        let Ok(Command::Serve(o)) = parse(&argv(&["serve", "--unix", "/s", "--no-clock", "--hooks-dir", "/h"])) else {
+            panic!("serve --unix")
+        };
+        assert_eq!((o.listen, o.no_clock, o.hooks_dir), (Listen::Unix("/s".into()), true, "/h".into()));
+        for bad in [&["serve", "--unix"][..], &["serve", "--port", "x"], &["serve", "--frob"]] {
+            assert!(matches!(parse(&argv(bad)), Err(AgentError::Usage(_))), "{bad:?}");
+        }
     }
 
     #[test]
