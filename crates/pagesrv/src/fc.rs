@@ -188,15 +188,31 @@ pub fn peer_pid(stream: &UnixStream) -> Option<i32> {
 mod tests {
     use super::*;
 
+    fn parse(json: &str) -> Result<Vec<GuestRegionUffdMapping>, serde_json::Error> {
+        serde_json::from_str(json)
+    }
+
+    /// Firecracker 1.7-1.11 send only `page_size_kib`, and it has always carried bytes.
     #[test]
-    fn accepts_both_page_size_spellings() {
-        let new = r#"[{"base_host_virt_addr":4096,"size":8192,"offset":0,"page_size":4096}]"#;
-        let old = r#"[{"base_host_virt_addr":4096,"size":8192,"offset":0,"page_size_kib":4}]"#;
-        let a: Vec<GuestRegionUffdMapping> = serde_json::from_str(new).unwrap();
-        let b: Vec<GuestRegionUffdMapping> = serde_json::from_str(old).unwrap();
-        assert_eq!(a, b);
-        assert_eq!(a[0].page_size, 4096);
+    fn page_size_kib_carries_bytes() {
+        let old = r#"[{"base_host_virt_addr":4096,"size":8192,"offset":0,"page_size_kib":4096}]"#;
+        assert_eq!(parse(old).unwrap()[0].page_size, 4096);
+        let huge = r#"[{"base_host_virt_addr":2097152,"size":2097152,"offset":0,"page_size_kib":2097152}]"#;
+        assert_eq!(parse(huge).unwrap()[0].page_size, 2 << 20);
+    }
+
+    /// Releases before 1.7 send no page size at all: 4 KiB.
+    #[test]
+    fn no_page_size_means_4k() {
         let none = r#"[{"base_host_virt_addr":4096,"size":8192,"offset":0}]"#;
-        assert!(serde_json::from_str::<Vec<GuestRegionUffdMapping>>(none).is_err());
+        assert_eq!(parse(none).unwrap()[0].page_size, 4096);
+    }
+
+    #[test]
+    fn both_fields_in_bytes() {
+        let both = r#"[{"base_host_virt_addr":4096,"size":8192,"offset":0,"page_size":4096,"page_size_kib":4096}]"#;
+        let new = r#"[{"base_host_virt_addr":4096,"size":8192,"offset":0,"page_size":4096}]"#;
+        assert_eq!(parse(both).unwrap(), parse(new).unwrap());
+        assert_eq!(parse(new).unwrap()[0].page_size, 4096);
     }
 }

@@ -545,3 +545,41 @@ fn eight_k_chunks_served_to_4k_pages() {
         assert_eq!(st.source_errors, 0, "{st:?}");
     }
 }
+
+/// Regression: a uffd handed over in blocking mode (a VMM that did not ask for O_NONBLOCK) must
+/// be served. poll(2) on a blocking userfaultfd reports POLLERR, which the fault loop took for a
+/// hang-up: the server quit and the faulting thread waited forever.
+#[test]
+fn blocking_uffd_from_the_vmm_is_served() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::net::{UnixListener, UnixStream};
+    let img = Arc::new(pattern(64));
+    let d = TempDir::new("fcblock");
+    let (store, m) = store_with(&img, &d);
+    let sock = d.0.join("uffd.sock");
+    let listener = UnixListener::bind(&sock).unwrap();
+    let handler = std::thread::spawn(move || {
+        let (stream, _) = listener.accept().unwrap();
+        let (mappings, fd) = fc::recv_handshake(&stream).unwrap();
+        let regions: Vec<Region> = mappings.iter().map(Region::from).collect();
+        PageServer::start(uffd::Uffd::from_fd(fd, 0), regions, Arc::new(ChunkSource::new(store, m)), cfg(64 << 10))
+            .unwrap()
+    });
+    let map = Arc::new(AnonMap::new(img.len()).unwrap());
+    let uffd = uffd::Uffd::new(uffd::features::EVENT_REMOVE, 0).unwrap();
+    // SAFETY: fcntl on an fd we own; clears O_NONBLOCK like a VMM that never set it.
+    unsafe { libc::fcntl(uffd.as_raw_fd(), libc::F_SETFL, 0) };
+    uffd.register(map.ptr as u64, map.len as u64).unwrap();
+    let maps = [fc::GuestRegionUffdMapping {
+        base_host_virt_addr: map.ptr as u64,
+        size: map.len as u64,
+        offset: 0,
+        page_size: 4096,
+    }];
+    let stream = UnixStream::connect(&sock).unwrap();
+    fc::send_handshake(&stream, &maps, uffd.as_fd()).unwrap();
+    let srv = handler.join().unwrap();
+    assert_eq!(kernel_read_with_timeout(&map, 3 * 4096), 0, "fault on a blocking uffd not served");
+    check_all(&map, &img);
+    srv.stop();
+}
