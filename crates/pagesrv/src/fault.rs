@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
 
 use crate::error::{sys, Result};
-use crate::server::{Outcome, RegionState, RemovePolicy, Shared};
+use crate::server::{Ended, Outcome, RegionState, RemovePolicy, Shared};
 use crate::uffd::{Event, Fill};
 
 thread_local! {
@@ -35,7 +35,7 @@ pub(crate) fn poison_unserved(s: &Shared) -> Result<u64> {
                 match s.uffd.poison(start + done, len - done).map_err(sys("UFFDIO_POISON"))? {
                     Fill::Done => done = len,
                     Fill::Partial(k) => done += k,
-                    Fill::Exists | Fill::Again => done += ps,
+                    Fill::Exists | Fill::Again | Fill::Unmapped => done += ps,
                     Fill::Gone => return Ok(n),
                 }
             }
@@ -50,29 +50,46 @@ pub(crate) fn poison_unserved(s: &Shared) -> Result<u64> {
 /// The fault thread: serve until stopped. If serving panics (a buggy
 /// [`PageSource`]) or the uffd fails, fail stop: poison every unserved
 /// page, so blocked and future accesses get SIGBUS rather than hanging.
+/// Always records why it ended and signals `done_fd`.
 pub(crate) fn fault_thread(s: &Shared, stop_fd: &OwnedFd) {
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| fault_loop(s, stop_fd)));
-    let failed = match r {
+    let ended = match r {
         Err(_) => {
             record_error(s, "fault thread panicked; poisoning unserved pages".into());
-            true
+            Ended::Failed("fault thread panicked".into())
         }
-        Ok(clean) => !clean,
+        Ok(e) => e,
     };
-    if failed {
+    if let Ended::Failed(_) = ended {
         run_hook(s, "the page server failed");
         match poison_unserved(s) {
             Ok(n) => tracing::error!(pages = n, "page server failed; unserved pages poisoned"),
             Err(e) => tracing::error!("page server failed and could not poison: {e}"),
         }
     }
+    if let Ok(mut e) = s.ended.lock() {
+        *e = Some(ended);
+    }
+    let one = 1u64.to_ne_bytes();
+    // SAFETY: writes 8 bytes from a local array to our eventfd.
+    let _ = unsafe { libc::write(s.done_fd.as_raw_fd(), one.as_ptr().cast(), 8) };
 }
 
-/// Returns true on a requested stop, false on a fatal error.
-pub(crate) fn fault_loop(s: &Shared, stop_fd: &OwnedFd) -> bool {
+/// Serve until stopped, the peer is gone, or a fatal error.
+pub(crate) fn fault_loop(s: &Shared, stop_fd: &OwnedFd) -> Ended {
     let mut events = Vec::with_capacity(64);
     let mut retry: Vec<(u64, u32)> = Vec::new();
-    while !s.stop.load(Relaxed) {
+    loop {
+        if s.stop.load(Relaxed) {
+            return Ended::Stopped;
+        }
+        if s.peer_gone.load(Relaxed) {
+            tracing::info!("the served process exited; fault thread ends");
+            return Ended::PeerGone;
+        }
+        if let Some(why) = s.halt.lock().ok().and_then(|h| h.clone()) {
+            return Ended::Halted(why);
+        }
         let mut fds = [
             libc::pollfd { fd: s.uffd.as_raw_fd(), events: libc::POLLIN, revents: 0 },
             libc::pollfd { fd: stop_fd.as_raw_fd(), events: libc::POLLIN, revents: 0 },
@@ -86,14 +103,19 @@ pub(crate) fn fault_loop(s: &Shared, stop_fd: &OwnedFd) -> bool {
                 continue;
             }
             record_error(s, format!("poll on userfaultfd: {e}"));
-            return false;
+            return Ended::Failed(format!("poll on userfaultfd: {e}"));
         }
         if fds[1].revents != 0 || s.stop.load(Relaxed) {
-            return true;
+            return Ended::Stopped;
         }
-        if fds[0].revents & (libc::POLLERR | libc::POLLHUP) != 0 {
+        if fds[0].revents & libc::POLLHUP != 0 {
             tracing::warn!("userfaultfd hung up; fault thread exits");
-            return true;
+            return Ended::HungUp;
+        }
+        if fds[0].revents & libc::POLLERR != 0 {
+            // A blocking or uninitialised uffd (PageServer::start makes it non-blocking).
+            record_error(s, "userfaultfd reports POLLERR (not initialised with UFFDIO_API?)".into());
+            return Ended::Failed("userfaultfd reports POLLERR".into());
         }
         events.clear();
         loop {
@@ -102,7 +124,7 @@ pub(crate) fn fault_loop(s: &Shared, stop_fd: &OwnedFd) -> bool {
                 Ok(_) => continue,
                 Err(e) => {
                     record_error(s, format!("read userfaultfd: {e}"));
-                    return false;
+                    return Ended::Failed(format!("read userfaultfd: {e}"));
                 }
             }
         }
@@ -130,7 +152,6 @@ pub(crate) fn fault_loop(s: &Shared, stop_fd: &OwnedFd) -> bool {
             }
         }
     }
-    true
 }
 
 pub(crate) fn on_remove(s: &Shared, start: u64, end: u64) {
@@ -248,17 +269,25 @@ pub(crate) fn serve_fault(s: &Shared, address: u64, tid: u32, first: bool) -> Ou
 }
 
 /// Make the access to `page_addr` fail instead of hanging: poison it, or
-/// send SIGBUS to the faulting thread.
+/// send SIGBUS to the faulting thread of a process we own, or else halt
+/// serving this VM (never signal a process we do not own).
 pub(crate) fn fail_page(s: &Shared, page_addr: u64, tid: u32) {
     run_hook(s, &format!("page at {page_addr:#x} cannot be served"));
     let ps = s.cfg.page_size as u64;
-    match s.uffd.poison(page_addr, ps) {
-        Ok(Fill::Done | Fill::Partial(_) | Fill::Exists) => {
-            s.stats.pages_poisoned.fetch_add(1, Relaxed);
-            return;
+    if s.cfg.poison {
+        match s.uffd.poison(page_addr, ps) {
+            Ok(Fill::Done | Fill::Partial(_) | Fill::Exists) => {
+                s.stats.pages_poisoned.fetch_add(1, Relaxed);
+                tracing::error!(page_addr, "page poisoned: only the thread touching it faults");
+                return;
+            }
+            Ok(Fill::Gone) => {
+                s.peer_gone.store(true, Relaxed);
+                return;
+            }
+            Ok(other) => tracing::warn!(?other, "UFFDIO_POISON did not apply"),
+            Err(e) => tracing::warn!("UFFDIO_POISON unavailable: {e}"),
         }
-        Ok(other) => tracing::warn!(?other, "UFFDIO_POISON did not apply"),
-        Err(e) => tracing::warn!("UFFDIO_POISON unavailable: {e}"),
     }
     match (s.cfg.owner_pid, tid) {
         (Some(pid), t) if t != 0 => {
@@ -269,7 +298,17 @@ pub(crate) fn fail_page(s: &Shared, page_addr: u64, tid: u32) {
             // SAFETY: kill takes plain integers.
             let _ = unsafe { libc::kill(pid, libc::SIGBUS) };
         }
-        (None, _) => tracing::error!(page_addr, "cannot fail the faulting thread: no poison support and no owner pid"),
+        (None, _) => {
+            let first = s.error.lock().ok().and_then(|e| e.clone()).unwrap_or_default();
+            let why = format!(
+                "page at {page_addr:#x} cannot be served ({first}) and cannot be poisoned; \
+                 this VM is stopped: its faulting vCPU stays blocked, no page is served to it again"
+            );
+            tracing::error!("{why}");
+            if let Ok(mut h) = s.halt.lock() {
+                h.get_or_insert(why);
+            }
+        }
     }
 }
 
@@ -307,7 +346,11 @@ pub(crate) fn place(s: &Shared, rs: &RegionState, lo: usize, hi: usize, prefetch
                     continue;
                 }
                 Fill::Again => return Ok(Outcome::Retry),
-                Fill::Gone => return Ok(Outcome::Ok),
+                Fill::Gone => {
+                    s.peer_gone.store(true, Relaxed);
+                    return Ok(Outcome::Ok);
+                }
+                Fill::Unmapped => return Ok(Outcome::Ok),
             };
             if done == 0 {
                 return Ok(Outcome::Retry);

@@ -1,22 +1,35 @@
-//! Firecracker-compatible uffd handshake over a Unix socket.
+//! Firecracker's uffd handshake: what a Firecracker sends, across its versions, and the checks
+//! every field gets before a page is served.
 //!
-//! The VMM connects to the handler's socket and, in a single `sendmsg`,
-//! sends a JSON array of [`GuestRegionUffdMapping`] as data and the
-//! userfaultfd (already `UFFDIO_API`'d and with the regions registered) as
-//! `SCM_RIGHTS` ancillary data. Older Firecracker versions send
-//! `page_size_kib` instead of `page_size` (bytes); both are accepted.
-
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::net::UnixStream;
+//! On `PUT /snapshot/load` with `mem_backend: {backend_type: "Uffd", backend_path: SOCKET}`,
+//! Firecracker maps guest memory anonymously, registers it on a userfaultfd, connects to SOCKET
+//! and, in one `sendmsg`, sends a JSON array of mappings with the uffd as `SCM_RIGHTS` data
+//! (see [`crate::fc_wire`]). The page size has been spelled three ways:
+//!
+//! | Firecracker | mapping fields |
+//! |---|---|
+//! | < 1.7 | `base_host_virt_addr`, `size`, `offset` (no page size: 4 KiB) |
+//! | 1.7 - 1.11 | ... `page_size_kib`, which carries **bytes** despite its name |
+//! | 1.12 and later | ... `page_size` and `page_size_kib`, both bytes |
+//! | without the deprecated field | ... `page_size` (bytes) |
+//!
+//! Everything in the message is untrusted: [`parse`] bounds the JSON and the region count, and
+//! [`validate`] checks alignment, sizes, overlaps and that every region lies inside the source.
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{sys, Error, Result};
+use crate::error::{Error, Result};
 use crate::server::Region;
 
-/// One guest memory region as Firecracker describes it.
+/// Largest handshake JSON accepted (Firecracker's is ~100 bytes per region).
+pub const MAX_JSON: usize = 256 << 10;
+/// Most regions accepted in one handshake.
+pub const MAX_REGIONS: usize = 1024;
+/// Largest page size accepted (1 GiB hugetlbfs pages).
+pub const MAX_PAGE_SIZE: u64 = 1 << 30;
+
+/// One guest memory region as Firecracker describes it (page size normalised to bytes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(try_from = "RawMapping")]
 pub struct GuestRegionUffdMapping {
     /// Host virtual address of the region in the VMM.
     pub base_host_virt_addr: u64,
@@ -26,6 +39,39 @@ pub struct GuestRegionUffdMapping {
     pub offset: u64,
     /// Page size in bytes.
     pub page_size: u64,
+}
+
+/// How the peer spelled the page size (roughly: which Firecracker it is).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PageSizeField {
+    /// No page size (Firecracker < 1.7): 4 KiB.
+    Absent,
+    /// Only `page_size_kib`, in bytes (1.7 - 1.11).
+    KibOnly,
+    /// `page_size` and `page_size_kib`, both bytes (1.12 and later).
+    Both,
+    /// Only `page_size`.
+    PageSizeOnly,
+}
+
+impl std::fmt::Display for PageSizeField {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            PageSizeField::Absent => "no page size (Firecracker < 1.7)",
+            PageSizeField::KibOnly => "page_size_kib (Firecracker 1.7-1.11)",
+            PageSizeField::Both => "page_size + page_size_kib (Firecracker 1.12+)",
+            PageSizeField::PageSizeOnly => "page_size",
+        })
+    }
+}
+
+/// A parsed handshake message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Handshake {
+    /// The regions, in the order sent.
+    pub mappings: Vec<GuestRegionUffdMapping>,
+    /// How the page size was spelled (by the first region).
+    pub field: PageSizeField,
 }
 
 #[derive(Deserialize)]
@@ -39,148 +85,128 @@ struct RawMapping {
     page_size_kib: Option<u64>,
 }
 
-impl TryFrom<RawMapping> for GuestRegionUffdMapping {
-    type Error = String;
-    fn try_from(r: RawMapping) -> Result<Self, String> {
-        let page_size = match (r.page_size, r.page_size_kib) {
-            (Some(b), _) => b,
-            (None, Some(k)) => k.checked_mul(1024).ok_or("page_size_kib overflows")?,
-            (None, None) => return Err("mapping has neither page_size nor page_size_kib".into()),
-        };
-        if !page_size.is_power_of_two() {
-            return Err(format!("page size {page_size} is not a power of two"));
-        }
-        Ok(GuestRegionUffdMapping {
-            base_host_virt_addr: r.base_host_virt_addr,
-            size: r.size,
-            offset: r.offset,
-            page_size,
-        })
-    }
-}
-
-impl From<&GuestRegionUffdMapping> for Region {
-    fn from(m: &GuestRegionUffdMapping) -> Region {
-        Region { base: m.base_host_virt_addr, len: m.size, offset: m.offset }
-    }
-}
-
-/// Largest handshake message accepted.
-const MAX_MSG: usize = 1 << 20;
-
-/// Client (VMM) side: send the mappings and the uffd in one `sendmsg`.
-pub fn send_handshake(stream: &UnixStream, mappings: &[GuestRegionUffdMapping], uffd: BorrowedFd<'_>) -> Result<()> {
-    let body = serde_json::to_vec(mappings).map_err(|e| Error::Protocol(e.to_string()))?;
-    let mut iov = libc::iovec { iov_base: body.as_ptr() as *mut libc::c_void, iov_len: body.len() };
-    let fd: RawFd = uffd.as_raw_fd();
-    // SAFETY: CMSG_SPACE is a pure size computation.
-    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) } as usize;
-    let mut cbuf = vec![0u64; space.div_ceil(8)]; // u64 for cmsghdr alignment
-                                                  // SAFETY: msghdr is plain data; all-zero is a valid value.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = cbuf.as_mut_ptr().cast();
-    msg.msg_controllen = space as _;
-    // SAFETY: msg_control points at `space` bytes we own, enough for one
-    // cmsghdr carrying one fd, so CMSG_FIRSTHDR returns a valid pointer.
-    let cmsg = unsafe { libc::CMSG_FIRSTHDR(&msg) };
-    if cmsg.is_null() {
-        return Err(Error::Protocol("no room for control message".into()));
-    }
-    // SAFETY: pure size computation.
-    let clen = unsafe { libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) };
-    let hdr = libc::cmsghdr { cmsg_len: clen as _, cmsg_level: libc::SOL_SOCKET, cmsg_type: libc::SCM_RIGHTS };
-    // SAFETY: `cmsg` points into `cbuf` (checked non-null above), which is
-    // 8-byte aligned and large enough for a cmsghdr.
-    unsafe { std::ptr::write(cmsg, hdr) };
-    // SAFETY: CMSG_DATA of a valid header in our buffer.
-    let data = unsafe { libc::CMSG_DATA(cmsg) };
-    // SAFETY: CMSG_SPACE reserved room for one fd after the header.
-    unsafe { std::ptr::write_unaligned(data.cast::<RawFd>(), fd) };
-    // SAFETY: msg and everything it points to live across the call.
-    let n = unsafe { libc::sendmsg(stream.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
-    if n < 0 {
-        return Err(sys("sendmsg uffd handshake")(std::io::Error::last_os_error()));
-    }
-    if n as usize != body.len() {
-        return Err(Error::Protocol(format!("short sendmsg: {n} of {} bytes", body.len())));
-    }
-    Ok(())
-}
-
-/// Server (page handler) side: receive the mappings and the uffd.
-pub fn recv_handshake(stream: &UnixStream) -> Result<(Vec<GuestRegionUffdMapping>, OwnedFd)> {
-    let mut body = vec![0u8; MAX_MSG];
-    let mut iov = libc::iovec { iov_base: body.as_mut_ptr().cast(), iov_len: body.len() };
-    // SAFETY: pure size computation (room for up to 4 fds, extras are closed).
-    let space = unsafe { libc::CMSG_SPACE((4 * std::mem::size_of::<RawFd>()) as u32) } as usize;
-    let mut cbuf = vec![0u64; space.div_ceil(8)];
-    // SAFETY: msghdr is plain data; all-zero is a valid value.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = cbuf.as_mut_ptr().cast();
-    msg.msg_controllen = space as _;
-    // SAFETY: msg points at buffers we own for the duration of the call.
-    let n = unsafe { libc::recvmsg(stream.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
-    if n < 0 {
-        return Err(sys("recvmsg uffd handshake")(std::io::Error::last_os_error()));
-    }
-    let mut fds: Vec<OwnedFd> = Vec::new();
-    // SAFETY: msg was filled by recvmsg; CMSG_FIRSTHDR/NXTHDR walk the
-    // control buffer within msg_controllen.
-    let mut cmsg = unsafe { libc::CMSG_FIRSTHDR(&msg) };
-    while !cmsg.is_null() {
-        // SAFETY: cmsg is non-null and inside the control buffer.
-        let h: libc::cmsghdr = unsafe { std::ptr::read_unaligned(cmsg) };
-        let (level, ty, clen) = (h.cmsg_level, h.cmsg_type, h.cmsg_len);
-        if level == libc::SOL_SOCKET && ty == libc::SCM_RIGHTS {
-            // SAFETY: pure size computation.
-            let hdr = unsafe { libc::CMSG_LEN(0) } as usize;
-            let count = clen.saturating_sub(hdr) / std::mem::size_of::<RawFd>();
-            for i in 0..count {
-                // SAFETY: CMSG_DATA of a valid header inside the buffer.
-                let data = unsafe { libc::CMSG_DATA(cmsg) }.cast::<RawFd>();
-                // SAFETY: the kernel wrote `count` fds after the header.
-                let fd = unsafe { std::ptr::read_unaligned(data.wrapping_add(i)) };
-                // SAFETY: SCM_RIGHTS gave us a fresh fd that nobody else owns.
-                fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
+impl RawMapping {
+    fn resolve(&self, i: usize) -> Result<(GuestRegionUffdMapping, PageSizeField)> {
+        let (page_size, field) = match (self.page_size, self.page_size_kib) {
+            (Some(b), Some(k)) if b != k => {
+                return Err(bad(format!("region {i}: page_size {b} and page_size_kib {k} disagree")))
             }
+            (Some(b), Some(_)) => (b, PageSizeField::Both),
+            (Some(b), None) => (b, PageSizeField::PageSizeOnly),
+            (None, Some(k)) => (k, PageSizeField::KibOnly),
+            (None, None) => (4096, PageSizeField::Absent),
+        };
+        if !page_size.is_power_of_two() || !(4096..=MAX_PAGE_SIZE).contains(&page_size) {
+            return Err(bad(format!("region {i}: page size {page_size} is not a power of two in 4 KiB..=1 GiB")));
         }
-        // SAFETY: msg and cmsg are valid, as above.
-        cmsg = unsafe { libc::CMSG_NXTHDR(&msg, cmsg) };
+        let m = GuestRegionUffdMapping {
+            base_host_virt_addr: self.base_host_virt_addr,
+            size: self.size,
+            offset: self.offset,
+            page_size,
+        };
+        Ok((m, field))
     }
-    if msg.msg_flags & libc::MSG_CTRUNC != 0 {
-        return Err(Error::Protocol("control data truncated".into()));
-    }
-    if msg.msg_flags & libc::MSG_TRUNC != 0 {
-        return Err(Error::Protocol(format!("handshake larger than {MAX_MSG} bytes")));
-    }
-    let mappings: Vec<GuestRegionUffdMapping> =
-        serde_json::from_slice(&body[..n as usize]).map_err(|e| Error::Protocol(format!("bad mappings JSON: {e}")))?;
-    if fds.len() != 1 {
-        return Err(Error::Protocol(format!("expected exactly one uffd, got {}", fds.len())));
-    }
-    let fd = fds.pop().ok_or_else(|| Error::Protocol("no uffd".into()))?;
-    Ok((mappings, fd))
 }
 
-/// Pid of the process at the other end of a Unix socket (`SO_PEERCRED`).
-pub fn peer_pid(stream: &UnixStream) -> Option<i32> {
-    let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into `cred`, which we own.
-    let rc = unsafe {
-        libc::getsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            (&mut cred as *mut libc::ucred).cast(),
-            &mut len,
-        )
-    };
-    (rc == 0 && cred.pid > 0).then_some(cred.pid)
+fn bad(msg: String) -> Error {
+    Error::Protocol(format!("Firecracker handshake: {msg}"))
+}
+
+/// Parse a handshake body. An error whose JSON merely ended early is reported by
+/// [`is_incomplete`] so that a reader can wait for the rest.
+pub fn parse(body: &[u8]) -> Result<Handshake> {
+    if body.len() > MAX_JSON {
+        return Err(bad(format!("message larger than {MAX_JSON} bytes")));
+    }
+    let raw: Vec<RawMapping> = serde_json::from_slice(body).map_err(|e| {
+        let kind = if e.is_eof() { "incomplete JSON" } else { "bad mappings JSON" };
+        bad(format!("{kind}: {e}"))
+    })?;
+    if raw.is_empty() {
+        return Err(bad("no regions".into()));
+    }
+    if raw.len() > MAX_REGIONS {
+        return Err(bad(format!("{} regions, at most {MAX_REGIONS} accepted", raw.len())));
+    }
+    let mut mappings = Vec::with_capacity(raw.len());
+    let mut field = PageSizeField::Absent;
+    for (i, r) in raw.iter().enumerate() {
+        let (m, f) = r.resolve(i)?;
+        if i == 0 {
+            field = f;
+        }
+        mappings.push(m);
+    }
+    Ok(Handshake { mappings, field })
+}
+
+/// True if `e` (from [`parse`]) only says the JSON ended early.
+pub fn is_incomplete(e: &Error) -> bool {
+    matches!(e, Error::Protocol(m) if m.contains("incomplete JSON"))
+}
+
+/// Check the mappings against a source of `source_len` bytes and turn them into regions.
+/// Returns the regions and their (common) page size.
+pub fn validate(mappings: &[GuestRegionUffdMapping], source_len: u64) -> Result<(Vec<Region>, u64)> {
+    let ps = mappings.first().map(|m| m.page_size).ok_or_else(|| bad("no regions".into()))?;
+    let mut regions = Vec::with_capacity(mappings.len());
+    for (i, m) in mappings.iter().enumerate() {
+        let r = format!("region {i} ({:#x}+{:#x} at offset {:#x})", m.base_host_virt_addr, m.size, m.offset);
+        if m.page_size != ps {
+            return Err(bad(format!("{r}: page size {} differs from region 0's {ps}", m.page_size)));
+        }
+        if m.size == 0 {
+            return Err(bad(format!("{r}: empty")));
+        }
+        if m.size % ps != 0 {
+            return Err(bad(format!("{r}: size is not a multiple of the page size {ps}")));
+        }
+        if m.base_host_virt_addr % ps != 0 || m.offset % ps != 0 {
+            return Err(bad(format!("{r}: address or offset not aligned to the page size {ps}")));
+        }
+        if m.base_host_virt_addr.checked_add(m.size).is_none_or(|e| e > 1 << 57) {
+            return Err(bad(format!("{r}: beyond the user address space")));
+        }
+        match m.offset.checked_add(m.size) {
+            Some(end) if end <= source_len => {}
+            _ => return Err(bad(format!("{r}: extends past the end of the memory ({source_len} bytes)"))),
+        }
+        regions.push(Region { base: m.base_host_virt_addr, len: m.size, offset: m.offset });
+    }
+    let mut by_addr: Vec<&Region> = regions.iter().collect();
+    by_addr.sort_by_key(|r| r.base);
+    for w in by_addr.windows(2) {
+        if w[0].base + w[0].len > w[1].base {
+            return Err(bad(format!(
+                "regions {:#x}+{:#x} and {:#x}+{:#x} overlap",
+                w[0].base, w[0].len, w[1].base, w[1].len
+            )));
+        }
+    }
+    Ok((regions, ps))
+}
+
+/// The body a Firecracker sends for `mappings` with the page size spelled as `field`, byte for
+/// byte (fields in the order Firecracker serialises them, no spaces).
+pub fn body(mappings: &[GuestRegionUffdMapping], field: PageSizeField) -> Vec<u8> {
+    let items: Vec<String> = mappings
+        .iter()
+        .map(|m| {
+            let head = format!(
+                "{{\"base_host_virt_addr\":{},\"size\":{},\"offset\":{}",
+                m.base_host_virt_addr, m.size, m.offset
+            );
+            let ps = m.page_size;
+            match field {
+                PageSizeField::Absent => format!("{head}}}"),
+                PageSizeField::KibOnly => format!("{head},\"page_size_kib\":{ps}}}"),
+                PageSizeField::Both => format!("{head},\"page_size\":{ps},\"page_size_kib\":{ps}}}"),
+                PageSizeField::PageSizeOnly => format!("{head},\"page_size\":{ps}}}"),
+            }
+        })
+        .collect();
+    format!("[{}]", items.join(",")).into_bytes()
 }
 
 #[cfg(test)]
@@ -188,8 +214,8 @@ pub fn peer_pid(stream: &UnixStream) -> Option<i32> {
 mod tests {
     use super::*;
 
-    fn parse(json: &str) -> Result<Vec<GuestRegionUffdMapping>, serde_json::Error> {
-        serde_json::from_str(json)
+    fn parse(json: &str) -> Result<Vec<GuestRegionUffdMapping>> {
+        super::parse(json.as_bytes()).map(|h| h.mappings)
     }
 
     /// Firecracker 1.7-1.11 send only `page_size_kib`, and it has always carried bytes.

@@ -18,6 +18,7 @@ mod bitmap;
 mod error;
 mod fault;
 pub mod fc;
+pub mod fc_wire;
 mod prefetch;
 pub mod server;
 pub mod source;
@@ -27,7 +28,7 @@ pub mod wset;
 
 pub use bench::{bench_store, BenchOpts};
 pub use error::{Error, Result};
-pub use server::{FailureHook, Monitor, PageServer, Region, RemovePolicy, ServerConfig};
+pub use server::{Ended, FailureHook, Monitor, PageServer, Region, RemovePolicy, ServerConfig};
 pub use source::{ChunkSource, FileSource, MemSource, PageSource, ZeroSource};
 pub use stats::{Histogram, Stats, StatsSnapshot};
 pub use uffd::Uffd;

@@ -10,8 +10,11 @@
 //! it gets EFAULT; a KVM vCPU gets an hwpoison exit/signal). Other pages keep
 //! being served. If poisoning is not possible, the faulting thread is sent
 //! SIGBUS with `tgkill(owner_pid, tid)` (needs `UFFD_FEATURE_THREAD_ID`),
-//! else `kill(owner_pid, SIGBUS)`. The error is kept in
-//! [`PageServer::error`] and counted in the stats.
+//! else `kill(owner_pid, SIGBUS)`. A server without an owner (serving another
+//! VMM, e.g. a Firecracker, whose processes it must never signal) instead
+//! *halts*: it stops serving that VM, whose blocked vCPUs stay blocked (the VM
+//! is stopped, never fed garbage), and ends with [`Ended::Halted`]. The error
+//! is kept in [`PageServer::error`] and counted in the stats.
 //!
 //! If the fault thread itself dies (a panicking source) or the uffd fails,
 //! the server *fails stop*: every page not yet served is poisoned, so the
@@ -24,7 +27,7 @@
 //! only when the region is fully resident or no longer used, or call
 //! [`PageServer::poison_unserved`] first to make later accesses SIGBUS.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -87,6 +90,25 @@ pub struct ServerConfig {
     /// here: a hypervisor may not turn a poisoned page into an error the
     /// guest cannot ignore (KVM on some hosts reports it as an MMIO access).
     pub on_failure: Option<FailureHook>,
+    /// Use `UFFDIO_POISON` for pages that cannot be served (false only to
+    /// exercise the fallback of kernels older than 6.6).
+    pub poison: bool,
+}
+
+/// Why a fault thread ended (see [`Monitor::ended`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ended {
+    /// [`PageServer::stop`] was called.
+    Stopped,
+    /// The faulting process's address space is gone (it exited).
+    PeerGone,
+    /// The userfaultfd reported a hang-up.
+    HungUp,
+    /// A page could not be served nor poisoned and the server has no owner
+    /// to signal: it stopped serving this VM (see the module docs).
+    Halted(String),
+    /// The fault thread failed (panic, uffd error); unserved pages were poisoned.
+    Failed(String),
 }
 
 /// See [`ServerConfig::on_failure`]. Runs on the fault thread: keep it short.
@@ -110,6 +132,7 @@ impl Default for ServerConfig {
             remove_policy: RemovePolicy::Zero,
             owner_pid: None,
             on_failure: None,
+            poison: true,
         }
     }
 }
@@ -135,6 +158,13 @@ pub(crate) struct Shared {
     pub(crate) recorded: Mutex<Vec<(u64, u32)>>,
     pub(crate) prefetch_time: Mutex<Option<Duration>>,
     pub(crate) started: Instant,
+    /// Set by the fault path when the peer's address space is gone (ESRCH).
+    pub(crate) peer_gone: AtomicBool,
+    /// Set (with the reason) when a page could be neither served nor failed.
+    pub(crate) halt: Mutex<Option<String>>,
+    pub(crate) ended: Mutex<Option<Ended>>,
+    /// Written once when the fault thread ends, whatever the reason.
+    pub(crate) done_fd: OwnedFd,
 }
 
 /// A running page server (one fault thread, optionally one prefetch thread).
@@ -199,14 +229,10 @@ impl PageServer {
                 recorded: Bitmap::new(pages.div_ceil(cfg.batch / ps)),
             });
         }
-        // SAFETY: eventfd takes plain integers and returns a new fd or -1.
-        let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-        if efd < 0 {
-            return Err(sys("eventfd")(std::io::Error::last_os_error()));
-        }
-        // SAFETY: eventfd just returned this fd; we are its only owner.
-        let stop_fd = unsafe { OwnedFd::from_raw_fd(efd) };
+        let stop_fd = new_eventfd()?;
         let wake_fd = stop_fd.try_clone().map_err(sys("dup eventfd"))?;
+        uffd.ensure_nonblocking().map_err(sys("set O_NONBLOCK on the userfaultfd"))?;
+        let done_fd = new_eventfd()?;
         let prefetch = cfg.prefetch.clone();
         let shared = Arc::new(Shared {
             uffd,
@@ -219,6 +245,10 @@ impl PageServer {
             recorded: Mutex::new(Vec::new()),
             prefetch_time: Mutex::new(None),
             started: Instant::now(),
+            peer_gone: AtomicBool::new(false),
+            halt: Mutex::new(None),
+            ended: Mutex::new(None),
+            done_fd,
         });
         let s = shared.clone();
         let fault_thread = std::thread::Builder::new()
@@ -322,6 +352,16 @@ impl PageServer {
     }
 }
 
+fn new_eventfd() -> Result<OwnedFd> {
+    // SAFETY: eventfd takes plain integers and returns a new fd or -1.
+    let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+    if efd < 0 {
+        return Err(sys("eventfd")(std::io::Error::last_os_error()));
+    }
+    // SAFETY: eventfd just returned this fd; we are its only owner.
+    Ok(unsafe { OwnedFd::from_raw_fd(efd) })
+}
+
 /// A read-only view of a [`PageServer`] (see [`PageServer::monitor`]). It
 /// stays valid after the server stops (it then reports the final state).
 #[derive(Debug, Clone)]
@@ -366,6 +406,17 @@ impl Monitor {
     /// When the server started.
     pub fn started(&self) -> Instant {
         self.shared.started
+    }
+
+    /// Why the fault thread ended, once it has.
+    pub fn ended(&self) -> Option<Ended> {
+        self.shared.ended.lock().ok().and_then(|e| e.clone())
+    }
+
+    /// An eventfd that becomes readable when the fault thread ends (poll it
+    /// to learn that a served VM exited or its server halted or failed).
+    pub fn done_fd(&self) -> BorrowedFd<'_> {
+        self.shared.done_fd.as_fd()
     }
 }
 

@@ -400,13 +400,12 @@ fn firecracker_handshake_in_process() {
     // Handler side.
     let handler = std::thread::spawn(move || {
         let (stream, _) = listener.accept().unwrap();
-        let pid = fc::peer_pid(&stream);
-        let (mappings, fd) = fc::recv_handshake(&stream).unwrap();
-        let regions: Vec<Region> = mappings.iter().map(Region::from).collect();
-        let c = ServerConfig { page_size: mappings[0].page_size as usize, owner_pid: pid, ..cfg(64 << 10) };
-        let srv =
-            PageServer::start(uffd::Uffd::from_fd(fd, 0), regions, Arc::new(ChunkSource::new(store, m)), c).unwrap();
-        (srv, mappings)
+        let pid = fc_wire::peer_pid(&stream);
+        let (hs, uffd) = fc_wire::recv_handshake(&stream, Duration::from_secs(10)).unwrap();
+        let (regions, ps) = fc::validate(&hs.mappings, 512 * 4096).unwrap();
+        let c = ServerConfig { page_size: ps as usize, owner_pid: pid, ..cfg(64 << 10) };
+        let srv = PageServer::start(uffd, regions, Arc::new(ChunkSource::new(store, m)), c).unwrap();
+        (srv, hs.mappings)
     });
     // VMM side: two regions, the second at offset 1 MiB of the snapshot.
     let a = Arc::new(AnonMap::new(256 * 4096).unwrap());
@@ -423,7 +422,7 @@ fn firecracker_handshake_in_process() {
         });
     }
     let stream = UnixStream::connect(&sock).unwrap();
-    fc::send_handshake(&stream, &maps, uffd.as_fd()).unwrap();
+    fc_wire::send_handshake(&stream, &maps, uffd.as_fd()).unwrap();
     let (srv, got) = handler.join().unwrap();
     assert_eq!(got, maps);
     check_all(&a, &Arc::new(img[..256 * 4096].to_vec()));
@@ -560,10 +559,9 @@ fn blocking_uffd_from_the_vmm_is_served() {
     let listener = UnixListener::bind(&sock).unwrap();
     let handler = std::thread::spawn(move || {
         let (stream, _) = listener.accept().unwrap();
-        let (mappings, fd) = fc::recv_handshake(&stream).unwrap();
-        let regions: Vec<Region> = mappings.iter().map(Region::from).collect();
-        PageServer::start(uffd::Uffd::from_fd(fd, 0), regions, Arc::new(ChunkSource::new(store, m)), cfg(64 << 10))
-            .unwrap()
+        let (hs, uffd) = fc_wire::recv_handshake(&stream, Duration::from_secs(10)).unwrap();
+        let (regions, _) = fc::validate(&hs.mappings, 64 * 4096).unwrap();
+        PageServer::start(uffd, regions, Arc::new(ChunkSource::new(store, m)), cfg(64 << 10)).unwrap()
     });
     let map = Arc::new(AnonMap::new(img.len()).unwrap());
     let uffd = uffd::Uffd::new(uffd::features::EVENT_REMOVE, 0).unwrap();
@@ -577,7 +575,7 @@ fn blocking_uffd_from_the_vmm_is_served() {
         page_size: 4096,
     }];
     let stream = UnixStream::connect(&sock).unwrap();
-    fc::send_handshake(&stream, &maps, uffd.as_fd()).unwrap();
+    fc_wire::send_handshake(&stream, &maps, uffd.as_fd()).unwrap();
     let srv = handler.join().unwrap();
     assert_eq!(kernel_read_with_timeout(&map, 3 * 4096), 0, "fault on a blocking uffd not served");
     check_all(&map, &img);

@@ -172,8 +172,10 @@ pub enum Fill {
     /// The address space is changing (`EAGAIN` with nothing done: a
     /// REMOVE/UNMAP event is pending) — read events, then retry.
     Again,
-    /// The target process is gone (`ESRCH`) or the range was unmapped (`ENOENT`).
+    /// The target process's address space is gone (`ESRCH`): it exited.
     Gone,
+    /// The range is no longer mapped (`ENOENT`).
+    Unmapped,
 }
 
 /// A userfaultfd file descriptor.
@@ -237,6 +239,32 @@ impl Uffd {
         self.features
     }
 
+    /// Make reads non-blocking (a uffd handed over by another VMM may be blocking; poll(2) then
+    /// reports POLLERR and a read would block the fault thread). Returns true if it was blocking.
+    /// The flag lives on the open file description, which the peer shares; it never reads it.
+    pub fn ensure_nonblocking(&self) -> io::Result<bool> {
+        let fd = self.fd.as_raw_fd();
+        // SAFETY: F_GETFL on an fd we own takes no pointer.
+        let fl = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+        if fl < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if fl & libc::O_NONBLOCK != 0 {
+            return Ok(false);
+        }
+        // SAFETY: F_SETFL on an fd we own with plain integer flags.
+        if unsafe { libc::fcntl(fd, libc::F_SETFL, fl | libc::O_NONBLOCK) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(true)
+    }
+
+    /// True if `fd` is a userfaultfd (its `/proc/self/fd` link names the anon inode).
+    pub fn is_userfaultfd(fd: BorrowedFd<'_>) -> bool {
+        std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+            .is_ok_and(|p| p.as_os_str() == "anon_inode:[userfaultfd]")
+    }
+
     fn ioctl<T>(&self, req: u64, arg: &mut T) -> io::Result<()> {
         // SAFETY: every caller passes the repr(C) struct matching `req` as
         // encoded in its size bits; the kernel reads/writes only that struct.
@@ -274,7 +302,8 @@ impl Uffd {
                 Some(libc::EAGAIN) if done > 0 && (done as u64) < len => Ok(Fill::Partial(done as u64)),
                 Some(libc::EAGAIN) => Ok(Fill::Again),
                 Some(libc::EEXIST) => Ok(Fill::Exists),
-                Some(libc::ESRCH) | Some(libc::ENOENT) => Ok(Fill::Gone),
+                Some(libc::ESRCH) => Ok(Fill::Gone),
+                Some(libc::ENOENT) => Ok(Fill::Unmapped),
                 _ => Err(e),
             },
         }
