@@ -10,8 +10,9 @@ use std::time::Duration;
 use clap::Args;
 use vmm::{HibernateOptions, MicroVm, WakeOptions};
 
-use crate::api::{self, Request};
-use crate::server::{redirect_output, serve, Claimed, HIBERNATED};
+use forkvm_api::vm::{self, Client, HibernateResponse, VmPaths};
+
+use crate::server::{redirect_output, serve, Claimed};
 
 #[derive(Args, Debug)]
 pub struct HibernateArgs {
@@ -53,29 +54,30 @@ pub fn default_store() -> PathBuf {
 
 pub fn hibernate(args: HibernateArgs) -> Result<i32, String> {
     let store = std::path::absolute(args.store.unwrap_or_else(default_store)).map_err(|e| e.to_string())?;
-    let v = api::call(&args.vm, &Request::Hibernate { store: Some(store.clone()) }, Duration::from_secs(600))?;
-    let f = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
-    let mib = |k: &str| v[k].as_u64().unwrap_or(0) as f64 / f64::from(1u32 << 20);
+    let req = vm::Hibernate { store: Some(store.clone()) };
+    let client = Client::for_name(&args.vm).map_err(|e| e.to_string())?;
+    let r = client.timeout(Duration::from_secs(600)).call(req).map_err(|e| e.to_string())?;
+    let mib = |b: u64| b as f64 / f64::from(1u32 << 20);
     println!(
         "{}: hibernated in {:.1} ms (pause {:.3}, store {:.1}) into {}: {:.1} MiB guest, {:.1} MiB non-zero, \
          {:.1} MiB newly stored; pages zero {}, unique {}, dedup {}",
         args.vm,
-        f("total_ms"),
-        f("pause_ms"),
-        f("store_ms"),
-        store.display(),
-        mib("bytes_raw"),
-        mib("bytes_nonzero"),
-        mib("bytes_stored"),
-        v["pages_zero"],
-        v["pages_unique"],
-        v["pages_dedup"],
+        r.total_ms,
+        r.pause_ms,
+        r.store_ms,
+        r.store.display(),
+        mib(r.bytes_raw),
+        mib(r.bytes_nonzero),
+        mib(r.bytes_stored),
+        r.pages_zero,
+        r.pages_unique,
+        r.pages_dedup,
     );
     Ok(0)
 }
 
 /// Server side of the hibernate request: hibernates `vm` into `dir` and `store`.
-pub fn hibernate_vm(vm: &MicroVm, dir: &Path, store: Option<&Path>) -> Result<serde_json::Value, String> {
+pub fn hibernate_vm(vm: &MicroVm, dir: &Path, store: Option<&Path>) -> Result<HibernateResponse, String> {
     let store = store.map_or_else(default_store, Path::to_path_buf);
     let was_running = !vm.is_paused();
     let rep = match vm.hibernate(dir, &store, &HibernateOptions::default()) {
@@ -88,12 +90,25 @@ pub fn hibernate_vm(vm: &MicroVm, dir: &Path, store: Option<&Path>) -> Result<se
             return Err(e.to_string());
         }
     };
-    serde_json::to_value(rep).map_err(|e| e.to_string())
+    Ok(HibernateResponse {
+        image: rep.image,
+        store,
+        pause_ms: rep.pause_ms,
+        save_ms: rep.save_ms,
+        store_ms: rep.store_ms,
+        total_ms: rep.total_ms,
+        bytes_raw: rep.bytes_raw,
+        bytes_nonzero: rep.bytes_nonzero,
+        bytes_stored: rep.bytes_stored,
+        pages_total: rep.pages_total,
+        pages_zero: rep.pages_zero,
+        pages_unique: rep.pages_unique,
+        pages_dedup: rep.pages_dedup,
+    })
 }
 
 pub fn wake(args: WakeArgs) -> Result<i32, String> {
-    let dir = api::vm_dir(&args.vm)?;
-    let hib = dir.join(HIBERNATED);
+    let hib = VmPaths::for_name(&args.vm)?.hibernated();
     let record = vmm::hibernate::read_record(&hib).map_err(|_| format!("no hibernated VM named {:?}", args.vm))?;
     let store = args.store.clone().unwrap_or_else(|| PathBuf::from(&record.store));
     if !args.background {
@@ -113,11 +128,11 @@ pub fn wake(args: WakeArgs) -> Result<i32, String> {
     let (vm, handle) = match MicroVm::wake(&hib, &store, opts) {
         Ok(x) => x,
         Err(e) => {
-            claimed.release_keeping(HIBERNATED);
+            claimed.release_keeping_hibernation();
             return Err(e.to_string());
         }
     };
-    redirect_output(&claimed.dir.join("vmm.log"));
+    redirect_output(&claimed.paths.vmm_log());
     tracing::info!("woke {}: {:?}", args.vm, handle.report());
     Ok(serve(claimed, vm, None, Some(handle)))
 }

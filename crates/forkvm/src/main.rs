@@ -1,7 +1,6 @@
 //! `forkvm`: run, pause, snapshot and fork microVMs. See the README for the two commands that
 //! matter most (`forkvm demo` and the test command).
 
-mod api;
 mod bench;
 mod bench_clone;
 mod bench_store;
@@ -28,11 +27,11 @@ fn main() {
         cli::Command::Ls => vmctl::ls(),
         cli::Command::Status(a) => vmctl::status(&a.name),
         cli::Command::Exec(args) => vmctl::exec(&args),
-        cli::Command::Pause(a) => vmctl::simple(&a.name, api::Request::Pause),
+        cli::Command::Pause(a) => vmctl::pause(&a.name),
         cli::Command::Resume(a) => vmctl::resume(&a.name),
         cli::Command::Snapshot(args) => vmctl::snapshot(&args),
         cli::Command::Fork(args) => vmctl::fork(&args),
-        cli::Command::Stop(a) => vmctl::simple(&a.name, api::Request::Stop),
+        cli::Command::Stop(a) => vmctl::stop(&a.name),
         cli::Command::Demo(args) => demo::demo(args),
         cli::Command::Bench(args) => bench::bench(args),
         cli::Command::Scenario(args) => scenario::scenario(args),

@@ -102,7 +102,7 @@ fn host(h: &HostArgs, make: impl FnOnce(Box<dyn Write + Send>) -> Result<MicroVm
     };
     if h.background {
         // From here on our errors and logs go to the VM's log; the launcher has its answer.
-        redirect_output(&claimed.dir.join("vmm.log"));
+        redirect_output(&claimed.paths.vmm_log());
     } else {
         stdin_to_console(&vm);
     }

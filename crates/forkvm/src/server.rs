@@ -9,16 +9,17 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde_json::json;
+use forkvm_api::vm::{
+    self, ExecResponse, ForkChild, ForkResponse, PauseResponse, Reply, Request, ResumeResponse, RunState,
+    SnapshotResponse, StatusResponse, StopResponse, VmPaths,
+};
 use vmm::{ExitReason, MicroVm, SnapshotKind, WakeHandle};
-
-use crate::api::{self, Request, Response};
 
 /// A VM name whose socket this process has bound.
 #[derive(Debug)]
 pub struct Claimed {
     pub name: String,
-    pub dir: PathBuf,
+    pub paths: VmPaths,
     listener: UnixListener,
 }
 
@@ -27,7 +28,7 @@ impl Claimed {
     /// error; leftovers of a dead one are removed.
     pub fn new(name: &str) -> Result<Self, String> {
         let c = Self::bind(name)?;
-        let _ = std::fs::remove_dir_all(c.dir.join(HIBERNATED));
+        let _ = std::fs::remove_dir_all(c.paths.hibernated());
         Ok(c)
     }
 
@@ -37,9 +38,10 @@ impl Claimed {
     }
 
     fn bind(name: &str) -> Result<Self, String> {
-        let dir = api::vm_dir(name)?;
-        std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-        let sock = api::socket_path(&dir);
+        let paths = VmPaths::for_name(name)?;
+        let dir = &paths.dir;
+        std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        let sock = paths.socket();
         let listener = match UnixListener::bind(&sock) {
             Ok(l) => l,
             Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
@@ -51,36 +53,33 @@ impl Claimed {
             }
             Err(e) => return Err(format!("cannot bind {}: {e}", sock.display())),
         };
-        Ok(Claimed { name: name.to_string(), dir, listener })
+        Ok(Claimed { name: name.to_string(), paths, listener })
     }
 
     pub fn console_log(&self) -> PathBuf {
-        self.dir.join("console.log")
+        self.paths.console_log()
     }
 
     /// Gives the name up without serving (the VM failed to start).
     pub fn release(self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
+        let _ = std::fs::remove_dir_all(&self.paths.dir);
     }
 
-    /// Gives the name up but keeps the subdirectory `keep` (a hibernation that failed to wake).
-    pub fn release_keeping(self, keep: &str) {
-        let _ = std::fs::remove_file(api::socket_path(&self.dir));
-        let _ = std::fs::remove_file(self.dir.join("pid"));
-        if !self.dir.join(keep).exists() {
-            let _ = std::fs::remove_dir_all(&self.dir);
+    /// Gives the name up but keeps its hibernation (one that failed to wake).
+    pub fn release_keeping_hibernation(self) {
+        let _ = std::fs::remove_file(self.paths.socket());
+        let _ = std::fs::remove_file(self.paths.pid_file());
+        if !self.paths.hibernated().exists() {
+            let _ = std::fs::remove_dir_all(&self.paths.dir);
         }
     }
 }
-
-/// Subdirectory of a VM's directory holding its hibernation state.
-pub const HIBERNATED: &str = "hibernated";
 
 /// What a VMM process knows about the VM it serves.
 struct Host {
     vm: Arc<MicroVm>,
     name: String,
-    dir: PathBuf,
+    paths: VmPaths,
     parent: Option<String>,
     listener_fd: i32,
     /// Set by a successful hibernate: keep the directory on exit.
@@ -94,12 +93,12 @@ pub fn serve(claimed: Claimed, vm: MicroVm, parent: Option<String>, wake: Option
     // Fork children are reaped by the kernel: nobody waits for them here.
     // SAFETY: setting a signal disposition to SIG_IGN has no memory-safety preconditions.
     unsafe { libc::signal(libc::SIGCHLD, libc::SIG_IGN) };
-    let Claimed { name, dir, listener } = claimed;
-    let _ = std::fs::write(dir.join("pid"), format!("{}\n", std::process::id()));
+    let Claimed { name, paths, listener } = claimed;
+    let _ = std::fs::write(paths.pid_file(), format!("{}\n", std::process::id()));
     let host = Arc::new(Host {
         vm: Arc::new(vm),
         name,
-        dir,
+        paths,
         parent,
         listener_fd: listener.as_raw_fd(),
         keep_dir: false.into(),
@@ -113,9 +112,9 @@ pub fn serve(claimed: Claimed, vm: MicroVm, parent: Option<String>, wake: Option
     });
     let reason = host.vm.wait_exit(None);
     tracing::info!("VM {} exited: {reason:?}", host.name);
-    let _ = std::fs::remove_file(api::socket_path(&host.dir));
+    let _ = std::fs::remove_file(host.paths.socket());
     if !host.keep_dir.load(std::sync::atomic::Ordering::SeqCst) {
-        let _ = std::fs::remove_dir_all(&host.dir);
+        let _ = std::fs::remove_dir_all(&host.paths.dir);
     }
     match reason {
         Some(ExitReason::Error(e)) => {
@@ -135,72 +134,71 @@ enum After {
 impl Host {
     fn handle(&self, conn: UnixStream) {
         let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
-        let mut line = String::new();
-        let read = BufReader::new(&conn).take(api::MAX_LINE).read_line(&mut line);
-        let (resp, after) = match read {
-            Err(e) => (Response::err(format!("cannot read request: {e}")), After::Nothing),
-            Ok(_) => match serde_json::from_str::<Request>(&line) {
-                Err(e) => (Response::err(format!("bad request: {e}")), After::Nothing),
+        let mut line = Vec::new();
+        let read = BufReader::new(&conn).take(vm::limits::MAX_REQUEST_BYTES as u64 + 1).read_until(b'\n', &mut line);
+        let (answer, after) = match read {
+            Err(e) => (Reply::<()>::err(format!("cannot read request: {e}")).to_line(), After::Nothing),
+            Ok(_) => match vm::parse_request(&line) {
+                Err(e) => (Reply::<()>::err(e.to_string()).to_line(), After::Nothing),
                 Ok(req) => self.dispatch(req, conn.as_raw_fd()),
             },
         };
-        let mut out = serde_json::to_string(&resp).unwrap_or_else(|_| r#"{"ok":false}"#.into());
-        out.push('\n');
-        let _ = (&conn).write_all(out.as_bytes());
+        let _ = (&conn).write_all(answer.as_bytes());
         drop(conn);
         if let After::Stop = after {
             self.vm.control().stop(ExitReason::Stopped);
         }
     }
 
-    fn dispatch(&self, req: Request, conn_fd: i32) -> (Response, After) {
-        let result = match req {
-            Request::Status => Ok(self.status()),
-            Request::Pause => self.vm.pause().map(|d| json!({ "pause_ms": ms(d) })).map_err(|e| e.to_string()),
-            Request::Resume => self.vm.resume().map(|d| json!({ "resume_ms": ms(d) })).map_err(|e| e.to_string()),
-            Request::Exec { line, wait_for, timeout_ms } => {
-                self.exec(&line, wait_for.as_deref(), Duration::from_millis(timeout_ms))
+    fn dispatch(&self, req: Request, conn_fd: i32) -> (String, After) {
+        let line = match req {
+            Request::Status(_) => Reply::ok(self.status()).to_line(),
+            Request::Pause(_) => {
+                answer(self.vm.pause().map(|d| PauseResponse { pause_ms: ms(d) }).map_err(|e| e.to_string()))
             }
-            Request::Snapshot { dir, diff } => self.snapshot(&dir, diff),
-            Request::Fork { count, prefix } => self.fork(count, prefix, conn_fd),
-            Request::Hibernate { store } => {
-                match crate::hibernate_cmd::hibernate_vm(&self.vm, &self.dir.join(HIBERNATED), store.as_deref()) {
+            Request::Resume(_) => {
+                answer(self.vm.resume().map(|d| ResumeResponse { resume_ms: ms(d) }).map_err(|e| e.to_string()))
+            }
+            Request::Exec(e) => answer(self.exec(&e.line, e.wait_for.as_deref(), Duration::from_millis(e.timeout_ms))),
+            Request::Snapshot(s) => answer(self.snapshot(&s.dir, s.diff)),
+            Request::Fork(f) => answer(self.fork(f.count, f.prefix, conn_fd)),
+            Request::Hibernate(h) => {
+                let dir = self.paths.hibernated();
+                return match crate::hibernate_cmd::hibernate_vm(&self.vm, &dir, h.store.as_deref()) {
                     Ok(v) => {
                         self.keep_dir.store(true, std::sync::atomic::Ordering::SeqCst);
-                        return (Response::ok(v), After::Stop);
+                        (Reply::ok(v).to_line(), After::Stop)
                     }
-                    Err(e) => Err(e),
-                }
+                    Err(e) => (Reply::<()>::err(e).to_line(), After::Nothing),
+                };
             }
-            Request::Stop => return (Response::ok(json!({})), After::Stop),
+            Request::Stop(_) => return (Reply::ok(StopResponse { pid: std::process::id() }).to_line(), After::Stop),
         };
-        match result {
-            Ok(v) => (Response::ok(v), After::Nothing),
-            Err(e) => (Response::err(e), After::Nothing),
+        (line, After::Nothing)
+    }
+
+    fn status(&self) -> StatusResponse {
+        let exit = self.vm.control().exit_reason();
+        let state = match &exit {
+            Some(_) => RunState::Exited,
+            None if self.vm.is_paused() => RunState::Paused,
+            None => RunState::Running,
+        };
+        StatusResponse {
+            name: self.name.clone(),
+            pid: std::process::id(),
+            state,
+            exit: exit.map(|r| format!("{r:?}")),
+            mem_mib: self.vm.memory().size() >> 20,
+            vcpus: self.vm.vcpu_count(),
+            generation: self.vm.generation(),
+            parent: self.parent.clone(),
+            uptime_s: self.vm.started().elapsed().as_secs_f64(),
+            console_log: self.paths.console_log(),
         }
     }
 
-    fn status(&self) -> serde_json::Value {
-        let ctl = self.vm.control();
-        let state = match ctl.exit_reason() {
-            Some(r) => format!("exited ({r:?})"),
-            None if self.vm.is_paused() => "paused".into(),
-            None => "running".into(),
-        };
-        json!({
-            "name": self.name,
-            "pid": std::process::id(),
-            "state": state,
-            "mem_mib": self.vm.memory().size() >> 20,
-            "vcpus": self.vm.vcpu_count(),
-            "generation": self.vm.generation(),
-            "parent": self.parent,
-            "uptime_s": self.vm.started().elapsed().as_secs_f64(),
-            "console_log": self.dir.join("console.log"),
-        })
-    }
-
-    fn exec(&self, line: &str, wait_for: Option<&str>, timeout: Duration) -> Result<serde_json::Value, String> {
+    fn exec(&self, line: &str, wait_for: Option<&str>, timeout: Duration) -> Result<ExecResponse, String> {
         if self.vm.is_paused() {
             return Err(format!("VM {:?} is paused: resume it first", self.name));
         }
@@ -216,7 +214,7 @@ impl Host {
                     let done = wait_for.is_none_or(|w| l.contains(w));
                     lines.push(l);
                     if done {
-                        return Ok(json!({ "lines": lines }));
+                        return Ok(ExecResponse { lines });
                     }
                 }
                 None => {
@@ -227,7 +225,7 @@ impl Host {
         }
     }
 
-    fn snapshot(&self, dir: &Path, diff: bool) -> Result<serde_json::Value, String> {
+    fn snapshot(&self, dir: &Path, diff: bool) -> Result<SnapshotResponse, String> {
         let was_paused = self.vm.is_paused();
         let pause = if was_paused { Duration::ZERO } else { self.vm.pause().map_err(|e| e.to_string())? };
         let kind = if diff { SnapshotKind::Diff } else { SnapshotKind::Full };
@@ -236,26 +234,23 @@ impl Host {
             self.vm.resume().map_err(|e| format!("snapshot done but the VM did not resume: {e}"))?;
         }
         let r = r.map_err(|e| e.to_string())?;
-        Ok(json!({
-            "dir": dir,
-            "kind": if diff { "diff" } else { "full" },
-            "pause_ms": ms(pause),
-            "snapshot_ms": ms(r.duration),
-            "state_bytes": r.state_bytes,
-            "pages_written": r.pages_written,
-            "memory_disk_bytes": r.memory_disk_bytes,
-            "linked": r.linked,
-        }))
+        Ok(SnapshotResponse {
+            dir: dir.to_path_buf(),
+            kind: if diff { vm::SnapshotKind::Diff } else { vm::SnapshotKind::Full },
+            pause_ms: ms(pause),
+            snapshot_ms: ms(r.duration),
+            state_bytes: r.state_bytes,
+            pages_written: r.pages_written,
+            memory_disk_bytes: r.memory_disk_bytes,
+            linked: r.linked,
+        })
     }
 
-    fn fork(&self, count: usize, prefix: Option<String>, conn_fd: i32) -> Result<serde_json::Value, String> {
-        if !(1..=64).contains(&count) {
-            return Err(format!("fork count must be 1 to 64, not {count}"));
-        }
+    fn fork(&self, count: usize, prefix: Option<String>, conn_fd: i32) -> Result<ForkResponse, String> {
         let prefix = prefix.unwrap_or_else(|| format!("{}-c", self.name));
         let names: Vec<String> = (1..=count).map(|i| format!("{prefix}{i}")).collect();
         for n in &names {
-            api::check_name(n)?;
+            vm::check_name(n)?;
         }
         let mut claims = Vec::with_capacity(count);
         for n in &names {
@@ -303,7 +298,7 @@ impl Host {
             let mut line = String::new();
             let _ = BufReader::new(&rx).read_line(&mut line);
             match line.trim_end().strip_prefix("ready") {
-                Some(_) => children.push(json!({ "name": name, "pid": pid })),
+                Some(_) => children.push(ForkChild { name: name.clone(), pid }),
                 None if line.is_empty() => errors.push(format!("{name}: the child exited before it was ready")),
                 None => errors.push(format!("{name}: {}", line.trim_end())),
             }
@@ -311,14 +306,14 @@ impl Host {
         if !errors.is_empty() {
             return Err(format!("fork: {}", errors.join("; ")));
         }
-        Ok(json!({
-            "children": children,
-            "pause_ms": ms(rep.pause),
-            "save_ms": ms(rep.save),
-            "fork_ms": ms(rep.fork),
-            "fork_total_ms": fork_ms,
-            "ready_ms": ms(t0.elapsed()),
-        }))
+        Ok(ForkResponse {
+            children,
+            pause_ms: ms(rep.pause),
+            save_ms: ms(rep.save),
+            fork_ms: ms(rep.fork),
+            fork_total_ms: fork_ms,
+            ready_ms: ms(t0.elapsed()),
+        })
     }
 }
 
@@ -330,7 +325,7 @@ fn child_main(
     state: &vmm::persist::state::VmState,
     parent: &str,
 ) -> i32 {
-    redirect_output(&claimed.dir.join("vmm.log"));
+    redirect_output(&claimed.paths.vmm_log());
     let console = match std::fs::File::create(claimed.console_log()) {
         Ok(f) => f,
         Err(e) => {
@@ -359,6 +354,14 @@ pub fn redirect_output(path: &Path) {
             // SAFETY: dup2 of a valid open fd onto a standard fd; `f` stays open until after.
             unsafe { libc::dup2(f.as_raw_fd(), target) };
         }
+    }
+}
+
+/// The answer line of a fallible operation.
+fn answer<T: serde::Serialize>(r: Result<T, String>) -> String {
+    match r {
+        Ok(v) => Reply::ok(v).to_line(),
+        Err(e) => Reply::<()>::err(e).to_line(),
     }
 }
 

@@ -1,15 +1,14 @@
-//! The CLI side of the per-VM API: start detached VMM processes and send them requests.
+//! The CLI side of the per-VM API: start detached VMM processes and send them typed requests.
 
 use std::ffi::OsString;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::api::{self, Request};
-use crate::cli::{ExecArgs, ForkArgs, SnapshotArgs};
-use crate::server::HIBERNATED;
+use forkvm_api::vm::{self, limits, Client, VmPaths};
 
-const QUICK: Duration = Duration::from_secs(10);
+use crate::cli::{ExecArgs, ForkArgs, SnapshotArgs};
+
 /// Snapshots of big guests and forks of many children take a while.
 const SLOW: Duration = Duration::from_secs(600);
 
@@ -20,10 +19,14 @@ pub fn background_args() -> Vec<OsString> {
     args
 }
 
+fn client(name: &str) -> Result<Client, String> {
+    Client::for_name(name).map_err(|e| e.to_string())
+}
+
 /// Runs forkvm with `args` in a new background process that serves VM `name`, and returns once
 /// its API answers.
 pub fn spawn_detached(name: &str, args: Vec<OsString>) -> Result<i32, String> {
-    api::check_name(name)?;
+    let c = client(name)?;
     let exe = std::env::current_exe().map_err(|e| format!("cannot find the forkvm binary: {e}"))?;
     let mut child = Command::new(exe)
         .args(args)
@@ -39,9 +42,8 @@ pub fn spawn_detached(name: &str, args: Vec<OsString>) -> Result<i32, String> {
             return Ok(status.code().unwrap_or(1).max(1));
         }
         // A VM of the same name that is not ours does not count: our child will say why it failed.
-        let ours = |v: &serde_json::Value| v["pid"].as_u64() == Some(u64::from(child.id()));
-        if let Some(v) = api::call(name, &Request::Status, QUICK).ok().filter(ours) {
-            println!("{name} {} pid {}", v["state"].as_str().unwrap_or("?"), child.id());
+        if let Some(s) = c.call(vm::Status {}).ok().filter(|s| s.pid == child.id()) {
+            println!("{name} {} pid {}", s.state, child.id());
             return Ok(0);
         }
         if Instant::now() > deadline {
@@ -53,79 +55,85 @@ pub fn spawn_detached(name: &str, args: Vec<OsString>) -> Result<i32, String> {
 }
 
 pub fn status(name: &str) -> Result<i32, String> {
-    let v = api::call(name, &Request::Status, QUICK)?;
-    println!("{}", serde_json::to_string_pretty(&v).map_err(|e| e.to_string())?);
+    let s = client(name)?.call(vm::Status {}).map_err(|e| e.to_string())?;
+    println!("{}", serde_json::to_string_pretty(&s).map_err(|e| e.to_string())?);
     Ok(0)
 }
 
-/// Requests whose answer needs no printing beyond "ok".
-pub fn simple(name: &str, req: Request) -> Result<i32, String> {
-    let v = api::call(name, &req, QUICK)?;
-    let timing = ["pause_ms", "resume_ms"].iter().find_map(|k| v[*k].as_f64().map(|t| format!(" ({k} {t:.3})")));
-    println!("{name}: ok{}", timing.unwrap_or_default());
+pub fn pause(name: &str) -> Result<i32, String> {
+    let r = client(name)?.call(vm::Pause {}).map_err(|e| e.to_string())?;
+    println!("{name}: ok (pause_ms {:.3})", r.pause_ms);
+    Ok(0)
+}
+
+/// Stops a VM; returns once its VMM process is gone.
+pub fn stop(name: &str) -> Result<i32, String> {
+    let r = client(name)?.timeout(Duration::from_secs(60)).stop().map_err(|e| e.to_string())?;
+    println!("{name}: stopped (pid {} exited)", r.pid);
     Ok(0)
 }
 
 /// Resumes a paused VM; a hibernated one is woken.
 pub fn resume(name: &str) -> Result<i32, String> {
-    let dir = api::vm_dir(name)?;
-    if !api::socket_path(&dir).exists() && dir.join(HIBERNATED).exists() {
+    let paths = VmPaths::for_name(name)?;
+    if !paths.socket().exists() && paths.hibernated().exists() {
         return crate::hibernate_cmd::wake(crate::hibernate_cmd::WakeArgs {
             vm: name.to_string(),
             store: None,
             background: false,
         });
     }
-    simple(name, Request::Resume)
+    let r = client(name)?.call(vm::Resume {}).map_err(|e| e.to_string())?;
+    println!("{name}: ok (resume_ms {:.3})", r.resume_ms);
+    Ok(0)
 }
 
 pub fn exec(a: &ExecArgs) -> Result<i32, String> {
+    let max_s = limits::MAX_EXEC_TIMEOUT_MS / 1000;
+    if a.timeout == 0 || a.timeout > max_s {
+        return Err(format!("--timeout must be 1 to {max_s} seconds, not {}", a.timeout));
+    }
     let timeout = Duration::from_secs(a.timeout);
-    let req =
-        Request::Exec { line: a.line.join(" "), wait_for: a.wait_for.clone(), timeout_ms: timeout.as_millis() as u64 };
-    let v = api::call(&a.name, &req, timeout + QUICK)?;
-    for l in v["lines"].as_array().into_iter().flatten() {
-        println!("{}", l.as_str().unwrap_or_default());
+    let req = vm::Exec { line: a.line.join(" "), wait_for: a.wait_for.clone(), timeout_ms: a.timeout * 1000 };
+    let r = client(&a.name)?.timeout(timeout + Client::DEFAULT_TIMEOUT).call(req).map_err(|e| e.to_string())?;
+    for l in r.lines {
+        println!("{l}");
     }
     Ok(0)
 }
 
 pub fn snapshot(a: &SnapshotArgs) -> Result<i32, String> {
     let dir = std::path::absolute(&a.dir).map_err(|e| format!("bad snapshot directory {}: {e}", a.dir.display()))?;
-    let v = api::call(&a.name, &Request::Snapshot { dir, diff: a.diff }, SLOW)?;
+    let r = client(&a.name)?.timeout(SLOW).call(vm::Snapshot { dir, diff: a.diff }).map_err(|e| e.to_string())?;
     println!(
         "{}: {} snapshot in {:.3} ms (pause {:.3} ms): state {} B, {} pages written, memory {} B on disk{}",
         a.name,
-        v["kind"].as_str().unwrap_or("?"),
-        v["snapshot_ms"].as_f64().unwrap_or(f64::NAN),
-        v["pause_ms"].as_f64().unwrap_or(f64::NAN),
-        v["state_bytes"],
-        v["pages_written"],
-        v["memory_disk_bytes"],
-        if v["linked"].as_bool() == Some(true) { " (memory file linked)" } else { "" }
+        r.kind,
+        r.snapshot_ms,
+        r.pause_ms,
+        r.state_bytes,
+        r.pages_written,
+        r.memory_disk_bytes,
+        if r.linked { " (memory file linked)" } else { "" }
     );
     Ok(0)
 }
 
 pub fn fork(a: &ForkArgs) -> Result<i32, String> {
-    let v = api::call(&a.name, &Request::Fork { count: a.count, prefix: a.prefix.clone() }, SLOW)?;
-    for c in v["children"].as_array().into_iter().flatten() {
-        println!("{} pid {}", c["name"].as_str().unwrap_or("?"), c["pid"]);
+    let req = vm::Fork { count: a.count, prefix: a.prefix.clone() };
+    let r = client(&a.name)?.timeout(SLOW).call(req).map_err(|e| e.to_string())?;
+    for c in &r.children {
+        println!("{} pid {}", c.name, c.pid);
     }
     println!(
         "forked {} in {:.3} ms (pause {:.3}, state {:.3}, fork {:.3}); children ready after {:.3} ms",
-        a.name,
-        v["fork_total_ms"].as_f64().unwrap_or(f64::NAN),
-        v["pause_ms"].as_f64().unwrap_or(f64::NAN),
-        v["save_ms"].as_f64().unwrap_or(f64::NAN),
-        v["fork_ms"].as_f64().unwrap_or(f64::NAN),
-        v["ready_ms"].as_f64().unwrap_or(f64::NAN),
+        a.name, r.fork_total_ms, r.pause_ms, r.save_ms, r.fork_ms, r.ready_ms,
     );
     Ok(0)
 }
 
 pub fn ls() -> Result<i32, String> {
-    let run = api::run_dir();
+    let run = vm::run_dir();
     let mut names: Vec<String> = match std::fs::read_dir(&run) {
         Ok(rd) => rd.flatten().filter_map(|e| e.file_name().into_string().ok()).collect(),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
@@ -136,22 +144,24 @@ pub fn ls() -> Result<i32, String> {
         println!("{name:<24} {pid:>8} {state:<10} {mem:>8} {gen:>4} {parent}");
     };
     row("NAME", "PID", "STATE", "MEM_MIB", "GEN", "PARENT");
-    for name in names.iter().filter(|n| api::check_name(n).is_ok()) {
-        let dir = run.join(name);
-        if !dir.join("pid").exists() && !dir.join(HIBERNATED).exists() {
+    for name in names.iter().filter(|n| vm::check_name(n).is_ok()) {
+        let paths = VmPaths::in_dir(&run.join(name));
+        let hibernated = paths.hibernated().exists();
+        if !paths.pid_file().exists() && !hibernated {
             continue; // not a VM's directory
         }
-        match api::call_dir(&dir, name, &Request::Status, Duration::from_secs(2)) {
-            Ok(v) => row(
+        match Client::at(&paths.dir, name).timeout(Duration::from_secs(2)).call(vm::Status {}) {
+            Ok(s) => row(
                 name,
-                &v["pid"].to_string(),
-                v["state"].as_str().unwrap_or("?"),
-                &v["mem_mib"].to_string(),
-                &v["generation"].to_string(),
-                v["parent"].as_str().unwrap_or("-"),
+                &s.pid.to_string(),
+                &s.state.to_string(),
+                &s.mem_mib.to_string(),
+                &s.generation.to_string(),
+                s.parent.as_deref().unwrap_or("-"),
             ),
-            Err(_) if dir.join(HIBERNATED).exists() => row(name, "-", "hibernated", "-", "-", "-"),
-            Err(_) => row(name, "-", "gone", "-", "-", "-"),
+            Err(_) if hibernated => row(name, "-", "hibernated", "-", "-", "-"),
+            Err(vm::ClientError::NotRunning { .. }) => row(name, "-", "gone", "-", "-", "-"),
+            Err(_) => row(name, "-", "no-answer", "-", "-", "-"),
         }
     }
     Ok(0)
