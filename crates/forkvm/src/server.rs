@@ -95,6 +95,9 @@ pub fn serve(claimed: Claimed, vm: MicroVm, parent: Option<String>, wake: Option
     unsafe { libc::signal(libc::SIGCHLD, libc::SIG_IGN) };
     let Claimed { name, paths, listener } = claimed;
     let _ = std::fs::write(paths.pid_file(), format!("{}\n", std::process::id()));
+    if let Err(e) = vm.listen_vsock(&paths.vsock()) {
+        eprintln!("forkvm: warning: VM {name}: no vsock socket: {e}");
+    }
     let host = Arc::new(Host {
         vm: Arc::new(vm),
         name,

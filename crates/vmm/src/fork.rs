@@ -156,6 +156,8 @@ impl MicroVm {
             // SAFETY: these KVM fds belong to the parent's VM; the child never uses them.
             unsafe { libc::close(fd) };
         }
+        // Nor the parent's vsock sockets: the child gets its own (see MicroVm::listen_vsock).
+        self.vsock().forget_in_child();
         let parts = parts_from_state(state, Arc::clone(self.memory()), mirror, self.track_dirty)?;
         MicroVm::assemble(parts)
     }

@@ -10,8 +10,12 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::{boot, layout, regs};
 use crate::devices::console::Console;
+use crate::devices::mmio::MmioBus;
 use crate::devices::pio::PioBus;
 use crate::devices::serial::{SerialPort, COM1_IRQ};
+use crate::devices::virtio::mmio::MMIO_WINDOW;
+use crate::devices::virtio::vsock::{Vsock, DEFAULT_CID};
+use crate::devices::virtio::MmioSlot;
 use crate::vcpu_thread::{install_kick_handler, run_vcpu, Control, ExitReason, Want};
 use crate::vstate::memory::{Backing, GuestMem};
 use crate::vstate::vcpu::Vcpu;
@@ -73,6 +77,8 @@ pub struct MicroVm {
     ctl: Arc<Control>,
     threads: Vec<JoinHandle<()>>,
     serial: SerialPort,
+    /// The virtio-vsock device (virtio-mmio slot 0).
+    vsock: Arc<Vsock>,
     // Field order matters for drop: the VM (and its vCPU fds, owned by the threads) go before memory.
     vm: Vm,
     mem: Arc<GuestMem>,
@@ -95,6 +101,7 @@ pub(crate) struct Parts {
     pub vm: Vm,
     pub mem: Arc<GuestMem>,
     pub serial: SerialPort,
+    pub vsock: Arc<Vsock>,
     pub vcpus: Vec<Vcpu>,
     pub generation: u64,
     pub track_dirty: bool,
@@ -123,6 +130,30 @@ pub fn write_generation(mem: &GuestMem, gen: u64) -> bool {
     mem.write(layout::GEN_PAGE + 8, &page[8..]) && mem.write(layout::GEN_PAGE, &gen.to_le_bytes())
 }
 
+/// Where the vsock device sits (virtio-mmio slot 0).
+pub const VSOCK_SLOT: MmioSlot =
+    MmioSlot { base: crate::devices::virtio::MMIO_BASE, irq: crate::devices::virtio::IRQ_BASE };
+
+/// A fresh vsock device for guest CID 3, its interrupt wired through an irqfd.
+fn new_vsock(vm: &Vm, mem: &Arc<GuestMem>) -> Result<Vsock, Error> {
+    let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::Io)?;
+    vm.register_irqfd(&irq, VSOCK_SLOT.irq)?;
+    Vsock::new(DEFAULT_CID, mem.clone(), irq).map_err(Error::Config)
+}
+
+/// The vsock device of a restored or cloned VM: from its saved state (the guest then gets a
+/// transport reset), or a fresh one for a state that has none.
+pub(crate) fn vsock_from_state(
+    vm: &Vm,
+    mem: &Arc<GuestMem>,
+    st: Option<&crate::devices::virtio::vsock::VsockState>,
+) -> Result<Vsock, Error> {
+    let Some(st) = st else { return new_vsock(vm, mem) };
+    let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::Io)?;
+    vm.register_irqfd(&irq, VSOCK_SLOT.irq)?;
+    Vsock::restore(st, mem.clone(), irq).map_err(|e| Error::State(format!("vsock: {e}")))
+}
+
 impl MicroVm {
     /// Creates and boots a VM.
     pub fn boot(cfg: VmConfig) -> Result<Self, Error> {
@@ -137,6 +168,7 @@ impl MicroVm {
         };
         let loaded = boot::load(&mem, kernel, initrd, cmdline)?;
         regs::write_boot_tables(&mem).map_err(|e| Error::Config(e.to_string()))?;
+        crate::arch::acpi::write_tables(&mem, cfg.vcpus, &[VSOCK_SLOT]).map_err(|e| Error::Config(e.to_string()))?;
         if !write_generation(&mem, 1) {
             return Err(Error::Config("no room for the generation page".into()));
         }
@@ -146,6 +178,7 @@ impl MicroVm {
         let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::Io)?;
         vm.register_irqfd(&irq, COM1_IRQ)?;
         let serial = SerialPort::new(irq, console);
+        let vsock = Arc::new(new_vsock(&vm, &mem)?);
         let mut vcpus = Vec::new();
         for id in 0..cfg.vcpus {
             let v = Vcpu::new(&vm, id)?;
@@ -153,13 +186,25 @@ impl MicroVm {
             v.configure_boot(loaded.entry)?;
             vcpus.push(v);
         }
-        let parts =
-            Parts { vm, mem, serial, vcpus, generation: 1, track_dirty: cfg.track_dirty, started, start: Want::Run };
+        let parts = Parts {
+            vm,
+            mem,
+            serial,
+            vsock,
+            vcpus,
+            generation: 1,
+            track_dirty: cfg.track_dirty,
+            started,
+            start: Want::Run,
+        };
         MicroVm::assemble(parts)
     }
 
     /// Starts vCPU threads over assembled parts.
     pub(crate) fn assemble(p: Parts) -> Result<Self, Error> {
+        if p.start == Want::Pause {
+            p.vsock.pause();
+        }
         let msr_indices = Arc::new(crate::vstate::vcpu::msr_indices(&p.vm)?);
         let mut kvm_fds = vec![p.vm.fd().as_raw_fd(), p.vm.kvm().as_raw_fd()];
         kvm_fds.extend(p.vcpus.iter().map(|v| v.fd.as_raw_fd()));
@@ -167,6 +212,7 @@ impl MicroVm {
             ctl: Control::new(p.vcpus.len(), p.start),
             threads: Vec::new(),
             serial: p.serial,
+            vsock: p.vsock,
             vm: p.vm,
             mem: p.mem,
             vcpus: p.vcpus.len() as u8,
@@ -184,11 +230,15 @@ impl MicroVm {
 
     fn spawn(&mut self, vcpus: Vec<Vcpu>) -> Result<(), Error> {
         install_kick_handler().map_err(Error::Io)?;
+        let mut mmio = MmioBus::default();
+        mmio.add(VSOCK_SLOT.base, MMIO_WINDOW, self.vsock.clone());
         for v in vcpus {
             let bus = PioBus { serial: self.serial.clone() };
+            let mmio = mmio.clone();
             let ctl = self.ctl.clone();
             let name = format!("vcpu{}", v.id);
-            let h = std::thread::Builder::new().name(name).spawn(move || run_vcpu(v, bus, ctl)).map_err(Error::Io)?;
+            let h =
+                std::thread::Builder::new().name(name).spawn(move || run_vcpu(v, bus, mmio, ctl)).map_err(Error::Io)?;
             self.threads.push(h);
         }
         Ok(())
@@ -200,6 +250,18 @@ impl MicroVm {
 
     pub fn serial(&self) -> &SerialPort {
         &self.serial
+    }
+
+    /// The virtio-vsock device.
+    pub fn vsock(&self) -> &Arc<Vsock> {
+        &self.vsock
+    }
+
+    /// Serves the vsock device's host side on `path` (Firecracker's convention: host processes
+    /// connect there and write `CONNECT <port>\n`; guest connections to host port P reach
+    /// `<path>_P`).
+    pub fn listen_vsock(&self, path: &std::path::Path) -> Result<(), Error> {
+        self.vsock.listen(path).map_err(Error::Config)
     }
 
     pub fn memory(&self) -> &Arc<GuestMem> {
@@ -267,11 +329,14 @@ impl MicroVm {
 
     /// Parks all vCPUs at an instruction boundary; returns the pause latency.
     pub fn pause(&self) -> Result<Duration, Error> {
-        self.ctl.pause(Duration::from_secs(10)).map_err(Error::State)
+        let d = self.ctl.pause(Duration::from_secs(10)).map_err(Error::State)?;
+        self.vsock.pause();
+        Ok(d)
     }
 
     /// Continues paused vCPUs exactly where they were; returns the resume latency.
     pub fn resume(&self) -> Result<Duration, Error> {
+        self.vsock.resume();
         self.ctl.resume().map_err(Error::State)
     }
 

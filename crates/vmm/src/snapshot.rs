@@ -15,7 +15,7 @@ use crate::devices::serial::{SerialPort, COM1_IRQ};
 use crate::devices::serial_persist::SerialSnap;
 use crate::microvm::{write_generation, MicroVm, Parts};
 use crate::persist::memory_file;
-use crate::persist::state::{MemoryImage, VmState};
+use crate::persist::state::{DevicesState, MemoryImage, VmState};
 use crate::vcpu_thread::Want;
 use crate::vstate::memory::{Backing, GuestMem};
 use crate::vstate::vcpu::Vcpu;
@@ -101,6 +101,7 @@ impl MicroVm {
             vcpus,
             vm: VmKvmState::save(self.vm())?,
             serial: SerialSnap::from(&self.serial().state()),
+            devices: DevicesState { vsock: Some(self.vsock().save(self.memory())) },
             memory: None,
         })
     }
@@ -300,6 +301,7 @@ pub(crate) fn parts_from_state(
     let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::Io)?;
     vm.register_irqfd(&irq, COM1_IRQ)?;
     let serial = SerialPort::from_state(&(&state.serial).into(), irq, console).map_err(Error::State)?;
+    let vsock = Arc::new(crate::microvm::vsock_from_state(&vm, &mem, state.devices.vsock.as_ref())?);
     let count = state.vcpus.len() as u8;
     let mut vcpus = Vec::new();
     for s in &state.vcpus {
@@ -312,5 +314,5 @@ pub(crate) fn parts_from_state(
     if !write_generation(&mem, generation) {
         return Err(Error::State("no room for the generation page".into()));
     }
-    Ok(Parts { vm, mem, serial, vcpus, generation, track_dirty, started: Instant::now(), start: Want::Run })
+    Ok(Parts { vm, mem, serial, vsock, vcpus, generation, track_dirty, started: Instant::now(), start: Want::Run })
 }

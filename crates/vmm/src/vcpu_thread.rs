@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use kvm_ioctls::VcpuExit;
 
 use crate::devices::console::lock;
+use crate::devices::mmio::MmioBus;
 use crate::devices::pio::{PioAction, PioBus};
 use crate::vstate::vcpu::Vcpu;
 
@@ -240,7 +241,7 @@ impl Control {
 }
 
 /// Body of a vCPU thread.
-pub fn run_vcpu(mut vcpu: Vcpu, bus: PioBus, ctl: Arc<Control>) {
+pub fn run_vcpu(mut vcpu: Vcpu, bus: PioBus, mmio: MmioBus, ctl: Arc<Control>) {
     ctl.enter();
     loop {
         match ctl.want() {
@@ -260,8 +261,8 @@ pub fn run_vcpu(mut vcpu: Vcpu, bus: PioBus, ctl: Arc<Control>) {
                 }
             }
             Ok(VcpuExit::IoIn(port, data)) => bus.read(port, data),
-            Ok(VcpuExit::MmioRead(_, data)) => data.fill(0xff),
-            Ok(VcpuExit::MmioWrite(..)) => {}
+            Ok(VcpuExit::MmioRead(addr, data)) => mmio.read(addr, data),
+            Ok(VcpuExit::MmioWrite(addr, data)) => mmio.write(addr, data),
             Ok(VcpuExit::Shutdown) => ctl.stop(ExitReason::GuestShutdown),
             Ok(VcpuExit::Hlt) => ctl.stop(ExitReason::GuestShutdown),
             Ok(VcpuExit::Intr) => {}

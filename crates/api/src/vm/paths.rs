@@ -70,6 +70,12 @@ impl VmPaths {
         self.dir.join("vmm.log")
     }
 
+    /// The vsock host socket (Firecracker's convention: connect and write `CONNECT <port>\n`;
+    /// guest connections to host port P reach `<this path>_P`).
+    pub fn vsock(&self) -> PathBuf {
+        self.dir.join("vsock.sock")
+    }
+
     /// The hibernation state of a hibernated VM (its VMM is gone).
     pub fn hibernated(&self) -> PathBuf {
         self.dir.join(HIBERNATED)

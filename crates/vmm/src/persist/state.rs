@@ -4,12 +4,13 @@ use serde::{Deserialize, Serialize};
 
 use super::envelope::{self, EnvelopeError, Kind};
 use crate::devices::serial_persist::SerialSnap;
+use crate::devices::virtio::vsock::VsockState;
 use crate::vstate::memory::Backing;
 use crate::vstate::vcpu::VcpuState;
 use crate::vstate::vm_persist::VmKvmState;
 
-/// State files: `FORKVM` + `ST`, format version 1.
-pub const STATE_KIND: Kind = Kind { tag: *b"ST", name: "VM state", version: 1 };
+/// State files: `FORKVM` + `ST`, format version 2 (2 added the virtio devices).
+pub const STATE_KIND: Kind = Kind { tag: *b"ST", name: "VM state", version: 2 };
 
 /// How the memory of a snapshot is stored next to its state file.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -18,6 +19,12 @@ pub enum MemoryImage {
     Full { file: String },
     /// Only the pages dirtied since `base` (another snapshot directory), at their offsets.
     Diff { file: String, base: String, pages: u64 },
+}
+
+/// Saved state of the virtio devices.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DevicesState {
+    pub vsock: Option<VsockState>,
 }
 
 /// Everything needed to rebuild a running VM from its memory.
@@ -29,6 +36,8 @@ pub struct VmState {
     pub vcpus: Vec<VcpuState>,
     pub vm: VmKvmState,
     pub serial: SerialSnap,
+    /// virtio devices (virtio-mmio transports and their device state).
+    pub devices: DevicesState,
     pub memory: Option<MemoryImage>,
 }
 

@@ -160,7 +160,7 @@ impl GuestMem {
         })
     }
 
-    fn mark_host_dirty(&self, gpa: u64, len: u64) {
+    pub(crate) fn mark_host_dirty(&self, gpa: u64, len: u64) {
         let (Some(start), Some(end)) =
             (self.image_offset(gpa), len.checked_sub(1).and_then(|l| self.image_offset(gpa + l)))
         else {
