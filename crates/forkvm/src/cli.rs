@@ -24,7 +24,8 @@ pub enum Command {
     Ls,
     /// Print a VM's status as JSON.
     Status(NameArg),
-    /// Send a line to a VM's console and print what it answers.
+    /// Run a program through the guest agent (`forkvm exec NAME -- ARGV...`: stdout and stderr
+    /// apart, exits with its code), or send a line to the serial console (`forkvm exec NAME LINE`).
     Exec(ExecArgs),
     /// Park a VM's vCPUs.
     Pause(NameArg),
@@ -139,13 +140,25 @@ pub struct NameArg {
 pub struct ExecArgs {
     /// VM name.
     pub name: String,
-    /// The line to send (words are joined with spaces).
-    #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+    /// The line to send to the serial console (words are joined with spaces).
+    #[arg(required_unless_present = "argv", conflicts_with = "argv", allow_hyphen_values = true)]
     pub line: Vec<String>,
+    /// After `--`: the program and its arguments, run by the guest agent.
+    #[arg(last = true)]
+    pub argv: Vec<String>,
+    /// With `--`: environment variables (NAME=VALUE) for the program.
+    #[arg(long = "env", short = 'e', value_name = "NAME=VALUE")]
+    pub env: Vec<String>,
+    /// With `--`: working directory of the program.
+    #[arg(long)]
+    pub cwd: Option<String>,
+    /// With `--`: pass forkvm's stdin to the program (at most 512 KiB, UTF-8).
+    #[arg(long)]
+    pub stdin: bool,
     /// Print console lines until one contains this text (default: print the next line).
     #[arg(long)]
     pub wait_for: Option<String>,
-    /// Seconds to wait for the answer.
+    /// Seconds to wait for the answer (the agent kills the program then).
     #[arg(long, default_value_t = 10)]
     pub timeout: u64,
 }

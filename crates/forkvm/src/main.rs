@@ -1,6 +1,7 @@
 //! `forkvm`: run, pause, snapshot and fork microVMs. See the README for the two commands that
 //! matter most (`forkvm demo` and the test command).
 
+mod agent_exec;
 mod bench;
 mod bench_clone;
 mod bench_store;

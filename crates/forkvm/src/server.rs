@@ -98,6 +98,10 @@ pub fn serve(claimed: Claimed, vm: MicroVm, parent: Option<String>, wake: Option
     if let Err(e) = vm.listen_vsock(&paths.vsock()) {
         eprintln!("forkvm: warning: VM {name}: no vsock socket: {e}");
     }
+    // A restored, forked or woken VM: its agent gets the new generation, seed and clock first.
+    if let Err(e) = vm.start_clone_hook(crate::agent_exec::addr(&paths.dir), Default::default()) {
+        eprintln!("forkvm: warning: VM {name}: {e}");
+    }
     let host = Arc::new(Host {
         vm: Arc::new(vm),
         name,
@@ -163,6 +167,7 @@ impl Host {
                 answer(self.vm.resume().map(|d| ResumeResponse { resume_ms: ms(d) }).map_err(|e| e.to_string()))
             }
             Request::Exec(e) => answer(self.exec(&e.line, e.wait_for.as_deref(), Duration::from_millis(e.timeout_ms))),
+            Request::AgentExec(e) => answer(crate::agent_exec::exec(&self.vm, &self.paths.dir, e)),
             Request::Snapshot(s) => answer(self.snapshot(&s.dir, s.diff)),
             Request::Fork(f) => answer(self.fork(f.count, f.prefix, conn_fd)),
             Request::Hibernate(h) => {
@@ -198,6 +203,8 @@ impl Host {
             parent: self.parent.clone(),
             uptime_s: self.vm.started().elapsed().as_secs_f64(),
             console_log: self.paths.console_log(),
+            reseeded: self.vm.agent_gate().state().reseeded(),
+            clone_hook: self.vm.agent_gate().state().detail(),
         }
     }
 
@@ -205,6 +212,7 @@ impl Host {
         if self.vm.is_paused() {
             return Err(format!("VM {:?} is paused: resume it first", self.name));
         }
+        crate::agent_exec::wait_gate(&self.vm)?;
         let console = self.vm.console();
         let mut cursor = console.cursor();
         self.vm.send_line(line).map_err(|e| e.to_string())?;

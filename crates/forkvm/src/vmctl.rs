@@ -94,6 +94,9 @@ pub fn exec(a: &ExecArgs) -> Result<i32, String> {
         return Err(format!("--timeout must be 1 to {max_s} seconds, not {}", a.timeout));
     }
     let timeout = Duration::from_secs(a.timeout);
+    if !a.argv.is_empty() {
+        return crate::agent_exec::run_cli(a, timeout);
+    }
     let req = vm::Exec { line: a.line.join(" "), wait_for: a.wait_for.clone(), timeout_ms: a.timeout * 1000 };
     let r = client(&a.name)?.timeout(timeout + Client::DEFAULT_TIMEOUT).call(req).map_err(|e| e.to_string())?;
     for l in r.lines {

@@ -2,6 +2,7 @@
 //! snapshot, restore and fork. Laid out like Firecracker's `src/vmm`: `vstate/` holds the KVM VM,
 //! vCPUs and guest memory, `devices/` the emulated devices, `arch/` the x86_64 boot details.
 
+pub mod agent;
 pub mod arch;
 pub mod devices;
 pub mod error;

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::agent::{run_begun, AgentAddr, AgentGate, CloneHookOptions, HookState};
 use crate::arch::{boot, layout, regs};
 use crate::devices::console::Console;
 use crate::devices::mmio::MmioBus;
@@ -94,6 +95,8 @@ pub struct MicroVm {
     /// Guest memory is still being filled by a page server (a lazy wake): a fork child would
     /// not inherit it, so fork refuses until it is all in.
     pub(crate) lazy_memory: Arc<std::sync::atomic::AtomicBool>,
+    /// The clone hook's gate (see [`crate::agent`]): clones start `NotRun`.
+    agent: Arc<AgentGate>,
 }
 
 /// The parts a VM is assembled from, fresh or restored.
@@ -223,6 +226,7 @@ impl MicroVm {
             kvm_fds,
             last_snapshot: std::sync::Mutex::new(None),
             lazy_memory: Arc::default(),
+            agent: Arc::new(AgentGate::new(if p.generation > 1 { HookState::NotRun } else { HookState::NotAClone })),
         };
         me.spawn(p.vcpus)?;
         Ok(me)
@@ -281,6 +285,36 @@ impl MicroVm {
     pub fn generation_seed(&self) -> Option<[u8; 32]> {
         let mut seed = [0u8; 32];
         self.mem.read(layout::GEN_PAGE + 8, &mut seed).then_some(seed)
+    }
+
+    /// The clone hook's gate: guest requests wait on it while the hook runs.
+    pub fn agent_gate(&self) -> &Arc<AgentGate> {
+        &self.agent
+    }
+
+    /// Starts the clone hook of a restored, forked or woken VM on its own thread: the agent at
+    /// `addr` gets this VM's generation, its fresh seed and the host's clock before any other
+    /// guest request (callers wait on [`MicroVm::agent_gate`]). A VM that is not a clone, or whose
+    /// hook already ran, is left alone.
+    pub fn start_clone_hook(&self, addr: AgentAddr, opts: CloneHookOptions) -> Result<(), Error> {
+        if !self.agent.begin() {
+            return Ok(());
+        }
+        if matches!(addr, AgentAddr::Vsock { .. }) && !self.vsock.state().transport.is_active() {
+            // No driver ever set the device up (the test guest, or a kernel without virtio-vsock):
+            // nothing can listen, and a connection would only wait for the setup timeout.
+            self.agent.set(HookState::NoAgent("the guest has not set up its vsock device".into()));
+            return Ok(());
+        }
+        let gate = Arc::clone(&self.agent);
+        let (generation, seed) = (self.generation, self.generation_seed());
+        let spawned = std::thread::Builder::new()
+            .name("clone-hook".into())
+            .spawn(move || run_begun(&gate, &addr, generation, seed, &opts));
+        spawned.map(drop).map_err(|e| {
+            self.agent.set(HookState::Failed(format!("cannot start the clone hook thread: {e}")));
+            Error::Io(e)
+        })
     }
 
     /// When the VM was created (for boot-time measurements).

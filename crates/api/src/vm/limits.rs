@@ -22,3 +22,9 @@ pub const MAX_EXEC_OUTPUT: usize = 1 << 20;
 pub const MAX_FORK_COUNT: usize = 64;
 /// Longest path in a request.
 pub const MAX_PATH_BYTES: usize = 4096;
+/// Most stdin an `agent_exec` request carries (it must fit in one request line).
+pub const MAX_AGENT_STDIN: usize = 32 << 10;
+/// Most arguments (and environment variables) of an `agent_exec`.
+pub const MAX_AGENT_ARGS: usize = 256;
+/// Most stdout + stderr an `agent_exec` answer carries; the agent drops the rest.
+pub const MAX_AGENT_OUTPUT: u64 = 1 << 20;

@@ -16,6 +16,7 @@ pub enum Request {
     Pause(Pause),
     Resume(Resume),
     Exec(Exec),
+    AgentExec(AgentExec),
     Snapshot(Snapshot),
     Fork(Fork),
     Hibernate(Hibernate),
@@ -81,6 +82,24 @@ impl Exec {
         Exec { line: line.into(), wait_for: None, timeout_ms: DEFAULT_EXEC_TIMEOUT_MS }
     }
 }
+
+/// Run `argv` through the guest agent (vsock port 52) after the clone hook (if one is pending):
+/// stdout and stderr apart, the exit code or signal, within `timeout_ms`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentExec {
+    pub argv: Vec<String>,
+    #[serde(default)]
+    pub env: Vec<(String, String)>,
+    #[serde(default)]
+    pub cwd: Option<String>,
+    /// Bytes for the program's stdin (UTF-8, at most `MAX_AGENT_STDIN`).
+    #[serde(default)]
+    pub stdin: Option<String>,
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+}
+op!(AgentExec => AgentExecResponse);
 
 /// Snapshot into `dir` (full, or a diff against this VM's previous snapshot). A running VM is
 /// paused for the snapshot and resumed afterwards.
@@ -181,6 +200,30 @@ impl Request {
                     ));
                 }
             }
+            Request::AgentExec(e) => {
+                if e.argv.is_empty() || e.argv.len() > MAX_AGENT_ARGS || e.env.len() > MAX_AGENT_ARGS {
+                    return Err(format!(
+                        "agent_exec needs 1 to {MAX_AGENT_ARGS} arguments and at most as many env vars"
+                    ));
+                }
+                let strings = e.argv.iter().chain(e.env.iter().flat_map(|(k, v)| [k, v])).chain(&e.cwd);
+                if strings.clone().any(|a| a.contains('\0'))
+                    || e.env.iter().any(|(k, _)| k.is_empty() || k.contains('='))
+                {
+                    return Err(
+                        "agent_exec arguments must not contain NUL bytes; env names are non-empty without '='".into()
+                    );
+                }
+                if e.stdin.as_ref().is_some_and(|s| s.len() > MAX_AGENT_STDIN) {
+                    return Err(format!("agent_exec stdin is over {MAX_AGENT_STDIN} bytes"));
+                }
+                if e.timeout_ms == 0 || e.timeout_ms > MAX_EXEC_TIMEOUT_MS {
+                    return Err(format!(
+                        "agent_exec timeout_ms must be 1 to {MAX_EXEC_TIMEOUT_MS}, not {}",
+                        e.timeout_ms
+                    ));
+                }
+            }
             Request::Snapshot(s) => check_path("snapshot dir", &s.dir)?,
             Request::Hibernate(h) => {
                 if let Some(s) = &h.store {
@@ -209,6 +252,7 @@ impl Request {
             Request::Pause(_) => "pause",
             Request::Resume(_) => "resume",
             Request::Exec(_) => "exec",
+            Request::AgentExec(_) => "agent_exec",
             Request::Snapshot(_) => "snapshot",
             Request::Fork(_) => "fork",
             Request::Hibernate(_) => "hibernate",
@@ -262,6 +306,17 @@ mod tests {
         ] {
             assert!(matches!(parse_request(bad.as_bytes()), Err(RequestError::Invalid(_))), "{bad}");
         }
+        for bad in [
+            r#"{"op":"agent_exec","argv":[]}"#.to_string(),
+            r#"{"op":"agent_exec","argv":["a\u0000b"]}"#.to_string(),
+            r#"{"op":"agent_exec","argv":["true"],"env":[["A=B","c"]]}"#.to_string(),
+            r#"{"op":"agent_exec","argv":["true"],"timeout_ms":0}"#.to_string(),
+            format!(r#"{{"op":"agent_exec","argv":["cat"],"stdin":"{}"}}"#, "x".repeat(MAX_AGENT_STDIN + 1)),
+        ] {
+            assert!(matches!(parse_request(bad.as_bytes()), Err(RequestError::Invalid(_))), "{bad}");
+        }
+        let ok = parse_request(br#"{"op":"agent_exec","argv":["sh","-c","exit 3"],"env":[["A","1"]]}"#).unwrap();
+        assert_eq!(ok.op_name(), "agent_exec");
         let huge = r#"{"op":"fork","count":99999999999999999999999}"#;
         assert!(parse_request(huge.as_bytes()).is_err());
         let e = parse_request(br#"{"op":"exec","line":"p","timeout_ms":700000}"#).unwrap_err();

@@ -80,6 +80,13 @@ pub struct StatusResponse {
     pub parent: Option<String>,
     pub uptime_s: f64,
     pub console_log: PathBuf,
+    /// Whether this clone's guest agent took its fresh seed: true, false, "no agent",
+    /// "pending", or null for a VM that is not a clone (booted).
+    #[serde(default)]
+    pub reseeded: serde_json::Value,
+    /// What the clone hook did (generation, clock step, user hooks) or why it did not run.
+    #[serde(default)]
+    pub clone_hook: serde_json::Value,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -96,6 +103,21 @@ pub struct ResumeResponse {
 pub struct ExecResponse {
     /// The console lines, without line ends.
     pub lines: Vec<String>,
+}
+
+/// A program's outcome through the guest agent (output decoded as UTF-8, lossily).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentExecResponse {
+    pub stdout: String,
+    pub stderr: String,
+    /// Exit code, if it exited.
+    pub code: Option<i32>,
+    /// Signal that killed it, if one did.
+    pub signal: Option<i32>,
+    /// The agent killed it at the deadline.
+    pub timed_out: bool,
+    /// Output beyond `MAX_AGENT_OUTPUT` was dropped.
+    pub truncated: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
