@@ -15,8 +15,12 @@
 //! <dir>/pack                     append-only chunk data (see `pack` docs)
 //! <dir>/index                    hash -> (offset, stored len, raw len, codec)
 //! <dir>/manifests/<name>.manifest  page number -> chunk hash | zero
-//! <dir>/LOCK                     flock()ed by the one writer
+//! <dir>/owners/<name>           optional owner of an image (e.g. its hibernation directory)
+//! <dir>/LOCK                     flock()ed by the one writer (writers and `gc` wait for it)
 //! ```
+//!
+//! Removing an image only drops its manifest; [`Store::gc`] then drops the chunks no manifest
+//! references and punches their bytes out of the pack (offsets never move).
 //!
 //! `index` and manifests are [`envelope`]s: magic, version, length and
 //! blake3 checksum around a hand-written little-endian payload. They are
@@ -47,8 +51,10 @@
 //! ```
 
 mod codec;
+pub mod decode;
 pub mod envelope;
 mod error;
+mod gc;
 mod hash;
 pub(crate) mod index;
 pub(crate) mod manifest;
@@ -58,7 +64,9 @@ mod store;
 mod writer;
 
 pub use codec::Codec;
+pub use decode::{decode_chunk, decode_index, encode_index, IndexContents};
 pub use error::{Error, Result};
+pub use gc::GcReport;
 pub use hash::ChunkHash;
 pub use index::IndexEntry;
 pub use manifest::{Manifest, PageRef};
@@ -68,3 +76,5 @@ pub use writer::{is_zero, ImageWriter};
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod gc_tests;

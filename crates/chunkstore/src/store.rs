@@ -6,6 +6,7 @@ use std::fs::{self, File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use crate::codec::{self, Codec};
 use crate::error::{io_err, Error, Result};
@@ -76,19 +77,23 @@ thread_local! {
 const MAX_COALESCED_READ: u64 = 4 << 20;
 
 impl Store {
-    /// Open the store in `dir`, creating it if needed, for reading and writing.
+    /// Open the store in `dir`, creating it if needed, for reading and writing. Fails with
+    /// [`Error::Locked`] at once if another writer holds the store (see
+    /// [`Store::open_or_create_wait`]).
     pub fn open_or_create(dir: impl AsRef<Path>, config: StoreConfig) -> Result<Self> {
+        Self::open_or_create_wait(dir, config, Duration::ZERO)
+    }
+
+    /// Like [`Store::open_or_create`], but waits up to `max_wait` for another writer (a
+    /// hibernation, a gc) to release the store.
+    pub fn open_or_create_wait(dir: impl AsRef<Path>, config: StoreConfig, max_wait: Duration) -> Result<Self> {
         config.check()?;
         let dir = dir.as_ref().to_path_buf();
         fs::create_dir_all(dir.join("manifests")).map_err(io_err(&dir))?;
         let lock_path = dir.join("LOCK");
         let lock =
             OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).map_err(io_err(&lock_path))?;
-        // SAFETY: flock on a file descriptor we own; no memory is involved.
-        let rc = unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-        if rc != 0 {
-            return Err(Error::Locked(dir));
-        }
+        lock_exclusive(&lock, max_wait).map_err(|()| Error::Locked(dir.clone()))?;
         let index_path = dir.join("index");
         let index = if index_path.exists() { Index::load(&index_path)? } else { Index::new() };
         let pack = Pack::open(&dir.join("pack"), true, index.pack_len)?;
@@ -144,6 +149,15 @@ impl Store {
     /// The configuration new images are written with.
     pub fn config(&self) -> &StoreConfig {
         &self.config
+    }
+
+    /// True if this store was opened for writing (and holds the store lock).
+    pub fn is_writable(&self) -> bool {
+        self.writable
+    }
+
+    pub(crate) fn check_name(&self, name: &str) -> Result<()> {
+        self.manifest_path(name).map(drop)
     }
 
     fn manifest_path(&self, name: &str) -> Result<PathBuf> {
@@ -215,13 +229,14 @@ impl Store {
         Ok(names)
     }
 
-    /// Delete image `name`'s manifest. Its chunks stay in the pack (there is no GC yet).
+    /// Delete image `name`'s manifest (and its owner). Its chunks stay until [`Store::gc`].
     pub fn remove_image(&self, name: &str) -> Result<()> {
         if !self.writable {
             return Err(Error::ReadOnly);
         }
         let path = self.manifest_path(name)?;
-        fs::remove_file(&path).map_err(io_err(&path))
+        fs::remove_file(&path).map_err(io_err(&path))?;
+        self.remove_owner(name)
     }
 
     /// Location of a chunk, if stored.
@@ -390,6 +405,24 @@ impl Store {
             }
         }
         Ok(report)
+    }
+}
+
+/// Takes an exclusive flock on `f`, waiting up to `max_wait` for its holder.
+fn lock_exclusive(f: &File, max_wait: Duration) -> std::result::Result<(), ()> {
+    let deadline = Instant::now() + max_wait;
+    let mut pause = Duration::from_millis(1);
+    loop {
+        // SAFETY: flock on a file descriptor we own; no memory is involved.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return Ok(());
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(());
+        }
+        std::thread::sleep(pause.min(deadline - now));
+        pause = (pause * 2).min(Duration::from_millis(50));
     }
 }
 

@@ -9,10 +9,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::*;
 
-struct TempDir(PathBuf);
+pub(crate) struct TempDir(PathBuf);
 
 impl TempDir {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         static N: AtomicUsize = AtomicUsize::new(0);
         let p = std::env::temp_dir().join(format!(
             "chunkstore-test-{}-{}",
@@ -22,7 +22,7 @@ impl TempDir {
         let _ = fs::remove_dir_all(&p);
         TempDir(p)
     }
-    fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         &self.0
     }
 }
@@ -41,7 +41,7 @@ fn rng(seed: &mut u64) -> u64 {
 }
 
 /// Zero pages, repeated pages, text-like pages and random pages.
-fn image(pages: usize, ps: usize, seed: u64) -> Vec<u8> {
+pub(crate) fn image(pages: usize, ps: usize, seed: u64) -> Vec<u8> {
     let mut s = seed | 1;
     let mut v = vec![0u8; pages * ps];
     for (i, p) in v.chunks_exact_mut(ps).enumerate() {
@@ -63,7 +63,7 @@ fn image(pages: usize, ps: usize, seed: u64) -> Vec<u8> {
     v
 }
 
-fn read_all(store: &Store, m: &Manifest) -> Vec<u8> {
+pub(crate) fn read_all(store: &Store, m: &Manifest) -> Vec<u8> {
     let mut out = vec![0u8; m.page_count() as usize * m.page_size()];
     store.read_pages(m, 0, &mut out).unwrap();
     out.truncate(m.image_len() as usize);

@@ -1,0 +1,123 @@
+//! Writes the committed seed corpora (fuzz/seeds/<target>/) from real files: a chunk store built
+//! with the store's own writer, a working set and handshakes encoded by pagesrv, and snapshot
+//! states of the test guest booted on this host's /dev/kvm. Run by tools/fuzz-seeds.sh.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use chunkstore::{Codec, Store, StoreConfig};
+use pagesrv::fc::GuestRegionUffdMapping;
+use pagesrv::WorkingSet;
+use vmm::{MicroVm, SnapshotKind, VmConfig};
+
+type R<T> = Result<T, Box<dyn std::error::Error>>;
+
+fn put(dir: &Path, target: &str, name: &str, bytes: &[u8]) -> R<()> {
+    let d = dir.join(target);
+    std::fs::create_dir_all(&d)?;
+    std::fs::write(d.join(name), bytes)?;
+    Ok(())
+}
+
+fn image(pages: usize, seed: u8) -> Vec<u8> {
+    let mut v = vec![0u8; pages * 4096];
+    for (i, page) in v.chunks_mut(4096).enumerate() {
+        match i % 4 {
+            0 => {}                                           // zero page
+            1 => page.fill(seed),                             // duplicated
+            2 => page.iter_mut().enumerate().for_each(|(j, b)| *b = (j * 7 + i) as u8), // compressible
+            _ => page.iter_mut().enumerate().for_each(|(j, b)| *b = ((j * 2654435761 + i * 97) >> 13) as u8),
+        }
+    }
+    v
+}
+
+fn store_seeds(out: &Path, tmp: &Path) -> R<()> {
+    for (k, codec) in [Codec::Zstd, Codec::Lz4].into_iter().enumerate() {
+        let dir = tmp.join(format!("store{k}"));
+        let st = Store::open_or_create(&dir, StoreConfig { codec, threads: 1, ..Default::default() })?;
+        st.put_image("a", &image(9, 0x11))?;
+        st.put_image("b", &image(5, 0x22)[..5 * 4096 - 100])?;
+        drop(st);
+        put(out, "chunk_index", &format!("index-{k}"), &std::fs::read(dir.join("index"))?)?;
+        for m in ["a", "b"] {
+            put(out, "chunk_manifest", &format!("{m}-{k}"), &std::fs::read(dir.join(format!("manifests/{m}.manifest")))?)?;
+        }
+        let ix = chunkstore::decode_index(&std::fs::read(dir.join("index"))?)?;
+        let pack = std::fs::read(dir.join("pack"))?;
+        for (n, (h, e)) in ix.entries.iter().take(3).enumerate() {
+            let codec = match e.codec {
+                Codec::Raw => 0u8,
+                Codec::Zstd => 1,
+                Codec::Lz4 => 2,
+            };
+            let mut s = vec![codec];
+            s.extend_from_slice(&(e.raw_len as u16).to_le_bytes());
+            s.extend_from_slice(&h.0);
+            s.extend_from_slice(&pack[e.offset as usize..(e.offset + u64::from(e.stored_len)) as usize]);
+            put(out, "chunk_data", &format!("chunk-{k}-{n}"), &s)?;
+        }
+    }
+    Ok(())
+}
+
+fn pagesrv_seeds(out: &Path) -> R<()> {
+    let ws = WorkingSet { page_size: 4096, ranges: vec![(0, 65536), (0x20_0000, 4096), (0x10_0000, 0x2_0000)] };
+    put(out, "working_set", "wset", &ws.encode())?;
+    put(out, "working_set", "empty", &WorkingSet { page_size: 4096, ranges: vec![] }.encode())?;
+    let m = |base, size, offset| GuestRegionUffdMapping { base_host_virt_addr: base, size, offset, page_size: 4096 };
+    let one = vec![m(0x7f00_0000_0000, 0x800_0000, 0)];
+    let two = vec![m(0x7f00_0000_0000, 0xc000_0000, 0), m(0x7f10_0000_0000, 0x4000_0000, 0xc000_0000)];
+    put(out, "fc_handshake", "one", &serde_json::to_vec(&one)?)?;
+    put(out, "fc_handshake", "two", &serde_json::to_vec(&two)?)?;
+    let old = r#"[{"base_host_virt_addr":140737488355328,"size":134217728,"offset":0,"page_size_kib":4}]"#;
+    put(out, "fc_handshake", "old-kib", old.as_bytes())?;
+    Ok(())
+}
+
+fn memory_seeds(out: &Path) -> R<()> {
+    // Format of the memory_file target: size skew byte, then { u16 page, u8 byte, u8 pages } records.
+    put(out, "memory_file", "right-size", &[0, 0, 2, 0xaa, 3, 0x10, 0, 0x55, 1, 0xff, 3, 7, 7])?;
+    put(out, "memory_file", "short", &[1, 5, 0, 1, 1])?;
+    put(out, "memory_file", "empty-right-size", &[4])?;
+    Ok(())
+}
+
+fn state_seeds(out: &Path, tmp: &Path) -> R<()> {
+    let t = Duration::from_secs(60);
+    let vm = MicroVm::boot(VmConfig { mem_size: 8 << 20, track_dirty: true, ..Default::default() })
+        .map_err(|e| format!("cannot boot the test guest (a usable /dev/kvm is needed): {e}"))?;
+    vm.wait_for(test_guest_ready(), t)?;
+    vm.command("touch 0x300000 4 0x5a", t)?;
+    vm.pause()?;
+    let full = tmp.join("snap-full");
+    vm.snapshot(&full, SnapshotKind::Full)?;
+    vm.resume()?;
+    vm.command("touch 0x301000 1 0x11", t)?;
+    vm.pause()?;
+    let diff = tmp.join("snap-diff");
+    vm.snapshot(&diff, SnapshotKind::Diff)?;
+    put(out, "snapshot_state", "full", &std::fs::read(full.join("state"))?)?;
+    put(out, "snapshot_state", "diff", &std::fs::read(diff.join("state"))?)?;
+    Ok(())
+}
+
+fn test_guest_ready() -> &'static str {
+    "forkvm-test-guest ready"
+}
+
+fn main() -> R<()> {
+    let out = PathBuf::from(std::env::args().nth(1).ok_or("usage: gen_seeds OUT_DIR")?);
+    let tmp = std::env::temp_dir().join(format!("forkvm-fuzz-seeds-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp)?;
+    let r = (|| -> R<()> {
+        store_seeds(&out, &tmp)?;
+        pagesrv_seeds(&out)?;
+        memory_seeds(&out)?;
+        state_seeds(&out, &tmp)
+    })();
+    let _ = std::fs::remove_dir_all(&tmp);
+    r?;
+    println!("seeds written to {}", out.display());
+    Ok(())
+}
