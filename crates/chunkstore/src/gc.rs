@@ -12,9 +12,9 @@
 
 use std::collections::HashSet;
 use std::fs;
+use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
-use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
@@ -91,12 +91,7 @@ impl Store {
         };
         // SAFETY: fallocate on a descriptor we own; it only changes the file's allocation.
         let rc = unsafe {
-            libc::fallocate(
-                self.pack.file.as_raw_fd(),
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                off,
-                l,
-            )
+            libc::fallocate(self.pack.file.as_raw_fd(), libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, off, l)
         };
         if rc != 0 {
             return Err(io_err(&self.pack.path)(std::io::Error::last_os_error()));

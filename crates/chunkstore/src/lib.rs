@@ -75,6 +75,6 @@ pub use store::{Store, StoreConfig};
 pub use writer::{is_zero, ImageWriter};
 
 #[cfg(test)]
-mod tests;
-#[cfg(test)]
 mod gc_tests;
+#[cfg(test)]
+mod tests;
