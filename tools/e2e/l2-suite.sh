@@ -1,11 +1,12 @@
 #!/bin/sh
 # /e2e.sh of the real Linux e2e test, inside L1 (busybox sh): runs every L2 test in /e2e/
-# (l2-boot.sh: `forkvm run` boots L2, shell, reboot exits; l2-scenario.sh: `forkvm scenario linux`)
+# (l2-boot.sh: `forkvm run` boots L2, shell, reboot exits; l2-scenario.sh: `forkvm scenario linux`;
+# l2-agent.sh: the guest agent through the ordinary CLI: exec, fork --count 3, hibernate/wake clock)
 # and fails if any fails. Prints "E2E-TEST <name> PASS|FAIL (<s> s)" per test.
 set -u
 up() { read -r u _ </proc/uptime; echo "$u"; }
 failed=0
-for t in l2-boot l2-scenario; do
+for t in l2-boot l2-scenario l2-agent; do
     t0="$(up)"
     if sh "/e2e/$t.sh"; then r=PASS; else r=FAIL; failed=$((failed + 1)); fi
     echo "E2E-TEST $t $r ($(awk -v a="$t0" -v b="$(up)" 'BEGIN { printf "%.1f", b - a }') s)"

@@ -4,8 +4,8 @@
 #     FORKVM-READY uptime=<first field of /proc/uptime>
 # on the console and then runs an interactive shell on the serial console
 # (ttyS0), for test scripts to type commands into. With --agent, the static
-# guest agent is installed as /bin/forkvm-agent (forkvm types
-# `forkvm-agent reseed <hex> <generation>` into clones to reseed their CRNG).
+# guest agent is installed as /bin/forkvm-agent and /init starts
+# `forkvm-agent serve` (vsock port 52) after the ready line.
 #
 # Usage: mk-l2-initramfs.sh [--agent BIN] [OUT]   (default OUT: $FORKVM_CACHE/l2-initrd.img)
 # Env: FORKVM_AGENT_BIN (same as --agent)
@@ -45,6 +45,9 @@ mount -t tmpfs tmpfs /tmp
 exec </dev/console >/dev/console 2>&1
 read -r up _ </proc/uptime
 echo "FORKVM-READY uptime=$up"
+# The guest agent (vsock port 52): exec, files, and the clone hook forkvm sends on every fork,
+# restore and wake. It prints "forkvm-agent: serving on ..." once it listens.
+if [ -x /bin/forkvm-agent ]; then setsid forkvm-agent serve </dev/null & fi
 # Interactive shell on the console (ttyS0); cttyhack makes it the
 # controlling tty so ^C etc. work. Respawn if it exits... but only when the
 # test asked for it; otherwise leave the VM.

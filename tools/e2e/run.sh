@@ -129,7 +129,7 @@ if [[ -z "$script" ]]; then
     script="$E2E_DIR/l2-suite.sh"
     stage="$CACHE/build/e2e-stage"
     rm -rf "$stage"; mkdir -p "$stage/e2e"
-    cp "$E2E_DIR/l2-boot.sh" "$E2E_DIR/l2-scenario.sh" "$stage/e2e/"
+    cp "$E2E_DIR/l2-boot.sh" "$E2E_DIR/l2-scenario.sh" "$E2E_DIR/l2-agent.sh" "$stage/e2e/"
     extra_args=(--extra "$stage")
 fi
 

@@ -201,6 +201,8 @@ pub enum BenchKind {
     Clone,
     /// Chunk store and page server: compression, dedup, fault latency, lazy resume.
     Store,
+    /// The guest agent of a running VM (--vm): vsock round trip, throughput, exec vs serial, fork.
+    Agent,
 }
 
 #[derive(Args, Debug)]
@@ -214,4 +216,7 @@ pub struct BenchArgs {
     /// Guest memory size.
     #[arg(long, default_value = "256M", value_parser = parse_size)]
     pub mem: u64,
+    /// `bench agent`: the running VM whose agent is measured.
+    #[arg(long)]
+    pub vm: Option<String>,
 }

@@ -3,6 +3,7 @@
 
 mod agent_exec;
 mod bench;
+mod bench_agent;
 mod bench_clone;
 mod bench_store;
 mod cli;

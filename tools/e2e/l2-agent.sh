@@ -1,0 +1,86 @@
+#!/bin/sh
+# /e2e/l2-agent.sh, runs inside L1 (busybox sh): the guest agent through the ordinary CLI, nothing
+# typed into a shell. Boots L2 as a named VM (`forkvm run --name --detach`, 2 vCPUs, ACPI, vsock),
+# waits for the agent, then:
+#   1. `forkvm exec l2a -- sh -c 'echo out; echo err >&2; exit 3'`: streams apart, exit code 3
+#   2. `forkvm fork l2a --count 3`: every child says reseeded: true; parent + 3 children print four
+#      different /proc/sys/kernel/random/uuid and four different urandom (getrandom CRNG) bytes
+#   3. hibernate, move L1's clock on by an hour (`date -s`), wake: the guest's date is within 1 s
+#      of L1's
+#   4. `forkvm bench agent --vm l2a` (L2 numbers: vsock round trip, throughput, exec vs serial, fork)
+# Tunables: L2_MEM (256M), L2_VCPUS (2), L2_CMDLINE, L2_BOOT_TIMEOUT (300), FORKVM, L2_DIR.
+set -u
+forkvm="${FORKVM:-/forkvm}"
+l2dir="${L2_DIR:-/l2}"
+export FORKVM_RUN_DIR="${FORKVM_RUN_DIR:-/tmp/forkvm-agent-run}"
+export FORKVM_STORE="${FORKVM_STORE:-/tmp/forkvm-agent-store}"
+cmdline="${L2_CMDLINE:-console=ttyS0 reboot=k panic=-1 pci=off quiet initcall_blacklist=i8042_init,cmos_init 8250.nr_uarts=1}"
+vm=l2a
+log="$FORKVM_RUN_DIR/$vm/console.log"
+
+fail() {
+    echo "l2-agent: FAIL: $*"
+    if [ -f "$log" ]; then echo "l2-agent: last L2 console lines:"; tail -n 30 "$log" | sed 's/^/  L2| /'; fi
+    "$forkvm" stop "$vm" >/dev/null 2>&1
+    exit 1
+}
+now_ms() { read -r u _ </proc/uptime; echo "${u%.*}${u#*.}0" | sed 's/^0*//'; }
+
+rm -rf "$FORKVM_RUN_DIR" "$FORKVM_STORE"
+t0=$(now_ms)
+"$forkvm" run --kernel "$l2dir/vmlinuz" --initrd "$l2dir/initrd.img" --mem "${L2_MEM:-256M}" \
+    --vcpus "${L2_VCPUS:-2}" --cmdline "$cmdline" --name "$vm" --detach || fail "forkvm run --detach"
+# The agent says it listens on the console (the one thing this script reads from it).
+i=0
+until grep -q "forkvm-agent: serving" "$log" 2>/dev/null; do
+    i=$((i + 1)); [ "$i" -le "$((${L2_BOOT_TIMEOUT:-300} * 10))" ] || fail "no 'forkvm-agent: serving' line"
+    grep -q "forkvm-agent: error" "$log" 2>/dev/null && fail "the agent did not start"
+    sleep 0.1
+done
+echo "l2-agent: agent up $(( $(now_ms) - t0 )) ms after forkvm run"
+
+# 1. exec through the agent.
+out=$("$forkvm" exec "$vm" -- sh -c 'echo out; echo err >&2; exit 3' 2>/tmp/l2-agent.err); rc=$?
+err=$(cat /tmp/l2-agent.err)
+[ "$out" = out ] && [ "$err" = err ] && [ "$rc" -eq 3 ] || fail "exec: stdout '$out' stderr '$err' status $rc (want out/err/3)"
+echo "l2-agent: exec ok: stdout '$out', stderr '$err', exit $rc"
+np=$("$forkvm" exec "$vm" -- nproc) || fail "exec nproc"
+echo "l2-agent: guest nproc $np"
+
+# 2. fork --count 3: four different uuids and random bytes, no shell typing.
+rand() { "$forkvm" exec "$1" -- sh -c 'cat /proc/sys/kernel/random/uuid; head -c 16 /dev/urandom | od -An -tx1 | tr -d " \n"; echo'; }
+"$forkvm" fork "$vm" --count 3 || fail "fork --count 3"
+: >/tmp/l2-agent.rand
+for v in "$vm" "$vm-c1" "$vm-c2" "$vm-c3"; do
+    if [ "$v" != "$vm" ]; then
+        "$forkvm" status "$v" | grep -q '"reseeded": true' || fail "$v was not reseeded: $("$forkvm" status "$v")"
+    fi
+    r=$(rand "$v") || fail "exec in $v"
+    echo "l2-agent: $v: $(echo "$r" | tr '\n' ' ')"
+    echo "$r" >>/tmp/l2-agent.rand
+done
+uu=$(sed -n '1~2p' /tmp/l2-agent.rand | sort -u | wc -l)
+rb=$(sed -n '2~2p' /tmp/l2-agent.rand | sort -u | wc -l)
+[ "$uu" -eq 4 ] && [ "$rb" -eq 4 ] || fail "fork: $uu different uuids and $rb different random byte strings of 4"
+echo "l2-agent: fork --count 3: 4 different uuids, 4 different getrandom byte strings"
+"$forkvm" status "$vm-c1" | grep -A12 clone_hook | sed 's/^/l2-agent: c1 status /'
+for c in 1 2 3; do "$forkvm" stop "$vm-c$c" >/dev/null || fail "stop $vm-c$c"; done
+
+# 4 (before hibernating). Bench rows on L2.
+"$forkvm" bench agent --vm "$vm" --runs "${L2_AGENT_BENCH_RUNS:-5}" 2>&1 | sed 's/^/l2-agent: bench: /' \
+    || fail "bench agent"
+
+# 3. Hibernate, move the clock on, wake: the clock hook steps the guest's wall clock.
+"$forkvm" hibernate "$vm" || fail "hibernate"
+before=$(date +%s)
+date -s "@$((before + 3600))" >/dev/null || fail "date -s in L1"
+"$forkvm" wake "$vm" || fail "wake"
+g=$("$forkvm" exec "$vm" -- date +%s.%N) || fail "exec date after wake"
+h=$(date +%s.%N)
+"$forkvm" status "$vm" | grep -q '"reseeded": true' || fail "woken VM not reseeded: $("$forkvm" status "$vm")"
+d=$(awk -v g="$g" -v h="$h" 'BEGIN { d = h - g; if (d < 0) d = -d; printf "%.3f", d }')
+echo "l2-agent: after wake (L1 clock moved +3600 s): guest date $g, L1 date $h, |diff| $d s"
+awk -v d="$d" 'BEGIN { exit !(d <= 1.0) }' || fail "the guest clock is $d s off L1's after wake"
+"$forkvm" stop "$vm" >/dev/null 2>&1
+date -s "@$(( $(date +%s) - 3600 ))" >/dev/null
+echo "l2-agent: PASS"
