@@ -16,7 +16,6 @@
 //! old or the new version.
 
 use std::fs;
-use std::io::Write;
 use std::path::Path;
 
 use crate::error::{io_err, Error, Result};
@@ -88,15 +87,7 @@ pub fn read_file(what: &'static str, path: &Path, magic: &[u8; 8], max_version: 
 /// Atomically write an envelope file (temp file + fsync + rename).
 pub fn write_file(path: &Path, magic: &[u8; 8], version: u32, payload: &[u8]) -> Result<()> {
     let data = seal(magic, version, payload);
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = std::path::PathBuf::from(tmp);
-    {
-        let mut f = fs::File::create(&tmp).map_err(io_err(&tmp))?;
-        f.write_all(&data).map_err(io_err(&tmp))?;
-        f.sync_all().map_err(io_err(&tmp))?;
-    }
-    fs::rename(&tmp, path).map_err(io_err(path))?;
+    crate::private::write_atomic(path, &data).map_err(io_err(path))?;
     Ok(())
 }
 

@@ -59,6 +59,7 @@ mod hash;
 pub(crate) mod index;
 pub(crate) mod manifest;
 mod pack;
+pub mod private;
 mod stats;
 mod store;
 mod writer;

@@ -6,6 +6,7 @@
 //! can read concurrently with one appender.
 
 use std::fs::{File, OpenOptions};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -30,8 +31,15 @@ impl Pack {
             .write(writable)
             .create(writable)
             .truncate(false)
+            .mode(crate::private::FILE_MODE)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(path)
             .map_err(io_err(path))?;
+        if writable {
+            use std::os::unix::fs::PermissionsExt;
+            let private = std::fs::Permissions::from_mode(crate::private::FILE_MODE);
+            file.set_permissions(private).map_err(io_err(path))?;
+        }
         let len = file.metadata().map_err(io_err(path))?.len();
         if len == 0 && writable {
             let mut h = Vec::with_capacity(16);

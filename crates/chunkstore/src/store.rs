@@ -2,7 +2,7 @@
 
 use std::cell::RefCell;
 use std::collections::HashSet;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, RwLock};
@@ -89,10 +89,10 @@ impl Store {
     pub fn open_or_create_wait(dir: impl AsRef<Path>, config: StoreConfig, max_wait: Duration) -> Result<Self> {
         config.check()?;
         let dir = dir.as_ref().to_path_buf();
-        fs::create_dir_all(dir.join("manifests")).map_err(io_err(&dir))?;
+        crate::private::ensure_dir(&dir).map_err(io_err(&dir))?;
+        crate::private::ensure_dir(&dir.join("manifests")).map_err(io_err(&dir))?;
         let lock_path = dir.join("LOCK");
-        let lock =
-            OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).map_err(io_err(&lock_path))?;
+        let lock = crate::private::open_append(&lock_path).map_err(io_err(&lock_path))?;
         lock_exclusive(&lock, max_wait).map_err(|()| Error::Locked(dir.clone()))?;
         let index_path = dir.join("index");
         let index = if index_path.exists() { Index::load(&index_path)? } else { Index::new() };

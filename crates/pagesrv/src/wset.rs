@@ -67,12 +67,10 @@ impl WorkingSet {
         Ok(WorkingSet { page_size, ranges })
     }
 
-    /// Save atomically.
+    /// Save atomically, as a private (0600) file; never through a symlink.
     pub fn save(&self, path: &Path) -> Result<()> {
-        let bytes = self.encode();
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, bytes).map_err(crate::error::sys(format!("write {}", tmp.display())))?;
-        std::fs::rename(&tmp, path).map_err(crate::error::sys(format!("rename to {}", path.display())))
+        chunkstore::private::write_atomic(path, &self.encode())
+            .map_err(crate::error::sys(format!("write {}", path.display())))
     }
 
     /// Load and check.
