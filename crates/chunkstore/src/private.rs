@@ -20,10 +20,7 @@ fn fchmod(f: &File, mode: u32) -> std::io::Result<()> {
 
 /// Opens an existing directory without following a symlink at its last component.
 pub fn open_dir_nofollow(path: &Path) -> std::io::Result<File> {
-    OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(path)
+    OpenOptions::new().read(true).custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC).open(path)
 }
 
 /// Creates a new file (never an existing one, never through a symlink) with mode 0600.

@@ -120,6 +120,10 @@ pub struct RestoreArgs {
     /// Map the memory image copy-on-write instead of copying it in.
     #[arg(long)]
     pub cow: bool,
+    /// Fast path: skip checking the memory images against the hashes in the snapshot's state
+    /// (only for snapshots this host wrote and kept private).
+    #[arg(long)]
+    pub no_verify: bool,
     /// Leave the restored VM paused.
     #[arg(long)]
     pub paused: bool,

@@ -61,6 +61,7 @@ pub fn restore(args: RestoreArgs) -> Result<i32, String> {
             expect_mem: args.mem,
             paused: args.paused,
             track_dirty: true,
+            skip_verify: args.no_verify,
             console_mirror: Some(mirror),
         };
         MicroVm::restore(&args.dir, mode, opts).map_err(|e| e.to_string())

@@ -155,7 +155,7 @@ impl MicroVm {
         let state = self.save_state()?;
         rep.save_ms = ms(t.elapsed());
 
-        std::fs::create_dir_all(dir).map_err(hio("cannot create hibernation directory", dir))?;
+        chunkstore::private::ensure_dir(dir).map_err(hio("cannot create hibernation directory", dir))?;
         let dir = dir.canonicalize().map_err(hio("cannot resolve", dir))?;
         let t = Instant::now();
         let codec = match opts.compression {

@@ -12,6 +12,7 @@ pub mod lazy_restore;
 mod memory_failure;
 pub mod microvm;
 pub mod persist;
+pub mod restore;
 pub mod snapshot;
 pub mod vcpu_thread;
 pub mod vstate;

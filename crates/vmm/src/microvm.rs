@@ -90,8 +90,10 @@ pub struct MicroVm {
     pub(crate) msr_indices: Arc<Vec<u32>>,
     /// Raw fds of this VM's KVM objects, closed in a fork child (which builds its own VM).
     pub(crate) kvm_fds: Vec<i32>,
-    /// The last snapshot directory: the base of the next diff snapshot.
-    pub(crate) last_snapshot: std::sync::Mutex<Option<std::path::PathBuf>>,
+    /// The last snapshot directory and the blake3 of its state: the base of the next diff.
+    pub(crate) last_snapshot: std::sync::Mutex<Option<(std::path::PathBuf, String)>>,
+    /// Dirty pages taken from KVM by a snapshot that then failed: the next snapshot includes them.
+    pub(crate) pending_dirty: std::sync::Mutex<Vec<u64>>,
     /// Guest memory is still being filled by a page server (a lazy wake): a fork child would
     /// not inherit it, so fork refuses until it is all in.
     pub(crate) lazy_memory: Arc<std::sync::atomic::AtomicBool>,
@@ -225,6 +227,7 @@ impl MicroVm {
             msr_indices,
             kvm_fds,
             last_snapshot: std::sync::Mutex::new(None),
+            pending_dirty: std::sync::Mutex::new(Vec::new()),
             lazy_memory: Arc::default(),
             agent: Arc::new(AgentGate::new(if p.generation > 1 { HookState::NotRun } else { HookState::NotAClone })),
         };

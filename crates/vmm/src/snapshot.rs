@@ -5,41 +5,30 @@
 //! snapshotted by freezing it and linking the file into the directory: only state is written.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use vmm_sys_util::eventfd::EventFd;
+use chunkstore::private;
 
-use crate::devices::console::{lock, Console};
-use crate::devices::serial::{SerialPort, COM1_IRQ};
+use crate::devices::console::lock;
 use crate::devices::serial_persist::SerialSnap;
-use crate::microvm::{write_generation, MicroVm, Parts};
-use crate::persist::memory_file;
-use crate::persist::state::{DevicesState, MemoryImage, VmState};
-use crate::vcpu_thread::Want;
-use crate::vstate::memory::{Backing, GuestMem};
+use crate::microvm::MicroVm;
+use crate::persist::state::{kvm_layout, DevicesState, MemoryImage, VmState};
+use crate::persist::{image_hash, memory_file};
+pub(crate) use crate::restore::parts_from_state;
+pub use crate::restore::{read_state, RestoreMode, RestoreOptions};
+use crate::vstate::memory::{Backing, PAGE_SIZE};
 use crate::vstate::vcpu::Vcpu;
-use crate::vstate::vm::Vm;
 use crate::vstate::vm_persist::VmKvmState;
 use crate::Error;
 
 pub const STATE_FILE: &str = "state";
 pub const MEMORY_FILE: &str = "memory";
-/// Longest chain of diff snapshots a restore follows.
-const MAX_CHAIN: usize = 64;
 
 /// Full or diff (pages dirtied since the previous snapshot of this VM).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SnapshotKind {
     Full,
     Diff,
-}
-
-/// Eager (copy the memory image in) or copy-on-write (map the frozen image privately).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RestoreMode {
-    Eager,
-    Cow,
 }
 
 /// What a snapshot cost.
@@ -56,7 +45,7 @@ pub struct SnapshotReport {
     pub duration: Duration,
 }
 
-fn sio(what: &str, path: &Path) -> impl Fn(std::io::Error) -> Error {
+pub(crate) fn sio(what: &str, path: &Path) -> impl Fn(std::io::Error) -> Error {
     let msg = format!("{what} {}", path.display());
     move |e| Error::State(format!("{msg}: {e}"))
 }
@@ -95,6 +84,7 @@ impl MicroVm {
             vcpus.push(st);
         }
         Ok(VmState {
+            kvm_layout: kvm_layout(),
             mem_size: self.memory().size(),
             backing: self.memory().backing(),
             generation: self.generation(),
@@ -106,213 +96,182 @@ impl MicroVm {
         })
     }
 
-    /// Writes a snapshot of the paused VM into `dir` (created if needed).
+    /// Writes a snapshot of the paused VM into `dir` (created if needed; a previous snapshot
+    /// there is replaced atomically: the new one is written into a private temporary directory
+    /// beside it and renamed into place, so a crash leaves the old snapshot or the new one).
+    /// Dirty pages a failed snapshot did not persist stay pending for the next one.
     pub fn snapshot(&self, dir: &Path, kind: SnapshotKind) -> Result<SnapshotReport, Error> {
         let t0 = Instant::now();
         let mut state = self.save_state()?;
-        std::fs::create_dir_all(dir).map_err(sio("cannot create snapshot directory", dir))?;
-        let dir = dir.canonicalize().map_err(sio("cannot resolve", dir))?;
-        let mem_path = dir.join(MEMORY_FILE);
-        let _ = std::fs::remove_file(&mem_path);
+        let target = resolve_target(dir)?;
+        let base = match kind {
+            SnapshotKind::Diff => Some(self.diff_base(&target)?),
+            SnapshotKind::Full => None,
+        };
         let mem = self.memory();
-        // Every snapshot restarts dirty tracking, so the next diff holds exactly what changed.
-        let mut dirty = if self.track_dirty { self.vm().dirty_bitmap(mem)? } else { Vec::new() };
-        for (d, h) in dirty.iter_mut().zip(mem.take_host_dirty()) {
-            *d |= h;
-        }
-        let (pages_written, linked, image) = match kind {
-            SnapshotKind::Diff => {
-                let base = lock(&self.last_snapshot).clone().ok_or_else(|| {
-                    Error::State("a diff snapshot needs an earlier snapshot of this VM as its base".into())
-                })?;
-                if !self.track_dirty {
-                    return Err(Error::State("dirty page tracking is off for this VM: take a full snapshot".into()));
-                }
-                let n = memory_file::write_diff(mem, &mem_path, &dirty).map_err(|e| Error::State(e.to_string()))?;
-                let image = MemoryImage::Diff { file: MEMORY_FILE.into(), base: base.display().to_string(), pages: n };
-                (n, false, image)
+        // Every snapshot restarts dirty tracking, so the next diff holds exactly what changed;
+        // the bits are kept pending until this snapshot is safely in place.
+        let mut pending = lock(&self.pending_dirty);
+        let mut dirty = std::mem::take(&mut *pending);
+        dirty.resize(mem.size().div_ceil(PAGE_SIZE).div_ceil(64) as usize, 0);
+        let kvm_dirty =
+            if self.track_dirty { self.vm().dirty_bitmap(mem).map_err(Error::from) } else { Ok(Vec::new()) };
+        let tmp = private::temp_beside(&target);
+        let written = kvm_dirty.and_then(|kvm| {
+            for (d, h) in dirty.iter_mut().zip(kvm) {
+                *d |= h;
             }
-            SnapshotKind::Full if mem.backing() == Backing::SharedFile && !mem.is_frozen() => {
-                // The memory already is a file: freeze it and link it in (copy if on another fs).
-                mem.freeze()?;
-                let file = mem.file().ok_or_else(|| Error::State("shared memory has no file".into()))?;
-                match link_fd(file, &mem_path) {
-                    Ok(()) => (0, true, MemoryImage::Full { file: MEMORY_FILE.into() }),
-                    Err(e) => {
-                        tracing::info!("cannot link guest memory into {} ({e}); writing it", dir.display());
-                        let n = memory_file::write_full(mem, &mem_path).map_err(|e| Error::State(e.to_string()))?;
-                        (n, false, MemoryImage::Full { file: MEMORY_FILE.into() })
-                    }
-                }
+            for (d, h) in dirty.iter_mut().zip(mem.take_host_dirty()) {
+                *d |= h;
             }
-            SnapshotKind::Full => {
-                let n = memory_file::write_full(mem, &mem_path).map_err(|e| Error::State(e.to_string()))?;
-                (n, false, MemoryImage::Full { file: MEMORY_FILE.into() })
+            private::create_dir(&tmp).map_err(sio("cannot create snapshot directory", &tmp))?;
+            let (pages, linked, image) = self.write_into(&tmp, kind, base, &dirty)?;
+            state.memory = Some(image);
+            let bytes = state.to_bytes().map_err(|e| Error::State(e.to_string()))?;
+            write_new(&tmp.join(STATE_FILE), &bytes)?;
+            private::sync_dir(&tmp).map_err(sio("cannot sync", &tmp))?;
+            private::replace_dir(&tmp, &target).map_err(sio("cannot move the snapshot into", &target))?;
+            Ok((pages, linked, bytes))
+        });
+        let (pages_written, linked, bytes) = match written {
+            Ok(w) => w,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&tmp);
+                *pending = dirty;
+                return Err(e);
             }
         };
-        state.memory = Some(image);
-        let bytes = state.to_bytes().map_err(|e| Error::State(e.to_string()))?;
-        let state_path = dir.join(STATE_FILE);
-        write_synced(&state_path, &bytes)?;
-        *lock(&self.last_snapshot) = Some(dir.clone());
+        drop(pending);
+        *lock(&self.last_snapshot) = Some((target.clone(), blake3::hash(&bytes).to_hex().to_string()));
         Ok(SnapshotReport {
             kind,
             state_bytes: bytes.len() as u64,
             pages_written,
-            memory_disk_bytes: disk_bytes(&mem_path),
+            memory_disk_bytes: disk_bytes(&target.join(MEMORY_FILE)),
             linked,
             duration: t0.elapsed(),
         })
     }
 
-    /// Restores the snapshot in `dir` into a new VM. `expect_mem`, if given, must match the
-    /// snapshot's memory size. The VM starts running unless `paused`.
-    pub fn restore(dir: &Path, mode: RestoreMode, opts: RestoreOptions) -> Result<Self, Error> {
-        let started = Instant::now();
-        let state = read_state(dir)?;
-        if let Some(m) = opts.expect_mem {
-            if m != state.mem_size {
+    /// The base of a diff into `target`: the last snapshot, unchanged since, and not `target`
+    /// or any snapshot it builds on (writing there would destroy the base).
+    fn diff_base(&self, target: &Path) -> Result<(PathBuf, String), Error> {
+        let (base, hash) = lock(&self.last_snapshot)
+            .clone()
+            .ok_or_else(|| Error::State("a diff snapshot needs an earlier snapshot of this VM as its base".into()))?;
+        if !self.track_dirty {
+            return Err(Error::State("dirty page tracking is off for this VM: take a full snapshot".into()));
+        }
+        let (state, now) = crate::restore::read_state_hashed(&base)
+            .map_err(|e| Error::State(format!("the base snapshot is unusable ({e}): take a full snapshot")))?;
+        if now != hash {
+            return Err(Error::State(format!(
+                "the base snapshot {} was replaced since it was taken: take a full snapshot",
+                base.display()
+            )));
+        }
+        for d in crate::restore::chain_dirs(&base, &state)? {
+            if d == target {
                 return Err(Error::State(format!(
-                    "snapshot {} is of a {} MiB guest, not {} MiB",
-                    dir.display(),
-                    state.mem_size >> 20,
-                    m >> 20
+                    "{} holds this diff's base snapshot: a diff written there would destroy its own base; \
+                     write it into another directory",
+                    target.display()
                 )));
             }
         }
-        let chain = memory_chain(dir, &state)?;
-        let mem = load_memory(&chain, state.mem_size, mode)?;
-        let mut p = parts_from_state(&state, Arc::new(mem), opts.console_mirror, opts.track_dirty)?;
-        p.started = started;
-        p.start = if opts.paused { Want::Pause } else { Want::Run };
-        let vm = MicroVm::assemble(p)?;
-        *lock(&vm.last_snapshot) = Some(dir.canonicalize().map_err(sio("cannot resolve", dir))?);
-        Ok(vm)
+        Ok((base, hash))
     }
-}
 
-/// Options of [`MicroVm::restore`].
-#[derive(Default)]
-pub struct RestoreOptions {
-    pub expect_mem: Option<u64>,
-    pub paused: bool,
-    pub track_dirty: bool,
-    pub console_mirror: Option<Box<dyn std::io::Write + Send>>,
-}
-
-impl std::fmt::Debug for RestoreOptions {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RestoreOptions").field("expect_mem", &self.expect_mem).field("paused", &self.paused).finish()
-    }
-}
-
-/// Writes `bytes` to `path` atomically (temporary file, fsync, rename).
-pub(crate) fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), Error> {
-    use std::io::Write;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp).map_err(sio("cannot write", &tmp))?;
-    f.write_all(bytes).and_then(|()| f.sync_all()).map_err(sio("cannot write", &tmp))?;
-    std::fs::rename(&tmp, path).map_err(sio("cannot write", path))
-}
-
-/// Reads and checks the state file of a snapshot directory.
-pub fn read_state(dir: &Path) -> Result<VmState, Error> {
-    let path = dir.join(STATE_FILE);
-    let bytes = std::fs::read(&path).map_err(sio("cannot read snapshot state", &path))?;
-    VmState::from_bytes(&bytes).map_err(|e| Error::State(format!("snapshot state {}: {e}", path.display())))
-}
-
-/// Memory image files from the full base to the newest diff.
-fn memory_chain(dir: &Path, state: &VmState) -> Result<Vec<PathBuf>, Error> {
-    let mut chain = Vec::new();
-    let mut dir = dir.to_path_buf();
-    let mut image = state.memory.clone();
-    loop {
-        if chain.len() >= MAX_CHAIN {
-            return Err(Error::State(format!("diff snapshot chain longer than {MAX_CHAIN}")));
-        }
-        match image {
-            None => return Err(Error::State(format!("snapshot {} has no memory image", dir.display()))),
-            Some(MemoryImage::Full { file }) => {
-                chain.push(dir.join(checked_name(&file)?));
-                chain.reverse();
-                return Ok(chain);
+    /// Writes the memory image into the new snapshot directory `tmp`.
+    fn write_into(
+        &self,
+        tmp: &Path,
+        kind: SnapshotKind,
+        base: Option<(PathBuf, String)>,
+        dirty: &[u64],
+    ) -> Result<(u64, bool, MemoryImage), Error> {
+        let mem = self.memory();
+        let mem_path = tmp.join(MEMORY_FILE);
+        let mf = |e: memory_file::MemoryFileError| Error::State(e.to_string());
+        let full = |n: u64, linked: bool| {
+            let image = MemoryImage::Full { file: MEMORY_FILE.into(), blake3: image_hash::of_memory_full(mem) };
+            (n, linked, image)
+        };
+        Ok(match (kind, base) {
+            (SnapshotKind::Diff, Some((base, base_state))) => {
+                let n = memory_file::write_diff(mem, &mem_path, dirty).map_err(mf)?;
+                let blake3 = image_hash::of_memory_diff(mem, dirty);
+                let base = base.display().to_string();
+                (n, false, MemoryImage::Diff { file: MEMORY_FILE.into(), base, base_state, pages: n, blake3 })
             }
-            Some(MemoryImage::Diff { file, base, .. }) => {
-                chain.push(dir.join(checked_name(&file)?));
-                dir = PathBuf::from(base);
-                let base_state = read_state(&dir)?;
-                if base_state.mem_size != state.mem_size {
-                    return Err(Error::State(format!("base snapshot {} has another memory size", dir.display())));
+            (SnapshotKind::Diff, None) => return Err(Error::State("a diff snapshot needs a base".into())),
+            (SnapshotKind::Full, _) if mem.backing() == Backing::SharedFile && !mem.is_frozen() => {
+                // The memory already is a file: freeze it and link it in (copy if on another fs).
+                mem.freeze()?;
+                let file = mem.file().ok_or_else(|| Error::State("shared memory has no file".into()))?;
+                match link_fd(file, &mem_path) {
+                    Ok(()) => full(0, true),
+                    Err(e) => {
+                        tracing::info!("cannot link guest memory into {} ({e}); writing it", tmp.display());
+                        full(memory_file::write_full(mem, &mem_path).map_err(mf)?, false)
+                    }
                 }
-                image = base_state.memory;
+            }
+            (SnapshotKind::Full, _) => full(memory_file::write_full(mem, &mem_path).map_err(mf)?, false),
+        })
+    }
+}
+
+/// The snapshot directory `dir` as an absolute path with a resolved parent (created 0700 if
+/// missing). A symlink there, a file, or a non-empty directory that is not a snapshot is refused.
+fn resolve_target(dir: &Path) -> Result<PathBuf, Error> {
+    let name = dir
+        .file_name()
+        .filter(|n| *n != "." && *n != "..")
+        .ok_or_else(|| Error::State(format!("{} is not a usable snapshot directory name", dir.display())))?;
+    let parent = match dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    if !parent.exists() {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(private::DIR_MODE)
+            .create(&parent)
+            .map_err(sio("cannot create", &parent))?;
+    }
+    let target = parent.canonicalize().map_err(sio("cannot resolve", &parent))?.join(name);
+    match std::fs::symlink_metadata(&target) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(target),
+        Err(e) => Err(sio("cannot inspect", &target)(e)),
+        Ok(m) if m.file_type().is_symlink() => {
+            Err(Error::State(format!("{} is a symlink: snapshots are not written through symlinks", target.display())))
+        }
+        Ok(m) if !m.is_dir() => Err(Error::State(format!("{} exists and is not a directory", target.display()))),
+        Ok(_) => {
+            let empty = std::fs::read_dir(&target).map_err(sio("cannot read", &target))?.next().is_none();
+            if empty || target.join(STATE_FILE).exists() {
+                Ok(target)
+            } else {
+                Err(Error::State(format!(
+                    "{} is not empty and holds no snapshot: it would be replaced; choose another directory",
+                    target.display()
+                )))
             }
         }
     }
 }
 
-/// Memory file names come from an untrusted file: plain names only.
-fn checked_name(name: &str) -> Result<&str, Error> {
-    if name.is_empty() || name.contains('/') || name == "." || name == ".." {
-        return Err(Error::State(format!("invalid memory file name {name:?} in snapshot state")));
-    }
-    Ok(name)
+/// Creates the new (0600, never through a symlink) file `path` holding `bytes`, fsynced.
+fn write_new(path: &Path, bytes: &[u8]) -> Result<(), Error> {
+    use std::io::Write;
+    let mut f = private::create_file(path).map_err(sio("cannot create", path))?;
+    f.write_all(bytes).and_then(|()| f.sync_all()).map_err(sio("cannot write", path))
 }
 
-fn load_memory(chain: &[PathBuf], size: u64, mode: RestoreMode) -> Result<GuestMem, Error> {
-    let st = |e: memory_file::MemoryFileError| Error::State(e.to_string());
-    let (first, rest) = chain.split_first().ok_or_else(|| Error::State("empty memory chain".into()))?;
-    let base = memory_file::open(first, size).map_err(st)?;
-    let mem = match mode {
-        RestoreMode::Cow => GuestMem::from_file_cow(base, size, true)?,
-        RestoreMode::Eager => {
-            let m = GuestMem::new(size, Backing::Anon, true)?;
-            memory_file::apply(&m, &base, first).map_err(st)?;
-            m
-        }
-    };
-    for diff in rest {
-        let f = memory_file::open(diff, size).map_err(st)?;
-        memory_file::apply(&mem, &f, diff).map_err(st)?;
-    }
-    // What the restore itself wrote is not guest dirt.
-    mem.take_host_dirty();
-    Ok(mem)
-}
-
-/// Builds a new KVM VM over `mem` from saved state, with the generation bumped and a fresh seed.
-pub(crate) fn parts_from_state(
-    state: &VmState,
-    mem: Arc<GuestMem>,
-    mirror: Option<Box<dyn std::io::Write + Send>>,
-    track_dirty: bool,
-) -> Result<Parts, Error> {
-    if mem.size() != state.mem_size {
-        return Err(Error::State(format!(
-            "memory is {} bytes, the state is of a {} byte guest",
-            mem.size(),
-            state.mem_size
-        )));
-    }
-    let vm = Vm::new()?;
-    vm.set_memory(&mem, track_dirty)?;
-    state.vm.restore(&vm)?;
-    let console = Console::new(mirror);
-    let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::Io)?;
-    vm.register_irqfd(&irq, COM1_IRQ)?;
-    let serial = SerialPort::from_state(&(&state.serial).into(), irq, console).map_err(Error::State)?;
-    let vsock = Arc::new(crate::microvm::vsock_from_state(&vm, &mem, state.devices.vsock.as_ref())?);
-    let count = state.vcpus.len() as u8;
-    let mut vcpus = Vec::new();
-    for s in &state.vcpus {
-        let v = Vcpu::new(&vm, s.id)?;
-        v.set_cpuid(&vm, count)?;
-        v.restore(s)?;
-        vcpus.push(v);
-    }
-    let generation = state.generation + 1;
-    if !write_generation(&mem, generation) {
-        return Err(Error::State("no room for the generation page".into()));
-    }
-    Ok(Parts { vm, mem, serial, vsock, vcpus, generation, track_dirty, started: Instant::now(), start: Want::Run })
+/// Writes `bytes` to `path` atomically (private temporary file, fsync, rename, fsync of the
+/// directory).
+pub(crate) fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), Error> {
+    private::write_atomic(path, bytes).map_err(sio("cannot write", path))
 }

@@ -207,7 +207,7 @@ fn reseed(t: &dyn Tty, vm: &MicroVm, timeout: Duration) -> Result<String, String
 
 fn restore(a: &LinuxArgs, dir: &Path, timeout: Duration) -> Result<MicroVm, String> {
     let t0 = Instant::now();
-    let opts = RestoreOptions { expect_mem: Some(a.mem), paused: false, track_dirty: false, console_mirror: None };
+    let opts = RestoreOptions { expect_mem: Some(a.mem), ..Default::default() };
     let vm =
         MicroVm::restore(dir, RestoreMode::Cow, opts).map_err(|e| format!("restore from {}: {e}", dir.display()))?;
     let restore_time = t0.elapsed();

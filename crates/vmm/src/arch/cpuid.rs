@@ -1,6 +1,6 @@
 //! Per-vCPU CPUID: KVM's supported set with this vCPU's APIC id and the hypervisor bit.
 
-use kvm_bindings::CpuId;
+use kvm_bindings::{kvm_cpuid_entry2, CpuId, KVM_CPUID_FLAG_SIGNIFCANT_INDEX};
 
 /// Adjusts `cpuid` (from KVM_GET_SUPPORTED_CPUID) for vCPU `id` of `count`.
 pub fn for_vcpu(cpuid: &mut CpuId, id: u8, count: u8) {
@@ -17,4 +17,70 @@ pub fn for_vcpu(cpuid: &mut CpuId, id: u8, count: u8) {
             _ => {}
         }
     }
+}
+
+/// Feature registers whose bits a guest may rely on: (function, index, register name).
+const FEATURE_LEAVES: [(u32, u32, &str); 8] = [
+    (1, 0, "ecx"),
+    (1, 0, "edx"),
+    (7, 0, "ebx"),
+    (7, 0, "ecx"),
+    (7, 0, "edx"),
+    (0xd, 1, "eax"),
+    (0x8000_0001, 0, "ecx"),
+    (0x8000_0001, 0, "edx"),
+];
+
+fn reg(e: &kvm_cpuid_entry2, name: &str) -> u32 {
+    match name {
+        "eax" => e.eax,
+        "ebx" => e.ebx,
+        "ecx" => e.ecx,
+        _ => e.edx,
+    }
+}
+
+/// Bits the VMM sets itself (hypervisor, HTT), whatever the host supports.
+fn ours(function: u32, name: &str) -> u32 {
+    match (function, name) {
+        (1, "ecx") => 1 << 31,
+        (1, "edx") => 1 << 28,
+        _ => 0,
+    }
+}
+
+/// Checks that every feature bit of `saved` is in `supported`: KVM_GET_SUPPORTED_CPUID plus
+/// what this host's KVM reports for a vCPU given that (PVM reports the host CPU's own bits).
+pub fn check_supported(saved: &[kvm_cpuid_entry2], supported: &[kvm_cpuid_entry2]) -> Result<(), String> {
+    if saved.is_empty() {
+        return Err("the snapshot has no CPUID".into());
+    }
+    let find = |list: &[kvm_cpuid_entry2], f: u32, i: u32| {
+        list.iter()
+            .find(|e| e.function == f && (e.index == i || e.flags & KVM_CPUID_FLAG_SIGNIFCANT_INDEX == 0))
+            .copied()
+    };
+    let max =
+        |list: &[kvm_cpuid_entry2], f: u32| list.iter().filter(|e| e.function == f).map(|e| e.eax).max().unwrap_or(0);
+    for (base, what) in [(0, "basic"), (0x8000_0000, "extended")] {
+        if max(saved, base) > max(supported, base) {
+            return Err(format!(
+                "{what} CPUID leaves up to {:#x} are needed, this host has up to {:#x}",
+                max(saved, base),
+                max(supported, base)
+            ));
+        }
+    }
+    for (f, i, name) in FEATURE_LEAVES {
+        let Some(s) = find(saved, f, i) else { continue };
+        let host = supported
+            .iter()
+            .filter(|e| e.function == f && (e.index == i || e.flags & KVM_CPUID_FLAG_SIGNIFCANT_INDEX == 0))
+            .fold(0, |acc, e| acc | reg(e, name));
+        let missing = reg(&s, name) & !host & !ours(f, name);
+        if missing != 0 {
+            return Err(format!("CPUID leaf {f:#x}.{i} {name} bits {missing:#010x} are missing"));
+        }
+    }
+    Ok(())
 }

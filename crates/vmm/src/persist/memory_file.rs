@@ -66,8 +66,9 @@ fn write_pages(
     Ok(written)
 }
 
+/// A new private (0600) image file; never an existing file, never through a symlink.
 fn create(path: &Path, size: u64) -> Result<File, MemoryFileError> {
-    let f = File::create(path).map_err(io(path))?;
+    let f = chunkstore::private::create_file(path).map_err(io(path))?;
     f.set_len(size).map_err(io(path))?;
     Ok(f)
 }

@@ -1,8 +1,8 @@
 //! A vCPU: boot configuration, and capturing/restoring its whole KVM state.
 
 use kvm_bindings::{
-    kvm_debugregs, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs,
-    kvm_xsave, Msrs,
+    kvm_cpuid_entry2, kvm_debugregs, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs,
+    kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES,
 };
 use kvm_ioctls::VcpuFd;
 use serde::{Deserialize, Serialize};
@@ -27,6 +27,10 @@ pub struct VcpuState {
     pub lapic: kvm_lapic_state,
     pub msrs: Vec<kvm_msr_entry>,
     pub events: kvm_vcpu_events,
+    /// The CPUID the guest saw; a restore sets exactly this, and refuses a host that lacks it.
+    pub cpuid: Vec<kvm_cpuid_entry2>,
+    /// The guest's TSC frequency (None: KVM could not tell); a restore keeps it or refuses.
+    pub tsc_khz: Option<u32>,
 }
 
 /// A vCPU file descriptor with its index.
@@ -99,7 +103,22 @@ impl Vcpu {
         let lapic = self.fd.get_lapic().map_err(ioctl("KVM_GET_LAPIC"))?;
         let msrs = self.save_msrs(msr_indices)?;
         let events = self.fd.get_vcpu_events().map_err(ioctl("KVM_GET_VCPU_EVENTS"))?;
-        Ok(VcpuState { id: self.id, mp_state, regs, sregs, xsave, xcrs, debugregs, lapic, msrs, events })
+        let cpuid = self.fd.get_cpuid2(KVM_MAX_CPUID_ENTRIES).map_err(ioctl("KVM_GET_CPUID2"))?.as_slice().to_vec();
+        let tsc_khz = self.fd.get_tsc_khz().ok().filter(|&k| k > 0);
+        Ok(VcpuState {
+            id: self.id,
+            mp_state,
+            regs,
+            sregs,
+            xsave,
+            xcrs,
+            debugregs,
+            lapic,
+            msrs,
+            events,
+            cpuid,
+            tsc_khz,
+        })
     }
 
     fn save_msrs(&self, indices: &[u32]) -> Result<Vec<kvm_msr_entry>, VmError> {
@@ -121,7 +140,37 @@ impl Vcpu {
         Ok(saved)
     }
 
-    /// Restores a state captured by [`Vcpu::save`] (CPUID must already be set).
+    /// Sets the saved CPUID and TSC frequency, after checking this host can provide them.
+    pub fn restore_cpu_model(&self, vm: &Vm, s: &VcpuState, count: u8) -> Result<(), VmError> {
+        // What this host offers: KVM's supported set, and what KVM reports back for a vCPU
+        // given it (the same on plain KVM; PVM reports the host CPU's own feature bits).
+        self.set_cpuid(vm, count)?;
+        let mut offered = vm.supported_cpuid()?.as_slice().to_vec();
+        offered
+            .extend_from_slice(self.fd.get_cpuid2(KVM_MAX_CPUID_ENTRIES).map_err(ioctl("KVM_GET_CPUID2"))?.as_slice());
+        cpuid::check_supported(&s.cpuid, &offered).map_err(|why| VmError::Unsupported {
+            what: format!("this host's CPU cannot run vCPU {} of the snapshot: {why}", self.id),
+        })?;
+        let saved = CpuId::from_entries(&s.cpuid)
+            .map_err(|_| VmError::Ioctl { op: "KVM_SET_CPUID2", err: kvm_ioctls::Error::new(libc::E2BIG) })?;
+        self.fd.set_cpuid2(&saved).map_err(ioctl("KVM_SET_CPUID2"))?;
+        if let Some(khz) = s.tsc_khz {
+            let host = self.fd.get_tsc_khz().ok();
+            if host != Some(khz) {
+                self.fd.set_tsc_khz(khz).map_err(|e| VmError::Unsupported {
+                    what: format!(
+                        "this host cannot give vCPU {} the snapshot's TSC frequency of {khz} kHz (host: {}; \
+                         KVM_SET_TSC_KHZ: {e})",
+                        self.id,
+                        host.map_or("unknown".into(), |h| format!("{h} kHz"))
+                    ),
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Restores a state captured by [`Vcpu::save`] (after [`Vcpu::restore_cpu_model`]).
     pub fn restore(&self, s: &VcpuState) -> Result<(), VmError> {
         self.fd.set_regs(&s.regs).map_err(ioctl("KVM_SET_REGS"))?;
         self.fd.set_sregs(&s.sregs).map_err(ioctl("KVM_SET_SREGS"))?;
@@ -134,7 +183,15 @@ impl Vcpu {
             let msrs = msrs_from(chunk, "KVM_SET_MSRS")?;
             let n = self.fd.set_msrs(&msrs).map_err(ioctl("KVM_SET_MSRS"))?;
             if let Some(e) = chunk.get(n) {
-                tracing::debug!("vcpu {}: KVM did not take MSR {:#x}", self.id, e.index);
+                return Err(VmError::Unsupported {
+                    what: format!(
+                        "KVM_SET_MSRS took {n} of {} MSRs of vCPU {}: MSR {:#x} (value {:#x}) was refused",
+                        chunk.len(),
+                        self.id,
+                        e.index,
+                        e.data
+                    ),
+                });
             }
         }
         self.fd.set_mp_state(s.mp_state).map_err(ioctl("KVM_SET_MP_STATE"))?;

@@ -33,6 +33,8 @@ pub enum VmError {
     NotKvm { path: String, err: kvm_ioctls::Error },
     #[error("KVM API version {0} is not supported (need 12)")]
     ApiVersion(i32),
+    #[error("{what}")]
+    Unsupported { what: String },
     #[error("KVM ioctl {op} failed: {err}")]
     Ioctl { op: &'static str, err: kvm_ioctls::Error },
 }
