@@ -155,19 +155,29 @@ impl Vcpu {
             .map_err(|_| VmError::Ioctl { op: "KVM_SET_CPUID2", err: kvm_ioctls::Error::new(libc::E2BIG) })?;
         self.fd.set_cpuid2(&saved).map_err(ioctl("KVM_SET_CPUID2"))?;
         if let Some(khz) = s.tsc_khz {
-            let host = self.fd.get_tsc_khz().ok();
-            if host != Some(khz) {
-                self.fd.set_tsc_khz(khz).map_err(|e| VmError::Unsupported {
-                    what: format!(
-                        "this host cannot give vCPU {} the snapshot's TSC frequency of {khz} kHz (host: {}; \
-                         KVM_SET_TSC_KHZ: {e})",
-                        self.id,
-                        host.map_or("unknown".into(), |h| format!("{h} kHz"))
-                    ),
-                })?;
-            }
+            self.restore_tsc_khz(vm, khz)?;
         }
         Ok(())
+    }
+
+    /// Gives the vCPU the TSC frequency `khz` it had: the host's own if within 250 ppm, else
+    /// KVM's TSC scaling. Without scaling KVM would only fake a faster TSC by catch-up (and
+    /// cannot give a slower one): refused.
+    fn restore_tsc_khz(&self, vm: &Vm, khz: u32) -> Result<(), VmError> {
+        let host = self.fd.get_tsc_khz().map_err(ioctl("KVM_GET_TSC_KHZ"))?;
+        if u64::from(host.abs_diff(khz)) * 4000 <= u64::from(host) {
+            return Ok(());
+        }
+        let refuse = |why: String| VmError::Unsupported {
+            what: format!(
+                "this host cannot give vCPU {} the snapshot's TSC frequency of {khz} kHz (host: {host} kHz): {why}",
+                self.id
+            ),
+        };
+        if !vm.kvm().check_extension(kvm_ioctls::Cap::TscControl) {
+            return Err(refuse("KVM has no TSC scaling here".into()));
+        }
+        self.fd.set_tsc_khz(khz).map_err(|e| refuse(format!("KVM_SET_TSC_KHZ: {e}")))
     }
 
     /// Restores a state captured by [`Vcpu::save`] (after [`Vcpu::restore_cpu_model`]).
