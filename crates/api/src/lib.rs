@@ -3,5 +3,7 @@
 //!
 //! - [`vm`]: the per-VM control socket every named VMM process serves
 //!   (`<run dir>/<name>/api.sock`), with its client and the run-dir layout.
+//! - [`v1`]: the daemon's HTTP API (`forkvm serve`, `/v1/...`).
 
+pub mod v1;
 pub mod vm;

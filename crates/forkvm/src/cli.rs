@@ -47,6 +47,19 @@ pub enum Command {
     Hibernate(crate::hibernate_cmd::HibernateArgs),
     /// Wake a hibernated VM: lazy restore through the userfaultfd page server.
     Wake(crate::hibernate_cmd::WakeArgs),
+    /// Run the sandbox daemon: HTTP API on <run dir>/forkvmd.sock (and --listen), SQLite state.
+    Serve(crate::serve_cmd::ServeArgs),
+    /// Workspace tokens for the daemon's API.
+    Token(crate::serve_cmd::TokenArgs),
+    /// Sandboxes through the daemon (needs `forkvm serve` and $FORKVM_TOKEN).
+    #[command(subcommand)]
+    Sandbox(crate::sandbox_cmd::SandboxCmd),
+    /// Templates through the daemon: immutable snapshots that sandboxes start from.
+    #[command(subcommand)]
+    Template(crate::sandbox_cmd::TemplateCmd),
+    /// Pull-request preloading through the daemon.
+    #[command(subcommand)]
+    Repo(crate::sandbox_cmd::RepoCmd),
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]

@@ -7,11 +7,14 @@ mod bench_agent;
 mod bench_clone;
 mod bench_store;
 mod cli;
+mod daemon_client;
 mod demo;
 mod hibernate_cmd;
 mod hostmem;
 mod run;
+mod sandbox_cmd;
 mod scenario;
+mod serve_cmd;
 mod server;
 mod size;
 mod stats;
@@ -39,6 +42,11 @@ fn main() {
         cli::Command::Scenario(args) => scenario::scenario(args),
         cli::Command::Hibernate(args) => hibernate_cmd::hibernate(args),
         cli::Command::Wake(args) => hibernate_cmd::wake(args),
+        cli::Command::Serve(args) => serve_cmd::serve(args),
+        cli::Command::Token(args) => serve_cmd::token(args),
+        cli::Command::Sandbox(cmd) => sandbox_cmd::sandbox(cmd),
+        cli::Command::Template(cmd) => sandbox_cmd::template(cmd),
+        cli::Command::Repo(cmd) => sandbox_cmd::repo(cmd),
     };
     match result {
         Ok(code) => std::process::exit(code),

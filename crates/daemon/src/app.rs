@@ -1,0 +1,113 @@
+//! The daemon's shared state: configuration, database, VMM access, event stream, metrics and
+//! one lock per sandbox (so concurrent requests wake a sleeping sandbox exactly once).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use forkvm_api::v1::{Event, SandboxState};
+use rusqlite::Connection;
+use tokio::sync::broadcast;
+
+use crate::db::{self, Db};
+use crate::error::ApiResult;
+use crate::metrics::Metrics;
+use crate::vmproc::Vmms;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where VMMs keep their sockets; the daemon's socket and lock live here too.
+    pub run_dir: PathBuf,
+    /// Database and templates.
+    pub state_dir: PathBuf,
+    /// Chunk store for hibernation.
+    pub store: PathBuf,
+    /// The forkvm binary that runs VMMs.
+    pub exe: PathBuf,
+    /// Also serve on this TCP address (loopback).
+    pub listen: Option<SocketAddr>,
+    /// How often the lifecycle policy looks at idle sandboxes.
+    pub policy_tick: Duration,
+    /// Largest request body.
+    pub max_body: usize,
+}
+
+impl Config {
+    pub fn socket_path(&self) -> PathBuf {
+        self.run_dir.join("forkvmd.sock")
+    }
+    pub fn db_path(&self) -> PathBuf {
+        self.state_dir.join("forkvmd.db")
+    }
+    pub fn templates_dir(&self) -> PathBuf {
+        self.state_dir.join("templates")
+    }
+}
+
+#[derive(Debug)]
+pub struct App {
+    pub cfg: Config,
+    pub db: Db,
+    pub vmms: Vmms,
+    pub events: broadcast::Sender<Event>,
+    pub metrics: Metrics,
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+pub type Shared = Arc<App>;
+
+impl App {
+    pub fn new(cfg: Config, db: Db) -> Self {
+        let vmms = Vmms { exe: cfg.exe.clone(), run_dir: cfg.run_dir.clone(), store: cfg.store.clone() };
+        App { cfg, db, vmms, events: broadcast::channel(4096).0, metrics: Metrics::default(), locks: Mutex::default() }
+    }
+
+    /// The lock that serializes operations on sandbox `id`.
+    pub fn sandbox_lock(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut m = self.locks.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        Arc::clone(m.entry(id.to_string()).or_default())
+    }
+
+    pub fn forget_lock(&self, id: &str) {
+        self.locks.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(id);
+    }
+
+    /// Persists an event and streams it.
+    #[allow(clippy::too_many_arguments)]
+    pub fn event_in(
+        &self,
+        c: &Connection,
+        workspace: &str,
+        sandbox: &str,
+        kind: &str,
+        from: Option<SandboxState>,
+        to: Option<SandboxState>,
+        detail: &str,
+    ) -> ApiResult<()> {
+        let ev = db::events::insert(c, workspace, sandbox, kind, from, to, detail)?;
+        tracing::info!(sandbox, kind, detail, "event");
+        let _ = self.events.send(ev);
+        Ok(())
+    }
+
+    /// Moves sandbox `id` to `to` (with its VMM pid) and records the event, atomically.
+    pub fn transition(
+        &self,
+        rec: &db::sandboxes::Rec,
+        to: SandboxState,
+        pid: Option<u32>,
+        kind: &str,
+        detail: &str,
+    ) -> ApiResult<()> {
+        let mut c = self.db.lock();
+        let tx = c.transaction()?;
+        db::sandboxes::set_state(&tx, &rec.sb.id, to, pid)?;
+        let ev = db::events::insert(&tx, &rec.sb.workspace, &rec.sb.id, kind, Some(rec.sb.state), Some(to), detail)?;
+        tx.commit()?;
+        tracing::info!(sandbox = rec.sb.id, kind, detail, "event");
+        let _ = self.events.send(ev);
+        Ok(())
+    }
+}

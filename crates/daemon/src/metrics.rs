@@ -1,0 +1,110 @@
+//! `/metrics` in the Prometheus text format: sandboxes by state, create/fork/wake latency
+//! histograms, host memory in use and memory shared between clones.
+
+use forkvm_api::v1::{CameUp, SandboxState};
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+type Labels = Vec<(String, String)>;
+type Hist = Family<Labels, Histogram, fn() -> Histogram>;
+
+fn ms_histogram() -> Histogram {
+    // 0.25 ms .. ~8 s
+    Histogram::new(exponential_buckets(0.25, 2.0, 16))
+}
+
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    create_ms: Hist,
+    fork_ms: Hist,
+    wake_ms: Hist,
+    sandboxes: Family<Labels, Gauge>,
+    host_mem_used: Gauge,
+    host_mem_shared: Gauge,
+    vmm_rss: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("forkvm");
+        let create_ms: Hist = Family::new_with_constructor(ms_histogram);
+        let fork_ms: Hist = Family::new_with_constructor(ms_histogram);
+        let wake_ms: Hist = Family::new_with_constructor(ms_histogram);
+        let sandboxes = Family::<Labels, Gauge>::default();
+        let (host_mem_used, host_mem_shared, vmm_rss) = (Gauge::default(), Gauge::default(), Gauge::default());
+        registry.register("create_ms", "Sandbox create latency (ms) by source", create_ms.clone());
+        registry.register("fork_ms", "Live fork latency through the API (ms)", fork_ms.clone());
+        registry.register("wake_ms", "Resume (kind=resumed) and wake (kind=woken) latency (ms)", wake_ms.clone());
+        registry.register("sandboxes", "Sandboxes by state", sandboxes.clone());
+        registry.register(
+            "host_memory_used_bytes",
+            "Host memory in use (MemTotal - MemAvailable)",
+            host_mem_used.clone(),
+        );
+        registry.register(
+            "vmm_memory_shared_bytes",
+            "Memory of VMM processes shared with others (Rss - Pss: copy-on-write between clones)",
+            host_mem_shared.clone(),
+        );
+        registry.register("vmm_memory_rss_bytes", "Resident memory of all VMM processes", vmm_rss.clone());
+        Metrics { registry, create_ms, fork_ms, wake_ms, sandboxes, host_mem_used, host_mem_shared, vmm_rss }
+    }
+}
+
+impl Metrics {
+    pub fn observe_create(&self, from_template: bool, ms: f64) {
+        let source = if from_template { "template" } else { "boot" };
+        self.create_ms.get_or_create(&vec![("source".into(), source.into())]).observe(ms);
+    }
+
+    pub fn observe_fork(&self, ms: f64) {
+        self.fork_ms.get_or_create(&vec![]).observe(ms);
+    }
+
+    pub fn observe_wake(&self, how: CameUp, ms: f64) {
+        self.wake_ms.get_or_create(&vec![("kind".into(), how.as_str().into())]).observe(ms);
+    }
+
+    /// Renders everything, refreshing the gauges from `by_state` and the VMM pids.
+    pub fn render(&self, by_state: &[(String, i64)], pids: &[u32]) -> String {
+        for s in SandboxState::ALL {
+            let n = by_state.iter().find(|(k, _)| k == s.as_str()).map_or(0, |(_, n)| *n);
+            self.sandboxes.get_or_create(&vec![("state".into(), s.as_str().into())]).set(n);
+        }
+        if let (Some(total), Some(avail)) = (meminfo_kib("MemTotal"), meminfo_kib("MemAvailable")) {
+            self.host_mem_used.set(((total - avail) * 1024) as i64);
+        }
+        let (mut rss, mut pss) = (0u64, 0u64);
+        for pid in pids {
+            if let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")) {
+                rss += field_kib(&s, "Rss:").unwrap_or(0) * 1024;
+                pss += field_kib(&s, "Pss:").unwrap_or(0) * 1024;
+            }
+        }
+        self.vmm_rss.set(rss as i64);
+        self.host_mem_shared.set(rss.saturating_sub(pss) as i64);
+        let mut out = String::new();
+        if encode(&mut out, &self.registry).is_err() {
+            out.push_str("# encoding failed\n");
+        }
+        out
+    }
+}
+
+fn field_kib(text: &str, key: &str) -> Option<u64> {
+    text.lines().find_map(|l| l.strip_prefix(key)).and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
+fn meminfo_kib(key: &str) -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+    field_kib(&s, &format!("{key}:"))
+}
+
+/// MemAvailable in MiB.
+pub fn mem_available_mib() -> Option<u64> {
+    meminfo_kib("MemAvailable").map(|k| k / 1024)
+}

@@ -1,0 +1,78 @@
+//! The lifecycle policy: pause sandboxes idle for `pause_after` seconds, hibernate those paused
+//! for `hibernate_after` seconds (0 = never), and notice VMMs that died.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+
+use forkvm_api::v1::SandboxState;
+
+use crate::app::Shared;
+use crate::db::sandboxes::{self, Rec};
+use crate::ops::lifecycle;
+use crate::vmproc::Vmms;
+
+fn idle(r: &Rec, now: f64) -> bool {
+    r.sb.state == SandboxState::Running
+        && r.sb.policy.pause_after > 0
+        && now - r.sb.last_active_at >= r.sb.policy.pause_after as f64
+}
+
+fn sleepy(r: &Rec, now: f64) -> bool {
+    r.sb.state == SandboxState::Paused
+        && r.sb.policy.hibernate_after > 0
+        && now - r.state_since >= r.sb.policy.hibernate_after as f64
+}
+
+/// Runs forever, every `cfg.policy_tick`.
+pub async fn run(app: Shared) {
+    let busy: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let mut tick = tokio::time::interval(app.cfg.policy_tick);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let recs = match sandboxes::in_states(&app.db.lock(), &[SandboxState::Running, SandboxState::Paused]) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!("policy: {e}");
+                continue;
+            }
+        };
+        let now = crate::util::now();
+        for r in recs {
+            let dead = r.sb.pid.is_some_and(|p| !Vmms::alive(p));
+            if !(dead || idle(&r, now) || sleepy(&r, now)) {
+                continue;
+            }
+            if !busy.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(r.sb.id.clone()) {
+                continue;
+            }
+            let (app, busy) = (app.clone(), busy.clone());
+            tokio::spawn(async move {
+                let id = r.sb.id.clone();
+                let res = if dead {
+                    crashed(&app, &id).await
+                } else if idle(&r, now) {
+                    lifecycle::pause_if(&app, &id, "policy", |x| idle(x, crate::util::now())).await.map(|_| ())
+                } else {
+                    lifecycle::hibernate_if(&app, &id, "policy", |x| sleepy(x, crate::util::now())).await.map(|_| ())
+                };
+                if let Err(e) = res {
+                    tracing::warn!("policy on {id}: {}", e.message);
+                }
+                busy.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&id);
+            });
+        }
+    }
+}
+
+async fn crashed(app: &Shared, id: &str) -> crate::error::ApiResult<()> {
+    let lock = app.sandbox_lock(id);
+    let _g = lock.lock().await;
+    let rec = crate::ops::reload(app, id)?;
+    let gone = matches!(rec.sb.state, SandboxState::Running | SandboxState::Paused)
+        && rec.sb.pid.is_some_and(|p| !Vmms::alive(p));
+    if gone {
+        app.transition(&rec, SandboxState::Crashed, None, "crashed", "its VMM exited")?;
+    }
+    Ok(())
+}

@@ -1,0 +1,151 @@
+//! The daemon's side of the per-VM sockets: start VMM processes (this forkvm binary with
+//! `--background`, in their own process group so they outlive the daemon) and send them
+//! requests (one JSON line per connection, see docs/api.md).
+
+use std::ffi::OsString;
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+
+/// Longest answer line taken from a VMM.
+const MAX_LINE: u64 = 1 << 20;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VmError {
+    /// Nobody answers on the socket (the VMM is gone).
+    #[error("its VMM is not reachable: {0}")]
+    Gone(String),
+    /// The VMM answered with an error.
+    #[error("{0}")]
+    Refused(String),
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+}
+
+#[derive(Debug, Clone)]
+pub struct Vmms {
+    pub exe: PathBuf,
+    pub run_dir: PathBuf,
+    pub store: PathBuf,
+}
+
+impl Vmms {
+    pub fn vm_dir(&self, id: &str) -> PathBuf {
+        self.run_dir.join(id)
+    }
+
+    /// A hibernated VM keeps `<vm dir>/hibernated` after its VMM exits.
+    pub fn is_hibernated(&self, id: &str) -> bool {
+        self.vm_dir(id).join("hibernated").exists()
+    }
+
+    pub fn remove_dir(&self, id: &str) {
+        let _ = std::fs::remove_dir_all(self.vm_dir(id));
+    }
+
+    /// Sends `req` to VM `id` and returns its `data`.
+    pub async fn call(&self, id: &str, req: &Value, timeout: Duration) -> Result<Value, VmError> {
+        match tokio::time::timeout(timeout, self.call_inner(id, req)).await {
+            Ok(r) => r,
+            Err(_) => Err(VmError::Timeout(timeout)),
+        }
+    }
+
+    async fn call_inner(&self, id: &str, req: &Value) -> Result<Value, VmError> {
+        let sock = self.vm_dir(id).join("api.sock");
+        let mut s = UnixStream::connect(&sock).await.map_err(|e| VmError::Gone(e.to_string()))?;
+        let mut line = req.to_string();
+        line.push('\n');
+        s.write_all(line.as_bytes()).await.map_err(|e| VmError::Gone(e.to_string()))?;
+        let mut answer = String::new();
+        BufReader::new(s).take(MAX_LINE).read_line(&mut answer).await.map_err(|e| VmError::Gone(e.to_string()))?;
+        if answer.is_empty() {
+            return Err(VmError::Gone("closed the connection without answering".into()));
+        }
+        let v: Value = serde_json::from_str(&answer).map_err(|e| VmError::Refused(format!("malformed answer: {e}")))?;
+        if v["ok"].as_bool() == Some(true) {
+            Ok(v["data"].clone())
+        } else {
+            Err(VmError::Refused(v["error"].as_str().unwrap_or("the VMM refused the request").to_string()))
+        }
+    }
+
+    /// The pid and state (`running`, `paused`) of VM `id`, if it answers.
+    pub async fn status(&self, id: &str) -> Option<(u32, String)> {
+        let v = self.call(id, &json!({"op": "status"}), Duration::from_secs(2)).await.ok()?;
+        Some((u32::try_from(v["pid"].as_u64()?).ok()?, v["state"].as_str()?.to_string()))
+    }
+
+    /// Starts `forkvm <args> --background` serving VM `id`; returns its pid once it answers.
+    pub async fn spawn(&self, id: &str, mut args: Vec<OsString>) -> Result<u32, String> {
+        args.push("--background".into());
+        let mut cmd = std::process::Command::new(&self.exe);
+        cmd.args(&args)
+            .env("FORKVM_RUN_DIR", &self.run_dir)
+            .env("FORKVM_STORE", &self.store)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .process_group(0);
+        let mut child = tokio::process::Command::from(cmd)
+            .kill_on_drop(false)
+            .spawn()
+            .map_err(|e| format!("cannot start the VMM process {}: {e}", self.exe.display()))?;
+        let pid = child.id().unwrap_or(0);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            tokio::select! {
+                status = child.wait() => {
+                    let mut err = String::new();
+                    if let Some(mut e) = child.stderr.take() {
+                        let _ = (&mut e).take(64 << 10).read_to_string(&mut err).await;
+                    }
+                    let last = err.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim();
+                    let last = last.strip_prefix("forkvm: error: ").unwrap_or(last);
+                    return Err(format!("the VMM exited ({}) before serving: {last}",
+                        status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string())));
+                }
+                _ = tokio::time::sleep(Duration::from_millis(1)) => {}
+            }
+            if let Some((p, _)) = self.status(id).await {
+                if p == pid {
+                    return Ok(pid);
+                }
+            }
+            if tokio::time::Instant::now() > deadline {
+                let _ = child.start_kill();
+                return Err(format!("VM {id} did not start serving its API within 60 s"));
+            }
+        }
+    }
+
+    /// Whether process `pid` exists.
+    pub fn alive(pid: u32) -> bool {
+        let Ok(p) = i32::try_from(pid) else { return false };
+        // SAFETY: signal 0 only checks that the process exists; no signal is sent.
+        unsafe { libc::kill(p, 0) == 0 }
+    }
+}
+
+/// Arguments that boot the test guest as VM `id`.
+pub fn boot_args(id: &str, memory_mib: u64, vcpus: u8) -> Vec<OsString> {
+    ["run", "--guest", "test", "--mem", &format!("{memory_mib}M"), "--vcpus", &vcpus.to_string(), "--name", id]
+        .into_iter()
+        .map(OsString::from)
+        .collect()
+}
+
+/// Arguments that restore the snapshot in `dir` copy-on-write as VM `id`.
+pub fn restore_args(id: &str, dir: &Path) -> Vec<OsString> {
+    vec!["restore".into(), dir.into(), "--cow".into(), "--name".into(), id.into()]
+}
+
+/// Arguments that wake hibernated VM `id` from `store`.
+pub fn wake_args(id: &str, store: &Path) -> Vec<OsString> {
+    vec!["wake".into(), id.into(), "--store".into(), store.into()]
+}
