@@ -128,11 +128,36 @@ pub fn wake(args: WakeArgs) -> Result<i32, String> {
     let (vm, handle) = match MicroVm::wake(&hib, &store, opts) {
         Ok(x) => x,
         Err(e) => {
+            let why = format!("wake failed: {e}");
+            let _ = vmm::hibernate::chunkstore::private::write_atomic(
+                &claimed.paths.dir.join(WAKE_ERROR),
+                format!("{why}\n").as_bytes(),
+            );
             claimed.release_keeping_hibernation();
-            return Err(e.to_string());
+            return Err(why);
         }
     };
     redirect_output(&claimed.paths.vmm_log());
+    let _ = std::fs::remove_file(claimed.paths.dir.join(WAKE_ERROR));
     tracing::info!("woke {}: {:?}", args.vm, handle.report());
     Ok(serve(claimed, vm, None, Some(handle)))
+}
+
+/// File in a VM's directory saying why its last wake ended in an error.
+pub const WAKE_ERROR: &str = "wake-error";
+
+/// A woken VM stopped on an error (e.g. a page its hibernation could not serve): its hibernation
+/// and logs stay, and `wake-error` (and vmm.log) say why; only the socket and pid file go, so the
+/// name shows as hibernated and can be woken again once the store is repaired.
+pub fn keep_failed_wake(paths: &VmPaths, name: &str, why: &str) {
+    let _ = std::fs::remove_file(paths.socket());
+    let _ = std::fs::remove_file(paths.pid_file());
+    let file = paths.dir.join(WAKE_ERROR);
+    if let Err(e) = vmm::hibernate::chunkstore::private::write_atomic(&file, format!("{why}\n").as_bytes()) {
+        eprintln!("forkvm: cannot write {}: {e}", file.display());
+    }
+    eprintln!(
+        "forkvm: VM {name} stopped after waking: {why}; its hibernation ({}) and logs are kept",
+        paths.hibernated().display()
+    );
 }

@@ -120,7 +120,9 @@ pub fn serve(claimed: Claimed, vm: MicroVm, parent: Option<String>, wake: Option
     let reason = host.vm.wait_exit(None);
     tracing::info!("VM {} exited: {reason:?}", host.name);
     let _ = std::fs::remove_file(host.paths.socket());
-    if !host.keep_dir.load(std::sync::atomic::Ordering::SeqCst) {
+    if let (Some(ExitReason::Error(e)), Some(_)) = (&reason, &host.wake) {
+        crate::hibernate_cmd::keep_failed_wake(&host.paths, &host.name, e);
+    } else if !host.keep_dir.load(std::sync::atomic::Ordering::SeqCst) {
         let _ = std::fs::remove_dir_all(&host.paths.dir);
     }
     match reason {
