@@ -300,13 +300,7 @@ impl MicroVm {
     /// guest request (callers wait on [`MicroVm::agent_gate`]). A VM that is not a clone, or whose
     /// hook already ran, is left alone.
     pub fn start_clone_hook(&self, addr: AgentAddr, opts: CloneHookOptions) -> Result<(), Error> {
-        if !self.agent.begin() {
-            return Ok(());
-        }
-        if matches!(addr, AgentAddr::Vsock { .. }) && !self.vsock.state().transport.is_active() {
-            // No driver ever set the device up (the test guest, or a kernel without virtio-vsock):
-            // nothing can listen, and a connection would only wait for the setup timeout.
-            self.agent.set(HookState::NoAgent("the guest has not set up its vsock device".into()));
+        if !self.begin_clone_hook(&addr) {
             return Ok(());
         }
         let gate = Arc::clone(&self.agent);
@@ -318,6 +312,29 @@ impl MicroVm {
             self.agent.set(HookState::Failed(format!("cannot start the clone hook thread: {e}")));
             Error::Io(e)
         })
+    }
+
+    /// [`MicroVm::start_clone_hook`] on the caller's thread; returns the outcome.
+    pub fn run_clone_hook(&self, addr: &AgentAddr, opts: &CloneHookOptions) -> HookState {
+        if self.begin_clone_hook(addr) {
+            return run_begun(&self.agent, addr, self.generation, self.generation_seed(), opts);
+        }
+        self.agent.state()
+    }
+
+    /// Moves the gate to `Pending` if the hook is to run; settles it at once (false) when the
+    /// guest never set up its vsock device.
+    fn begin_clone_hook(&self, addr: &AgentAddr) -> bool {
+        if !self.agent.begin() {
+            return false;
+        }
+        if matches!(addr, AgentAddr::Vsock { .. }) && !self.vsock.state().transport.is_active() {
+            // No driver ever set the device up (the test guest, or a kernel without virtio-vsock):
+            // nothing can listen, and a connection would only wait for the setup timeout.
+            self.agent.set(HookState::NoAgent("the guest has not set up its vsock device".into()));
+            return false;
+        }
+        true
     }
 
     /// When the VM was created (for boot-time measurements).

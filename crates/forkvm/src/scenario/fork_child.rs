@@ -1,10 +1,12 @@
 //! A fork child of a Linux VM with its console on a socket, reseeded by the guest agent as the
 //! first thing it does.
 //!
-//! In the child process, right after `build_fork_child`, the VMM types
-//! `forkvm-agent reseed <seed> <generation>` into the guest's shell: the seed is the fresh one of
-//! the child's generation page, so every clone's CRNG diverges from its parent's before the
-//! parent can type anything (the socket is only read after that line is queued).
+//! In the child process, right after `build_fork_child`, the VMM runs the clone hook through the
+//! guest agent over vsock (generation, the child's fresh seed, the host clock) and reports it to
+//! the parent as a console line; a guest without a vsock agent gets
+//! `forkvm-agent reseed <seed> <generation>` typed into its shell instead. Either way the clone's
+//! CRNG diverges from its parent's before the parent can type anything (the socket is only read
+//! after that).
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -13,6 +15,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use vmm::agent::{AgentAddr, CloneHookOptions, HookState};
 use vmm::devices::console::Console;
 use vmm::fork::ForkReport;
 use vmm::persist::state::VmState;
@@ -23,7 +26,36 @@ use super::shell::Tty;
 /// How long a stopping child may take before it is killed.
 const STOP_GRACE: Duration = Duration::from_secs(10);
 
-/// The shell line that reseeds a clone's kernel CRNG with the clone's own seed.
+/// What a clone's reseed went through.
+#[derive(Debug)]
+pub enum Hooked {
+    /// The guest agent took the clone hook over vsock: a line describing it (contains "reseeded").
+    Agent(String),
+    /// No agent answers (e.g. a guest booted with acpi=off has no vsock): why.
+    NoAgent(String),
+}
+
+/// Serves `vm`'s vsock on `sock` and runs its clone hook through the guest agent.
+pub fn agent_hook(vm: &MicroVm, sock: &std::path::Path) -> Result<Hooked, String> {
+    let _ = std::fs::remove_file(sock);
+    vm.listen_vsock(sock).map_err(|e| format!("vsock socket {}: {e}", sock.display()))?;
+    let opts = CloneHookOptions { timeout: Duration::from_secs(60), attempts: 3 };
+    match vm.run_clone_hook(&AgentAddr::vsock(sock), &opts) {
+        HookState::Done(d) => Ok(Hooked::Agent(format!(
+            "forkvm-clone-hook: reseeded by the agent over vsock (generation {}, entropy_avail {} -> {}, clock stepped {:.3} ms, {} user hooks)",
+            d.generation,
+            d.entropy_before,
+            d.entropy_after,
+            d.clock_step_ns as f64 / 1e6,
+            d.hooks.len()
+        ))),
+        HookState::NoAgent(why) => Ok(Hooked::NoAgent(why)),
+        s => Err(format!("clone hook: {:?}", s.detail())),
+    }
+}
+
+/// The shell line that reseeds a clone's kernel CRNG with the clone's own seed (the fallback for
+/// guests without a vsock agent).
 pub fn reseed_command(vm: &MicroVm) -> Result<String, String> {
     let seed = vm.generation_seed().ok_or("cannot read the generation page of the clone")?;
     let hex: String = seed.iter().map(|b| format!("{b:02x}")).collect();
@@ -144,7 +176,18 @@ fn child_main(parent: &MicroVm, state: &VmState, sock: UnixStream, reseed: bool)
         Err(e) => return report(e.to_string()),
     };
     if reseed {
-        if let Err(e) = reseed_command(&vm).and_then(|line| vm.send_line(&line).map_err(|e| e.to_string())) {
+        // The agent first (its answer goes to the parent as a console line); else type the line.
+        let vsock = std::env::temp_dir().join(format!("forkvm-scenario-child-{}.vsock", std::process::id()));
+        let hooked = agent_hook(&vm, &vsock);
+        let _ = std::fs::remove_file(&vsock);
+        let typed = match hooked {
+            Ok(Hooked::Agent(line)) => (&sock).write_all(format!("{line}\n").as_bytes()).map_err(|e| e.to_string()),
+            Ok(Hooked::NoAgent(_)) => {
+                reseed_command(&vm).and_then(|line| vm.send_line(&line).map_err(|e| e.to_string()))
+            }
+            Err(e) => Err(e),
+        };
+        if let Err(e) = typed {
             return report(format!("reseed: {e}"));
         }
     }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use vmm::{Backing, BootSource, MicroVm, RestoreMode, RestoreOptions, SnapshotKind, VmConfig};
 
-use super::fork_child::{self, reseed_command};
+use super::fork_child::{self, reseed_command, Hooked};
 use super::shell::{self, Tty};
 use crate::size::parse_size;
 
@@ -199,10 +199,20 @@ fn snapshot(mut vm: MicroVm, dir: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// Types the agent's reseed line for `vm`'s own seed and waits for the agent's answer.
+/// Reseeds a restored VM through its guest agent over vsock (the clone hook); a guest without
+/// one (no vsock, e.g. acpi=off) gets the agent's reseed line typed into its shell instead.
 fn reseed(t: &dyn Tty, vm: &MicroVm, timeout: Duration) -> Result<String, String> {
-    let cmd = reseed_command(vm)?;
-    shell::expect(t, &cmd, "forkvm-agent: reseeded", timeout)
+    let vsock = std::env::temp_dir().join(format!("forkvm-scenario-{}.vsock", std::process::id()));
+    let hooked = fork_child::agent_hook(vm, &vsock);
+    let _ = std::fs::remove_file(&vsock);
+    match hooked? {
+        Hooked::Agent(line) => Ok(line),
+        Hooked::NoAgent(why) => {
+            println!("scenario: no guest agent over vsock ({why}): typing the reseed line into the shell");
+            let cmd = reseed_command(vm)?;
+            shell::expect(t, &cmd, "forkvm-agent: reseeded", timeout)
+        }
+    }
 }
 
 fn restore(a: &LinuxArgs, dir: &Path, timeout: Duration) -> Result<MicroVm, String> {
@@ -211,6 +221,10 @@ fn restore(a: &LinuxArgs, dir: &Path, timeout: Duration) -> Result<MicroVm, Stri
     let vm =
         MicroVm::restore(dir, RestoreMode::Cow, opts).map_err(|e| format!("restore from {}: {e}", dir.display()))?;
     let restore_time = t0.elapsed();
+    // The clone hook before anything else reaches the guest.
+    let t2 = Instant::now();
+    let agent = reseed(&vm, &vm, timeout).map_err(with_tail(&vm, "reseed after restore"))?;
+    let reseed_time = t2.elapsed();
     let t1 = Instant::now();
     let line = shell::expect(&vm, "echo restored-$((6*7))", "restored-42", timeout)
         .map_err(with_tail(&vm, "shell after restore"))?;
@@ -224,9 +238,7 @@ fn restore(a: &LinuxArgs, dir: &Path, timeout: Duration) -> Result<MicroVm, Stri
             ms(t1.elapsed())
         ),
     );
-    let t2 = Instant::now();
-    let agent = reseed(&vm, &vm, timeout).map_err(with_tail(&vm, "reseed after restore"))?;
-    ok("restore reseed", t2.elapsed(), &agent);
+    ok("restore reseed", reseed_time, &agent);
     Ok(vm)
 }
 
@@ -244,7 +256,8 @@ fn fork(vm: &MicroVm, timeout: Duration) -> Result<(), String> {
     );
     // The child typed the reseed line before anything else; its answer is the child's first output.
     let mut cur = 0;
-    let agent = shell::wait_for(&child, &mut cur, "forkvm-agent: reseeded", timeout)
+    // "forkvm-clone-hook: reseeded by the agent ..." from the child, or the typed fallback's answer.
+    let agent = shell::wait_for(&child, &mut cur, "reseeded", timeout)
         .map_err(with_tail(&child, "reseed in the fork child"))?;
     let first = t0.elapsed();
     ok("fork", forked, &format!("child {} reseeded: {agent:?}", child.pid));
