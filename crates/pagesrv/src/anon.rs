@@ -3,6 +3,7 @@
 
 use crate::server::Region;
 
+#[derive(Debug)]
 pub(crate) struct AnonMap {
     pub ptr: *mut u8,
     pub len: usize,

@@ -18,9 +18,13 @@ mod bitmap;
 mod error;
 mod fault;
 pub mod fc;
+pub mod fc_client;
 pub mod fc_wire;
+pub mod listener;
+mod monitor;
 mod prefetch;
 pub mod server;
+mod session;
 pub mod source;
 pub mod stats;
 pub mod uffd;
@@ -28,11 +32,14 @@ pub mod wset;
 
 pub use bench::{bench_store, BenchOpts};
 pub use error::{Error, Result};
+pub use listener::{Listener, ListenerConfig};
 pub use server::{Ended, FailureHook, Monitor, PageServer, Region, RemovePolicy, ServerConfig};
 pub use source::{ChunkSource, FileSource, MemSource, PageSource, ZeroSource};
 pub use stats::{Histogram, Stats, StatsSnapshot};
 pub use uffd::Uffd;
 pub use wset::WorkingSet;
 
+#[cfg(test)]
+mod fc_tests;
 #[cfg(test)]
 mod tests;

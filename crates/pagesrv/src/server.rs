@@ -27,7 +27,7 @@
 //! only when the region is fully resident or no longer used, or call
 //! [`PageServer::poison_unserved`] first to make later accesses SIGBUS.
 
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -36,6 +36,7 @@ use std::time::{Duration, Instant};
 use crate::bitmap::Bitmap;
 use crate::error::{sys, Error, Result};
 use crate::fault;
+pub use crate::monitor::Monitor;
 use crate::prefetch;
 use crate::source::PageSource;
 use crate::stats::{Stats, StatsSnapshot};
@@ -360,64 +361,6 @@ fn new_eventfd() -> Result<OwnedFd> {
     }
     // SAFETY: eventfd just returned this fd; we are its only owner.
     Ok(unsafe { OwnedFd::from_raw_fd(efd) })
-}
-
-/// A read-only view of a [`PageServer`] (see [`PageServer::monitor`]). It
-/// stays valid after the server stops (it then reports the final state).
-#[derive(Debug, Clone)]
-pub struct Monitor {
-    shared: Arc<Shared>,
-}
-
-impl Monitor {
-    /// Counters and latency quantiles so far.
-    pub fn stats(&self) -> StatsSnapshot {
-        self.shared.stats.snapshot()
-    }
-
-    /// The first source error seen, if any.
-    pub fn error(&self) -> Option<String> {
-        self.shared.error.lock().ok().and_then(|e| e.clone())
-    }
-
-    /// Blocks first touched by faults so far, in order (if `record` is on).
-    pub fn working_set(&self) -> WorkingSet {
-        WorkingSet {
-            page_size: self.shared.cfg.page_size as u32,
-            ranges: self.shared.recorded.lock().map(|r| r.clone()).unwrap_or_default(),
-        }
-    }
-
-    /// Pages currently known to be present.
-    pub fn resident_pages(&self) -> usize {
-        self.shared.regions.iter().map(|r| r.present.count()).sum()
-    }
-
-    /// Pages of all regions.
-    pub fn total_pages(&self) -> usize {
-        self.shared.regions.iter().map(|r| r.pages).sum()
-    }
-
-    /// How long the prefetch thread took, once it has finished.
-    pub fn prefetch_time(&self) -> Option<std::time::Duration> {
-        self.shared.prefetch_time.lock().ok().and_then(|t| *t)
-    }
-
-    /// When the server started.
-    pub fn started(&self) -> Instant {
-        self.shared.started
-    }
-
-    /// Why the fault thread ended, once it has.
-    pub fn ended(&self) -> Option<Ended> {
-        self.shared.ended.lock().ok().and_then(|e| e.clone())
-    }
-
-    /// An eventfd that becomes readable when the fault thread ends (poll it
-    /// to learn that a served VM exited or its server halted or failed).
-    pub fn done_fd(&self) -> BorrowedFd<'_> {
-        self.shared.done_fd.as_fd()
-    }
 }
 
 impl Drop for PageServer {

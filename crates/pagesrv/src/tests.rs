@@ -62,7 +62,7 @@ pub(crate) fn pattern(pages: usize) -> Vec<u8> {
     v
 }
 
-fn store_with(img: &[u8], dir: &TempDir) -> (Arc<Store>, Arc<chunkstore::Manifest>) {
+pub(crate) fn store_with(img: &[u8], dir: &TempDir) -> (Arc<Store>, Arc<chunkstore::Manifest>) {
     let store = Store::open_or_create(&dir.0, StoreConfig::default()).unwrap();
     let (m, _) = store.put_image("img", img).unwrap();
     (Arc::new(store), Arc::new(m))
@@ -289,7 +289,7 @@ fn event_remove_source_policy() {
 }
 
 /// Store an image and corrupt the chunk of page `page`; returns the store.
-fn corrupt_store(img: &[u8], page: u64, d: &TempDir) -> (Arc<Store>, Arc<chunkstore::Manifest>) {
+pub(crate) fn corrupt_store(img: &[u8], page: u64, d: &TempDir) -> (Arc<Store>, Arc<chunkstore::Manifest>) {
     use std::os::unix::fs::FileExt;
     let (store, m) = store_with(img, d);
     let PageRef::Chunk(h) = m.page(page).unwrap() else { panic!("page {page} is zero") };
