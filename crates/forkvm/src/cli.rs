@@ -60,6 +60,10 @@ pub enum Command {
     /// Pull-request preloading through the daemon.
     #[command(subcommand)]
     Repo(crate::sandbox_cmd::RepoCmd),
+    /// Chunk store upkeep: verify, gc.
+    Store(crate::store_cmd::StoreArgs),
+    /// Throw a hibernated VM away (its memory image goes at the next `forkvm store gc`).
+    Discard(crate::store_cmd::DiscardArgs),
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]

@@ -18,6 +18,7 @@ mod serve_cmd;
 mod server;
 mod size;
 mod stats;
+mod store_cmd;
 mod vmctl;
 
 use clap::Parser;
@@ -47,6 +48,8 @@ fn main() {
         cli::Command::Sandbox(cmd) => sandbox_cmd::sandbox(cmd),
         cli::Command::Template(cmd) => sandbox_cmd::template(cmd),
         cli::Command::Repo(cmd) => sandbox_cmd::repo(cmd),
+        cli::Command::Store(args) => store_cmd::store(args),
+        cli::Command::Discard(args) => store_cmd::discard(args),
     };
     match result {
         Ok(code) => std::process::exit(code),

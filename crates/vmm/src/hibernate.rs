@@ -30,6 +30,9 @@ pub const RECORD_FILE: &str = "hibernation";
 /// The recorded working set in a hibernation directory.
 pub const WSET_FILE: &str = "wset";
 
+/// Longest a hibernation (or a store gc) waits for another writer of the same store.
+pub const STORE_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// Record files: `FORKVM` + `HB`, format version 1.
 pub const RECORD_KIND: Kind = Kind { tag: *b"HB", name: "hibernation record", version: 1 };
 
@@ -163,8 +166,12 @@ impl MicroVm {
             Compression::Lz4 => Codec::Lz4,
         };
         let cfg = StoreConfig { codec, level: opts.level, threads: opts.threads.max(1), ..Default::default() };
-        let st = Store::open_or_create(store, cfg).map_err(store_err(store))?;
+        // Other hibernations into this store (and `store gc`) are waited for, not failed on;
+        // the lock is held until the record is written, so gc never sees a half-made one.
+        let st = Store::open_or_create_wait(store, cfg, STORE_LOCK_WAIT).map_err(store_err(store))?;
         let name = opts.image.clone().unwrap_or_else(|| default_image_name(&dir));
+        // The owner first: an image whose hibernation never got its record is garbage.
+        st.set_owner(&name, &dir).map_err(store_err(store))?;
         let (manifest, put) = put_memory(self, &st, &name).map_err(store_err(store))?;
         rep.store_ms = ms(t.elapsed());
 

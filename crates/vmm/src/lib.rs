@@ -14,6 +14,7 @@ pub mod microvm;
 pub mod persist;
 pub mod restore;
 pub mod snapshot;
+pub mod store_maint;
 pub mod vcpu_thread;
 pub mod vstate;
 
