@@ -10,6 +10,8 @@ use pagesrv::fc::GuestRegionUffdMapping;
 use pagesrv::WorkingSet;
 use vmm::{MicroVm, SnapshotKind, VmConfig};
 
+const CS_HEADER: usize = chunkstore::envelope::HEADER_LEN;
+
 type R<T> = Result<T, Box<dyn std::error::Error>>;
 
 fn put(dir: &Path, target: &str, name: &str, bytes: &[u8]) -> R<()> {
@@ -19,12 +21,23 @@ fn put(dir: &Path, target: &str, name: &str, bytes: &[u8]) -> R<()> {
     Ok(())
 }
 
+/// An enveloped file as two seeds: the file itself (mode byte 1) and its payload to be sealed
+/// by the target (mode byte 0). `header` is the envelope's header length.
+fn put_enveloped(dir: &Path, target: &str, name: &str, file: &[u8], header: usize) -> R<()> {
+    let mut whole = vec![1u8];
+    whole.extend_from_slice(file);
+    put(dir, target, &format!("{name}.file"), &whole)?;
+    let mut payload = vec![0u8];
+    payload.extend_from_slice(&file[header..]);
+    put(dir, target, &format!("{name}.payload"), &payload)
+}
+
 fn image(pages: usize, seed: u8) -> Vec<u8> {
     let mut v = vec![0u8; pages * 4096];
     for (i, page) in v.chunks_mut(4096).enumerate() {
         match i % 4 {
-            0 => {}                                           // zero page
-            1 => page.fill(seed),                             // duplicated
+            0 => {}                                                                     // zero page
+            1 => page.fill(seed),                                                       // duplicated
             2 => page.iter_mut().enumerate().for_each(|(j, b)| *b = (j * 7 + i) as u8), // compressible
             _ => page.iter_mut().enumerate().for_each(|(j, b)| *b = ((j * 2654435761 + i * 97) >> 13) as u8),
         }
@@ -39,9 +52,10 @@ fn store_seeds(out: &Path, tmp: &Path) -> R<()> {
         st.put_image("a", &image(9, 0x11))?;
         st.put_image("b", &image(5, 0x22)[..5 * 4096 - 100])?;
         drop(st);
-        put(out, "chunk_index", &format!("index-{k}"), &std::fs::read(dir.join("index"))?)?;
+        put_enveloped(out, "chunk_index", &format!("index-{k}"), &std::fs::read(dir.join("index"))?, CS_HEADER)?;
         for m in ["a", "b"] {
-            put(out, "chunk_manifest", &format!("{m}-{k}"), &std::fs::read(dir.join(format!("manifests/{m}.manifest")))?)?;
+            let f = std::fs::read(dir.join(format!("manifests/{m}.manifest")))?;
+            put_enveloped(out, "chunk_manifest", &format!("{m}-{k}"), &f, CS_HEADER)?;
         }
         let ix = chunkstore::decode_index(&std::fs::read(dir.join("index"))?)?;
         let pack = std::fs::read(dir.join("pack"))?;
@@ -63,8 +77,8 @@ fn store_seeds(out: &Path, tmp: &Path) -> R<()> {
 
 fn pagesrv_seeds(out: &Path) -> R<()> {
     let ws = WorkingSet { page_size: 4096, ranges: vec![(0, 65536), (0x20_0000, 4096), (0x10_0000, 0x2_0000)] };
-    put(out, "working_set", "wset", &ws.encode())?;
-    put(out, "working_set", "empty", &WorkingSet { page_size: 4096, ranges: vec![] }.encode())?;
+    put_enveloped(out, "working_set", "wset", &ws.encode(), CS_HEADER)?;
+    put_enveloped(out, "working_set", "empty", &WorkingSet { page_size: 4096, ranges: vec![] }.encode(), CS_HEADER)?;
     let m = |base, size, offset| GuestRegionUffdMapping { base_host_virt_addr: base, size, offset, page_size: 4096 };
     let one = vec![m(0x7f00_0000_0000, 0x800_0000, 0)];
     let two = vec![m(0x7f00_0000_0000, 0xc000_0000, 0), m(0x7f10_0000_0000, 0x4000_0000, 0xc000_0000)];
@@ -72,6 +86,28 @@ fn pagesrv_seeds(out: &Path) -> R<()> {
     put(out, "fc_handshake", "two", &serde_json::to_vec(&two)?)?;
     let old = r#"[{"base_host_virt_addr":140737488355328,"size":134217728,"offset":0,"page_size_kib":4}]"#;
     put(out, "fc_handshake", "old-kib", old.as_bytes())?;
+    Ok(())
+}
+
+fn api_seeds(out: &Path) -> R<()> {
+    let lines = [
+        r#"{"op":"status"}"#,
+        r#"{"op":"pause"}"#,
+        r#"{"op":"resume"}"#,
+        r#"{"op":"exec","line":"sum 0x200000 4","wait_for":"sum","timeout_ms":5000}"#,
+        r#"{"op":"agent_exec","argv":["sh","-c","echo hi"],"env":[["A","b"]],"cwd":"/","stdin":"x","timeout_ms":1000}"#,
+        r#"{"op":"snapshot","dir":"/tmp/snap","diff":true}"#,
+        r#"{"op":"fork","count":2,"prefix":"child-"}"#,
+        r#"{"op":"hibernate","store":"/var/lib/forkvm/store"}"#,
+        r#"{"op":"stop"}"#,
+    ];
+    for (i, l) in lines.iter().enumerate() {
+        // Through the real parser and serializer, so the seeds are what clients send.
+        let req = forkvm_api::vm::parse_request(l.as_bytes()).map_err(|e| format!("seed {l}: {e}"))?;
+        let mut line = serde_json::to_vec(&req)?;
+        line.push(b'\n');
+        put(out, "vm_api_request", &format!("req-{i}"), &line)?;
+    }
     Ok(())
 }
 
@@ -97,8 +133,8 @@ fn state_seeds(out: &Path, tmp: &Path) -> R<()> {
     vm.pause()?;
     let diff = tmp.join("snap-diff");
     vm.snapshot(&diff, SnapshotKind::Diff)?;
-    put(out, "snapshot_state", "full", &std::fs::read(full.join("state"))?)?;
-    put(out, "snapshot_state", "diff", &std::fs::read(diff.join("state"))?)?;
+    put_enveloped(out, "snapshot_state", "full", &std::fs::read(full.join("state"))?, 56)?;
+    put_enveloped(out, "snapshot_state", "diff", &std::fs::read(diff.join("state"))?, 56)?;
     Ok(())
 }
 
@@ -114,6 +150,7 @@ fn main() -> R<()> {
         store_seeds(&out, &tmp)?;
         pagesrv_seeds(&out)?;
         memory_seeds(&out)?;
+        api_seeds(&out)?;
         state_seeds(&out, &tmp)
     })();
     let _ = std::fs::remove_dir_all(&tmp);
