@@ -12,10 +12,9 @@
 
 use std::collections::HashSet;
 use std::fs;
-use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use crate::error::{io_err, Error, Result};
@@ -115,22 +114,8 @@ impl Store {
         }
         let path = self.owner_path(name)?;
         let dir = self.dir.join("owners");
-        match fs::DirBuilder::new().mode(0o700).create(&dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(io_err(&dir)(e)),
-        }
-        let tmp = dir.join(format!(".{name}.tmp"));
-        let _ = fs::remove_file(&tmp);
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&tmp)
-            .map_err(io_err(&tmp))?;
-        f.write_all(owner.as_os_str().as_bytes()).and_then(|()| f.sync_all()).map_err(io_err(&tmp))?;
-        fs::rename(&tmp, &path).map_err(io_err(&path))
+        crate::private::ensure_dir(&dir).map_err(io_err(&dir))?;
+        crate::private::write_atomic(&path, owner.as_os_str().as_bytes()).map_err(io_err(&path))
     }
 
     /// The owner recorded for image `name`, if any.
