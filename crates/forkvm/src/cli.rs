@@ -106,6 +106,10 @@ pub struct VmArgs {
     /// Do not ask for transparent huge pages.
     #[arg(long)]
     pub no_thp: bool,
+    /// A virtio-blk disk over raw image PATH (`,ro`: read-only). The image is never written:
+    /// the VM's writes go to a copy-on-write overlay that snapshots, restores and forks carry.
+    #[arg(long, value_name = "PATH[,ro]")]
+    pub disk: Option<String>,
 }
 
 /// How a VMM process is hosted: anonymous in the foreground, or named behind an API socket.

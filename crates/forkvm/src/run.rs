@@ -37,7 +37,21 @@ pub fn vm_config(a: &VmArgs) -> Result<VmConfig, String> {
         track_dirty: true,
         boot,
         console_mirror: None,
+        disk: a.disk.as_deref().map(parse_disk).transpose()?,
     })
+}
+
+/// `PATH[,ro]`.
+pub fn parse_disk(spec: &str) -> Result<vmm::devices::virtio::block::DiskConfig, String> {
+    let (path, read_only) = match spec.rsplit_once(',') {
+        Some((p, "ro")) => (p, true),
+        Some((p, "rw")) => (p, false),
+        _ => (spec, false),
+    };
+    if path.is_empty() {
+        return Err(format!("--disk {spec:?}: no image path"));
+    }
+    Ok(vmm::devices::virtio::block::DiskConfig { path: path.into(), read_only, scratch: None })
 }
 
 pub fn run(args: RunArgs) -> Result<i32, String> {

@@ -115,6 +115,10 @@ impl MicroVm {
         let pause = if was_paused { Duration::ZERO } else { self.pause()? };
         let result = (|| {
             let t0 = Instant::now();
+            // The disk as it is now is shared by the children; the parent writes a new overlay.
+            if let Some(b) = self.block() {
+                b.freeze().map_err(|e| Error::State(format!("cannot freeze the disk: {e}")))?;
+            }
             let state = self.save_state()?;
             // Shared-file memory must stop being shared before anyone else maps it.
             self.memory().freeze()?;
@@ -158,7 +162,13 @@ impl MicroVm {
         }
         // Nor the parent's vsock sockets: the child gets its own (see MicroVm::listen_vsock).
         self.vsock().forget_in_child();
-        let parts = parts_from_state(state, Arc::clone(self.memory()), mirror, self.track_dirty)?;
+        let mut parts = parts_from_state(state, Arc::clone(self.memory()), mirror, self.track_dirty)?;
+        parts.block = crate::devices::virtio::block::attach::block_for_child(
+            &parts.vm,
+            &parts.mem,
+            self.block(),
+            state.devices.block.as_ref(),
+        )?;
         MicroVm::assemble(parts)
     }
 

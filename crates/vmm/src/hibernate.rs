@@ -155,11 +155,12 @@ impl MicroVm {
             rep.pause_ms = ms(self.pause()?);
         }
         let t = Instant::now();
-        let state = self.save_state()?;
+        let mut state = self.save_state()?;
         rep.save_ms = ms(t.elapsed());
 
         chunkstore::private::ensure_dir(dir).map_err(hio("cannot create hibernation directory", dir))?;
         let dir = dir.canonicalize().map_err(hio("cannot resolve", dir))?;
+        self.persist_disk(&dir, &mut state)?;
         let t = Instant::now();
         let codec = match opts.compression {
             Compression::Zstd => Codec::Zstd,

@@ -371,6 +371,8 @@ impl MicroVm {
 
         let t = Instant::now();
         let mut p = parts_from_state(&state, mem, opts.console_mirror, opts.track_dirty)?;
+        p.block =
+            crate::devices::virtio::block::attach::block_from_saved(&p.vm, &p.mem, state.devices.block.as_ref(), dir)?;
         p.started = t0;
         p.start = Want::Pause;
         mem_clear_host_dirty(&p.mem);

@@ -14,6 +14,8 @@ use crate::devices::console::Console;
 use crate::devices::mmio::MmioBus;
 use crate::devices::pio::PioBus;
 use crate::devices::serial::{SerialPort, COM1_IRQ};
+use crate::devices::virtio::block::attach::{new_block, BLOCK_SLOT};
+use crate::devices::virtio::block::Block;
 use crate::devices::virtio::mmio::MMIO_WINDOW;
 use crate::devices::virtio::vsock::{Vsock, DEFAULT_CID};
 use crate::devices::virtio::MmioSlot;
@@ -46,6 +48,8 @@ pub struct VmConfig {
     pub track_dirty: bool,
     /// Where the console is mirrored besides the in-memory line log (stdout, a socket...).
     pub console_mirror: Option<Box<dyn Write + Send>>,
+    /// A virtio-blk disk (copy-on-write over a raw image), at virtio-mmio slot 1.
+    pub disk: Option<crate::devices::virtio::block::DiskConfig>,
 }
 
 impl std::fmt::Debug for VmConfig {
@@ -68,6 +72,7 @@ impl Default for VmConfig {
             boot: BootSource::TestGuest,
             track_dirty: true,
             console_mirror: None,
+            disk: None,
         }
     }
 }
@@ -80,6 +85,8 @@ pub struct MicroVm {
     serial: SerialPort,
     /// The virtio-vsock device (virtio-mmio slot 0).
     vsock: Arc<Vsock>,
+    /// The virtio-blk device (slot 1), if the VM has a disk.
+    block: Option<Arc<Block>>,
     // Field order matters for drop: the VM (and its vCPU fds, owned by the threads) go before memory.
     vm: Vm,
     mem: Arc<GuestMem>,
@@ -107,6 +114,7 @@ pub(crate) struct Parts {
     pub mem: Arc<GuestMem>,
     pub serial: SerialPort,
     pub vsock: Arc<Vsock>,
+    pub block: Option<Arc<Block>>,
     pub vcpus: Vec<Vcpu>,
     pub generation: u64,
     pub track_dirty: bool,
@@ -173,7 +181,8 @@ impl MicroVm {
         };
         let loaded = boot::load(&mem, kernel, initrd, cmdline)?;
         regs::write_boot_tables(&mem).map_err(|e| Error::Config(e.to_string()))?;
-        crate::arch::acpi::write_tables(&mem, cfg.vcpus, &[VSOCK_SLOT]).map_err(|e| Error::Config(e.to_string()))?;
+        let slots: &[MmioSlot] = if cfg.disk.is_some() { &[VSOCK_SLOT, BLOCK_SLOT] } else { &[VSOCK_SLOT] };
+        crate::arch::acpi::write_tables(&mem, cfg.vcpus, slots).map_err(|e| Error::Config(e.to_string()))?;
         if !write_generation(&mem, 1) {
             return Err(Error::Config("no room for the generation page".into()));
         }
@@ -184,6 +193,7 @@ impl MicroVm {
         vm.register_irqfd(&irq, COM1_IRQ)?;
         let serial = SerialPort::new(irq, console);
         let vsock = Arc::new(new_vsock(&vm, &mem)?);
+        let block = cfg.disk.as_ref().map(|d| new_block(&vm, &mem, d)).transpose()?.map(Arc::new);
         let mut vcpus = Vec::new();
         for id in 0..cfg.vcpus {
             let v = Vcpu::new(&vm, id)?;
@@ -196,6 +206,7 @@ impl MicroVm {
             mem,
             serial,
             vsock,
+            block,
             vcpus,
             generation: 1,
             track_dirty: cfg.track_dirty,
@@ -218,6 +229,7 @@ impl MicroVm {
             threads: Vec::new(),
             serial: p.serial,
             vsock: p.vsock,
+            block: p.block,
             vm: p.vm,
             mem: p.mem,
             vcpus: p.vcpus.len() as u8,
@@ -239,6 +251,9 @@ impl MicroVm {
         install_kick_handler().map_err(Error::Io)?;
         let mut mmio = MmioBus::default();
         mmio.add(VSOCK_SLOT.base, MMIO_WINDOW, self.vsock.clone());
+        if let Some(b) = &self.block {
+            mmio.add(BLOCK_SLOT.base, MMIO_WINDOW, b.clone());
+        }
         for v in vcpus {
             let bus = PioBus { serial: self.serial.clone() };
             let mmio = mmio.clone();
@@ -262,6 +277,11 @@ impl MicroVm {
     /// The virtio-vsock device.
     pub fn vsock(&self) -> &Arc<Vsock> {
         &self.vsock
+    }
+
+    /// The virtio-blk device, if the VM has a disk.
+    pub fn block(&self) -> Option<&Arc<Block>> {
+        self.block.as_ref()
     }
 
     /// Serves the vsock device's host side on `path` (Firecracker's convention: host processes
@@ -385,6 +405,10 @@ impl MicroVm {
     pub fn pause(&self) -> Result<Duration, Error> {
         let d = self.ctl.pause(Duration::from_secs(10)).map_err(Error::State)?;
         self.vsock.pause();
+        if let Some(b) = &self.block {
+            // Everything the guest wrote before the pause is durable while it is paused.
+            b.flush().map_err(|e| Error::State(format!("cannot flush the disk: {e}")))?;
+        }
         Ok(d)
     }
 

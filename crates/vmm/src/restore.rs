@@ -72,6 +72,8 @@ impl MicroVm {
         let chain = memory_chain(dir, &state)?;
         let mem = load_memory(&chain, state.mem_size, mode, !opts.skip_verify)?;
         let mut p = parts_from_state(&state, Arc::new(mem), opts.console_mirror, opts.track_dirty)?;
+        p.block =
+            crate::devices::virtio::block::attach::block_from_saved(&p.vm, &p.mem, state.devices.block.as_ref(), dir)?;
         p.started = started;
         p.start = if opts.paused { Want::Pause } else { Want::Run };
         let vm = MicroVm::assemble(p)?;
@@ -232,5 +234,16 @@ pub(crate) fn parts_from_state(
     if !write_generation(&mem, generation) {
         return Err(Error::State("no room for the generation page".into()));
     }
-    Ok(Parts { vm, mem, serial, vsock, vcpus, generation, track_dirty, started: Instant::now(), start: Want::Run })
+    Ok(Parts {
+        vm,
+        mem,
+        serial,
+        vsock,
+        block: None,
+        vcpus,
+        generation,
+        track_dirty,
+        started: Instant::now(),
+        start: Want::Run,
+    })
 }

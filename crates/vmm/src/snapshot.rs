@@ -91,7 +91,10 @@ impl MicroVm {
             vcpus,
             vm: VmKvmState::save(self.vm())?,
             serial: SerialSnap::from(&self.serial().state()),
-            devices: DevicesState { vsock: Some(self.vsock().save(self.memory())) },
+            devices: DevicesState {
+                vsock: Some(self.vsock().save(self.memory())),
+                block: self.block().map(|b| b.save()),
+            },
             memory: None,
         })
     }
@@ -125,6 +128,7 @@ impl MicroVm {
                 *d |= h;
             }
             private::create_dir(&tmp).map_err(sio("cannot create snapshot directory", &tmp))?;
+            self.persist_disk(&tmp, &mut state)?;
             let (pages, linked, image) = self.write_into(&tmp, kind, base, &dirty)?;
             state.memory = Some(image);
             let bytes = state.to_bytes().map_err(|e| Error::State(e.to_string()))?;

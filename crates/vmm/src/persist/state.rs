@@ -53,6 +53,9 @@ pub fn kvm_layout() -> String {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DevicesState {
     pub vsock: Option<VsockState>,
+    /// The virtio-blk device and its disk (layers linked beside the state), if any.
+    #[serde(default)]
+    pub block: Option<crate::devices::virtio::block::BlockState>,
 }
 
 /// Everything needed to rebuild a running VM from its memory.

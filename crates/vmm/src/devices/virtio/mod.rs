@@ -1,5 +1,6 @@
 //! virtio devices over the virtio-mmio transport, described to the guest in the ACPI DSDT.
 
+pub mod block;
 pub mod mmio;
 pub mod persist;
 pub mod vsock;
