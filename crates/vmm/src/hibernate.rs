@@ -187,10 +187,9 @@ impl MicroVm {
             store: store.canonicalize().unwrap_or_else(|_| PathBuf::from(store)).display().to_string(),
         };
         let rec = envelope::encode(&RECORD_KIND, &record).map_err(|e| Error::State(e.to_string()))?;
-        // State first, record last: a record always names a complete hibernation.
-        let _ = std::fs::remove_file(dir.join(RECORD_FILE));
-        write_synced(&dir.join(STATE_FILE), &state_bytes)?;
-        write_synced(&dir.join(RECORD_FILE), &rec)?;
+        // The new state and record go into a fresh directory that replaces the old one in one
+        // step: a crash or a full disk at any point leaves the previous hibernation or the new.
+        replace_hibernation(&dir, &state_bytes, &rec)?;
         if let Some(old) = old.filter(|o| o.image != name) {
             // The previous image of this directory is no longer needed (chunks stay, shared).
             let _ = st.remove_image(&old.image);
@@ -211,6 +210,25 @@ impl MicroVm {
         rep.total_ms = ms(t0.elapsed());
         Ok(rep)
     }
+}
+
+/// Writes `state` and `record` (and the recorded working set, still a good prefetch hint) into
+/// a temporary directory beside `dir` and puts it in `dir`'s place atomically.
+fn replace_hibernation(dir: &Path, state: &[u8], record: &[u8]) -> Result<(), Error> {
+    let tmp = chunkstore::private::temp_beside(dir);
+    let r = (|| {
+        chunkstore::private::create_dir(&tmp).map_err(hio("cannot create", &tmp))?;
+        write_synced(&tmp.join(STATE_FILE), state)?;
+        write_synced(&tmp.join(RECORD_FILE), record)?;
+        if let Ok(ws) = std::fs::read(dir.join(WSET_FILE)) {
+            write_synced(&tmp.join(WSET_FILE), &ws)?;
+        }
+        chunkstore::private::replace_dir(&tmp, dir).map_err(hio("cannot put the hibernation in place at", dir))
+    })();
+    if r.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    r
 }
 
 fn state_bytes(state: &VmState) -> Result<Vec<u8>, Error> {
