@@ -8,8 +8,8 @@
 # L1_APPEND="L2_BOOT_TIMEOUT=600" tools/e2e/run-l1.sh):
 #   L2_BOOT_TIMEOUT   seconds to wait for FORKVM-READY (default 300)
 #   L2_EXIT_TIMEOUT   seconds to wait for forkvm to exit after reboot (default 60)
-#   L2_MEM, L2_VCPUS  (default 256M, 1)
-#   L2_CMDLINE        (default: the fast one of `forkvm scenario linux`: acpi=off pci=off,
+#   L2_MEM, L2_VCPUS  (default 256M, 2)
+#   L2_CMDLINE        (default: the fast one of `forkvm scenario linux`: ACPI, pci=off,
 #                     no i8042 or rtc_cmos driver (their probes cost ~17 s nested),
 #                     one 8250 port)
 #   L2_REQUIRE_EXIT   1 (default): fail if forkvm does not exit on guest reboot
@@ -22,8 +22,8 @@ set -o pipefail 2>/dev/null || true
 boot_timeout="${L2_BOOT_TIMEOUT:-300}"
 exit_timeout="${L2_EXIT_TIMEOUT:-60}"
 mem="${L2_MEM:-256M}"
-vcpus="${L2_VCPUS:-1}"
-cmdline="${L2_CMDLINE:-console=ttyS0 reboot=k panic=-1 acpi=off pci=off quiet initcall_blacklist=i8042_init,cmos_init 8250.nr_uarts=1}"
+vcpus="${L2_VCPUS:-2}"
+cmdline="${L2_CMDLINE:-console=ttyS0 reboot=k panic=-1 pci=off quiet initcall_blacklist=i8042_init,cmos_init 8250.nr_uarts=1}"
 require_exit="${L2_REQUIRE_EXIT:-1}"
 
 forkvm="${FORKVM:-/forkvm}"
@@ -86,6 +86,18 @@ echo 'echo L2-ECHO-$((6*7)) $(uname -r)' >&3
 wait_for "L2-ECHO-42" 60
 t2=$(now_ms)
 echo "l2-boot: L2 shell answered in $((t2 - t1)) ms: $(grep -F 'L2-ECHO-42' "$out" | tail -n1 | tr -d '\r')"
+
+# ACPI: every vCPU is online; the virtio-mmio vsock device (DSDT LNRO0005) was probed.
+# shellcheck disable=SC2016  # expanded by the L2 shell, not here
+echo 'echo L2-NPROC-$(nproc)' >&3
+wait_for "L2-NPROC-" 60
+grep -qF "L2-NPROC-$vcpus" "$out" || fail "the guest sees $(sed -n 's/.*L2-NPROC-\([0-9]*\).*/\1/p' "$out" | tail -n1) CPUs, not $vcpus"
+echo "l2-boot: nproc = $vcpus"
+# shellcheck disable=SC2016
+echo 'if [ -c /dev/vsock ]; then echo L2-VSOCK-DEV-yes; else echo L2-VSOCK-DEV-no; fi; dmesg | grep -i -e virtio -e vsock | sed "s/^/L2-DMESG /"' >&3
+wait_for "L2-VSOCK-DEV-" 60
+grep -qF "L2-VSOCK-DEV-yes" "$out" || fail "no /dev/vsock in the guest (virtio_mmio did not probe the vsock device?)"
+echo "l2-boot: /dev/vsock present; $(grep -F 'L2-DMESG' "$out" | grep -c .) virtio/vsock kernel lines"
 
 # Leave: the L2 /init reboots (-f) when its shell exits; with reboot=k the
 # guest resets via the i8042, which the VMM should turn into an exit.

@@ -33,6 +33,17 @@ if [[ -n "$agent" ]]; then
     if command -v strip >/dev/null 2>&1; then strip --strip-debug "$root/bin/forkvm-agent" || true; fi
 fi
 
+# virtio-mmio + vsock drivers (modules in the Debian cloud kernel), in dependency order; /init
+# loads them so the VMM's vsock device (described in ACPI) gives the guest /dev/vsock.
+modules="${FORKVM_L2_MODULES:-$CACHE/modules/extra}"
+mkdir -p "$root/lib/modules/forkvm"
+: >"$root/lib/modules/forkvm/load-order"
+for m in virtio virtio_ring virtio_mmio vsock vmw_vsock_virtio_transport_common vmw_vsock_virtio_transport; do
+    [[ -f "$modules/$m.ko" ]] || e2e_die "module $m.ko not in $modules (run tools/e2e/fetch-guest.sh)"
+    install -m 0644 "$modules/$m.ko" "$root/lib/modules/forkvm/"
+    echo "$m.ko" >>"$root/lib/modules/forkvm/load-order"
+done
+
 cat >"$root/init" <<'INIT'
 #!/bin/sh
 # forkvm L2 test guest init.
@@ -43,6 +54,9 @@ mount -t devtmpfs devtmpfs /dev 2>/dev/null || true
 mkdir -p /dev/pts && mount -t devpts devpts /dev/pts 2>/dev/null || true
 mount -t tmpfs tmpfs /tmp
 exec </dev/console >/dev/console 2>&1
+while read -r m; do
+    insmod "/lib/modules/forkvm/$m" || echo "forkvm-init: insmod $m failed"
+done </lib/modules/forkvm/load-order
 read -r up _ </proc/uptime
 echo "FORKVM-READY uptime=$up"
 # The guest agent (vsock port 52): exec, files, and the clone hook forkvm sends on every fork,

@@ -92,7 +92,7 @@ pub struct VmArgs {
     #[arg(long, requires = "kernel")]
     pub initrd: Option<PathBuf>,
     /// Kernel command line.
-    #[arg(long, default_value = "console=ttyS0 reboot=k panic=-1 acpi=off pci=off")]
+    #[arg(long, default_value = "console=ttyS0 reboot=k panic=-1 pci=off")]
     pub cmdline: String,
     /// Guest memory size (e.g. 256M, 2G).
     #[arg(long, default_value = "256M", value_parser = parse_size)]

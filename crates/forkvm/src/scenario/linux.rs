@@ -14,11 +14,11 @@ use super::fork_child::{self, reseed_command, Hooked};
 use super::shell::{self, Tty};
 use crate::size::parse_size;
 
-/// Uniprocessor, no ACPI/PCI (no tables are built), no i8042 and no CMOS RTC driver: probing
-/// devices the VMM does not have costs thousands of port exits (~10 s and ~7 s of a nested boot).
-/// `reboot=k` still resets through port 0x64 without the i8042 driver.
+/// ACPI (forkvm's tables: CPUs, IOAPIC, virtio-mmio devices), no PCI, no i8042 and no CMOS RTC
+/// driver: probing devices the VMM does not have costs thousands of port exits (~10 s and ~7 s
+/// of a nested boot). `reboot=k` still resets through port 0x64 without the i8042 driver.
 pub const DEFAULT_CMDLINE: &str =
-    "console=ttyS0 reboot=k panic=-1 acpi=off pci=off quiet initcall_blacklist=i8042_init,cmos_init 8250.nr_uarts=1";
+    "console=ttyS0 reboot=k panic=-1 pci=off quiet initcall_blacklist=i8042_init,cmos_init 8250.nr_uarts=1";
 
 #[derive(Args, Debug)]
 pub struct LinuxArgs {
@@ -34,6 +34,9 @@ pub struct LinuxArgs {
     /// Kernel command line.
     #[arg(long, default_value = DEFAULT_CMDLINE)]
     pub cmdline: String,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 2)]
+    pub vcpus: u8,
     /// Seconds to wait for the ready line.
     #[arg(long, default_value_t = 300)]
     pub boot_timeout: u64,
@@ -120,7 +123,7 @@ pub fn run(a: &LinuxArgs) -> Result<i32, String> {
 fn boot(a: &LinuxArgs) -> Result<MicroVm, String> {
     let cfg = VmConfig {
         mem_size: a.mem,
-        vcpus: 1,
+        vcpus: a.vcpus,
         backing: Backing::Anon,
         hugepages: true,
         boot: BootSource::Kernel {

@@ -11,6 +11,7 @@ use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
 use acpi_tables::{Aml, AmlSink};
 
+use crate::devices::serial::COM1_BASE;
 use crate::devices::virtio::MmioSlot;
 use crate::vstate::memory::GuestMem;
 
@@ -44,9 +45,21 @@ fn bytes(t: &dyn Aml) -> Vec<u8> {
     v
 }
 
-/// The DSDT: one `LNRO0005` device per virtio-mmio slot under `\_SB_`.
+/// COM1 (`PNP0501`, ports 0x3f8-0x3ff, IRQ 4): with a hardware-reduced FADT Linux maps no
+/// legacy ISA interrupts by itself, so the serial port's GSI must come from the DSDT.
+fn com1() -> Vec<u8> {
+    let io = aml::IO::new(COM1_BASE, COM1_BASE, 1, 8);
+    let irq = aml::Interrupt::new(true, true, false, false, crate::devices::serial::COM1_IRQ);
+    let crs = aml::ResourceTemplate::new(vec![&io, &irq]);
+    let hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0501"));
+    let uid = aml::Name::new("_UID".into(), &aml::ZERO);
+    let crs = aml::Name::new("_CRS".into(), &crs);
+    bytes(&aml::Device::new("COM1".into(), vec![&hid, &uid, &crs]))
+}
+
+/// The DSDT: COM1 and one `LNRO0005` device per virtio-mmio slot under `\_SB_`.
 fn dsdt(devices: &[MmioSlot]) -> Vec<u8> {
-    let mut body = Vec::new();
+    let mut body = vec![com1()];
     for (i, d) in devices.iter().enumerate() {
         let mem = aml::Memory32Fixed::new(true, d.base as u32, crate::devices::virtio::mmio::MMIO_WINDOW as u32);
         let irq = aml::Interrupt::new(true, true, false, false, d.irq);
@@ -166,6 +179,7 @@ mod tests {
         assert_eq!(&dsdt[..4], b"DSDT");
         assert!(checksum_ok(&dsdt));
         assert!(dsdt.windows(8).any(|w| w == b"LNRO0005"));
+        assert!(dsdt.windows(4).any(|w| w == b"COM1"));
         let madt = table_at(&m, entries[1]);
         assert!(checksum_ok(&madt));
         // Two local APICs (type 0) and one IOAPIC (type 1).
