@@ -53,6 +53,29 @@ fn host_initiated_connection_carries_data_both_ways() {
     assert_eq!(h.op, OP_SHUTDOWN);
 }
 
+/// Regression: the `OK <port>` line the device writes to the host socket is not guest data, so
+/// it must not count in the fwd_cnt the guest sees (Linux then computed negative credit and its
+/// writers blocked forever: the guest agent never answered).
+#[test]
+fn the_ok_line_does_not_count_as_forwarded_guest_data() {
+    let dir = tmp("fwd-cnt");
+    let sock = dir.join("vsock.sock");
+    let mut d = Driver::new();
+    d.dev.listen(&sock).unwrap();
+    d.post_rx(8);
+    let (mut s, hport) = host_connect(&mut d, &sock, 52);
+    s.write_all(b"hello").unwrap();
+    let (h, _) = d.recv();
+    assert_eq!(h.op, OP_RW);
+    assert_eq!(h.fwd_cnt, 0, "the guest sent nothing yet");
+    d.send(&guest_hdr(OP_RW, 52, hport, 3), b"abc");
+    let mut b = [0u8; 3];
+    s.read_exact(&mut b).unwrap();
+    d.send(&guest_hdr(OP_CREDIT_REQUEST, 52, hport, 0), &[]);
+    let (h, _) = d.recv_raw_op(OP_CREDIT_UPDATE);
+    assert_eq!(h.fwd_cnt, 3);
+}
+
 #[test]
 fn guest_initiated_connection_reaches_uds_port_socket() {
     let dir = tmp("guest-conn");

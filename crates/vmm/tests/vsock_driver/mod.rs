@@ -203,6 +203,17 @@ impl Driver {
         }
     }
 
+    /// The next RX packet with op `op` (others are skipped).
+    pub fn recv_raw_op(&mut self, op: u16) -> (Header, Vec<u8>) {
+        loop {
+            if let Some((h, p)) = self.recv_raw() {
+                if h.op == op {
+                    return (h, p);
+                }
+            }
+        }
+    }
+
     fn recv_raw(&mut self) -> Option<(Header, Vec<u8>)> {
         let seen = self.used_seen[RXQ];
         self.wait_until("an RX packet", |d| d.used_idx(RXQ) != seen);

@@ -145,6 +145,7 @@ impl Muxer {
 
     /// Handles a packet the guest sent.
     pub fn handle_tx(&mut self, h: Header, payload: &[u8]) {
+        tracing::trace!("vsock: guest -> host {h:?}");
         if h.src_cid != self.cid || h.dst_cid != HOST_CID {
             self.dropped += 1;
             return;
@@ -248,6 +249,7 @@ impl Muxer {
             } else if h.op != OP_RST && h.op != OP_REQUEST {
                 continue; // the connection is gone: only resets still matter
             }
+            tracing::trace!("vsock: host -> guest {h:?}");
             return Some((h, Vec::new()));
         }
         let max = (cap - HDR_LEN).min(MAX_PAYLOAD as usize);
@@ -264,6 +266,7 @@ impl Muxer {
                 Ok(Some(data)) => {
                     let mut h = c.header(self.cid, OP_RW);
                     h.len = data.len() as u32;
+                    tracing::trace!("vsock: host -> guest {h:?}");
                     return Some((h, data));
                 }
                 Err(_) => {
