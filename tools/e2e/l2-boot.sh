@@ -89,14 +89,14 @@ echo "l2-boot: L2 shell answered in $((t2 - t1)) ms: $(grep -F 'L2-ECHO-42' "$ou
 
 # ACPI: every vCPU is online; the virtio-mmio vsock device (DSDT LNRO0005) was probed.
 # shellcheck disable=SC2016  # expanded by the L2 shell, not here
-echo 'echo L2-NPROC-$(nproc)' >&3
-wait_for "L2-NPROC-" 60
-grep -qF "L2-NPROC-$vcpus" "$out" || fail "the guest sees $(sed -n 's/.*L2-NPROC-\([0-9]*\).*/\1/p' "$out" | tail -n1) CPUs, not $vcpus"
+echo 'echo L2-NPROC-$((40+2))-$(nproc)-' >&3
+wait_for "L2-NPROC-42-" 60
+grep -qF "L2-NPROC-42-$vcpus-" "$out" || fail "the guest sees $(sed -n 's/.*L2-NPROC-42-\([0-9]*\)-.*/\1/p' "$out" | tail -n1) CPUs, not $vcpus"
 echo "l2-boot: nproc = $vcpus"
 # shellcheck disable=SC2016
-echo 'if [ -c /dev/vsock ]; then echo L2-VSOCK-DEV-yes; else echo L2-VSOCK-DEV-no; fi; dmesg | grep -i -e virtio -e vsock | sed "s/^/L2-DMESG /"' >&3
-wait_for "L2-VSOCK-DEV-" 60
-grep -qF "L2-VSOCK-DEV-yes" "$out" || fail "no /dev/vsock in the guest (virtio_mmio did not probe the vsock device?)"
+echo 'dmesg | grep -i -e virtio -e vsock | sed "s/^/L2-DMESG /"; if [ -c /dev/vsock ]; then echo L2-VSOCK-$((40+2))-yes; else echo L2-VSOCK-$((40+2))-no; fi' >&3
+wait_for "L2-VSOCK-42-" 60
+grep -qF "L2-VSOCK-42-yes" "$out" || fail "no /dev/vsock in the guest (virtio_mmio did not probe the vsock device?)"
 echo "l2-boot: /dev/vsock present; $(grep -F 'L2-DMESG' "$out" | grep -c .) virtio/vsock kernel lines"
 
 # Leave: the L2 /init reboots (-f) when its shell exits; with reboot=k the

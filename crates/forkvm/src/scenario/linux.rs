@@ -92,10 +92,11 @@ pub fn run(a: &LinuxArgs) -> Result<i32, String> {
     let t_all = Instant::now();
     let timeout = Duration::from_secs(a.cmd_timeout);
     println!(
-        "scenario: linux: kernel {} initrd {} mem {} MiB, 1 vCPU",
+        "scenario: linux: kernel {} initrd {} mem {} MiB, {} vCPUs",
         a.kernel.display(),
         a.initrd.display(),
-        a.mem >> 20
+        a.mem >> 20,
+        a.vcpus
     );
     println!("scenario: cmdline {:?}", a.cmdline);
     let vm = boot(a)?;

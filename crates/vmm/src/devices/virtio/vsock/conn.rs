@@ -34,8 +34,11 @@ pub struct Conn {
     pub tx_cnt: Wrapping<u32>,
     pub peer_buf_alloc: u32,
     pub peer_fwd_cnt: Wrapping<u32>,
-    /// Guest data the host socket has not taken yet (at most BUF_ALLOC, by the credit we gave).
+    /// Bytes for the host socket not taken yet: guest data (at most BUF_ALLOC, by the credit we
+    /// gave), after `ctl_bytes` bytes of our own (the `OK <port>` line).
     pub to_host: Vec<u8>,
+    /// Leading bytes of `to_host` that are not guest data (they never count in fwd_cnt).
+    pub ctl_bytes: usize,
     /// Host data read before the connection was set up (bytes after the CONNECT line).
     pub to_guest: Vec<u8>,
     /// The host socket has data to read (poll said so, no read has hit EAGAIN since).
@@ -60,6 +63,7 @@ impl Conn {
             peer_buf_alloc: 0,
             peer_fwd_cnt: Wrapping(0),
             to_host: Vec::new(),
+            ctl_bytes: 0,
             to_guest: Vec::new(),
             readable: false,
             host_eof: false,
@@ -99,21 +103,31 @@ impl Conn {
     /// Guest data for the host: written now as far as the socket takes it, the rest kept.
     /// False if the guest overran the credit we gave it (the connection must be reset).
     pub fn push_to_host(&mut self, data: &[u8]) -> bool {
-        if self.to_host.len() + data.len() > BUF_ALLOC as usize {
+        if self.to_host.len() - self.ctl_bytes + data.len() > BUF_ALLOC as usize {
             return false;
         }
         self.to_host.extend_from_slice(data);
         self.flush_to_host()
     }
 
-    /// Writes buffered guest data to the host socket; false on a hard error.
+    /// Our own line for the host (`OK <port>\n`), ahead of any guest data; not guest data, so
+    /// not counted in fwd_cnt.
+    pub fn push_ctl_line(&mut self, line: &[u8]) -> bool {
+        self.to_host.splice(self.ctl_bytes..self.ctl_bytes, line.iter().copied());
+        self.ctl_bytes += line.len();
+        self.flush_to_host()
+    }
+
+    /// Writes buffered data to the host socket; false on a hard error.
     pub fn flush_to_host(&mut self) -> bool {
         while !self.to_host.is_empty() {
             match self.stream.write(&self.to_host) {
                 Ok(0) => return false,
                 Ok(n) => {
                     self.to_host.drain(..n);
-                    self.fwd_cnt += Wrapping(n as u32);
+                    let ctl = n.min(self.ctl_bytes);
+                    self.ctl_bytes -= ctl;
+                    self.fwd_cnt += Wrapping((n - ctl) as u32);
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}

@@ -170,7 +170,7 @@ impl Muxer {
                 ConnState::HostRequested(_) => {
                     c.state = ConnState::Established;
                     let ok = format!("OK {}\n", c.local_port);
-                    if !c.push_to_host(ok.as_bytes()) {
+                    if !c.push_ctl_line(ok.as_bytes()) {
                         self.kill(key);
                     }
                 }
