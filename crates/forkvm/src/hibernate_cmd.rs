@@ -119,11 +119,13 @@ pub fn wake(args: WakeArgs) -> Result<i32, String> {
     }
     let claimed = Claimed::for_wake(&args.vm)?;
     let log = claimed.console_log();
-    let console = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log)
-        .map_err(|e| format!("cannot open {}: {e}", log.display()))?;
+    let console = match crate::private_fs::append_private(&log) {
+        Ok(f) => f,
+        Err(e) => {
+            claimed.release_keeping_hibernation();
+            return Err(e);
+        }
+    };
     let opts = WakeOptions { console_mirror: Some(Box::new(console)), track_dirty: true, ..Default::default() };
     let (vm, handle) = match MicroVm::wake(&hib, &store, opts) {
         Ok(x) => x,
@@ -137,7 +139,11 @@ pub fn wake(args: WakeArgs) -> Result<i32, String> {
             return Err(why);
         }
     };
-    redirect_output(&claimed.paths.vmm_log());
+    if let Err(e) = redirect_output(&claimed.paths.vmm_log()) {
+        drop((vm, handle));
+        claimed.release_keeping_hibernation();
+        return Err(e);
+    }
     let _ = std::fs::remove_file(claimed.paths.dir.join(WAKE_ERROR));
     tracing::info!("woke {}: {:?}", args.vm, handle.report());
     Ok(serve(claimed, vm, None, Some(handle)))

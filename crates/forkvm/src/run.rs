@@ -104,7 +104,13 @@ fn host(h: &HostArgs, make: impl FnOnce(Box<dyn Write + Send>) -> Result<MicroVm
     let claimed = Claimed::new(name)?;
     let mirror: Box<dyn Write + Send> = if h.background {
         let log = claimed.console_log();
-        Box::new(std::fs::File::create(&log).map_err(|e| format!("cannot create {}: {e}", log.display()))?)
+        match crate::private_fs::create_private(&log) {
+            Ok(f) => Box::new(f),
+            Err(e) => {
+                claimed.release();
+                return Err(e);
+            }
+        }
     } else {
         Box::new(std::io::stdout())
     };
@@ -117,7 +123,11 @@ fn host(h: &HostArgs, make: impl FnOnce(Box<dyn Write + Send>) -> Result<MicroVm
     };
     if h.background {
         // From here on our errors and logs go to the VM's log; the launcher has its answer.
-        redirect_output(&claimed.paths.vmm_log());
+        if let Err(e) = redirect_output(&claimed.paths.vmm_log()) {
+            drop(vm);
+            claimed.release();
+            return Err(e);
+        }
     } else {
         stdin_to_console(&vm);
     }

@@ -4,8 +4,8 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,65 +15,8 @@ use forkvm_api::vm::{
 };
 use vmm::{ExitReason, MicroVm, SnapshotKind, WakeHandle};
 
-/// A VM name whose socket this process has bound.
-#[derive(Debug)]
-pub struct Claimed {
-    pub name: String,
-    pub paths: VmPaths,
-    listener: UnixListener,
-}
-
-impl Claimed {
-    /// Claims `name`: creates its directory and binds its socket. A live VM of that name is an
-    /// error; leftovers of a dead one are removed.
-    pub fn new(name: &str) -> Result<Self, String> {
-        let c = Self::bind(name)?;
-        let _ = std::fs::remove_dir_all(c.paths.hibernated());
-        Ok(c)
-    }
-
-    /// Claims the name of a hibernated VM to wake it, keeping its hibernation.
-    pub fn for_wake(name: &str) -> Result<Self, String> {
-        Self::bind(name)
-    }
-
-    fn bind(name: &str) -> Result<Self, String> {
-        let paths = VmPaths::for_name(name)?;
-        let dir = &paths.dir;
-        std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-        let sock = paths.socket();
-        let listener = match UnixListener::bind(&sock) {
-            Ok(l) => l,
-            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
-                if UnixStream::connect(&sock).is_ok() {
-                    return Err(format!("a VM named {name:?} is already running"));
-                }
-                let _ = std::fs::remove_file(&sock);
-                UnixListener::bind(&sock).map_err(|e| format!("cannot bind {}: {e}", sock.display()))?
-            }
-            Err(e) => return Err(format!("cannot bind {}: {e}", sock.display())),
-        };
-        Ok(Claimed { name: name.to_string(), paths, listener })
-    }
-
-    pub fn console_log(&self) -> PathBuf {
-        self.paths.console_log()
-    }
-
-    /// Gives the name up without serving (the VM failed to start).
-    pub fn release(self) {
-        let _ = std::fs::remove_dir_all(&self.paths.dir);
-    }
-
-    /// Gives the name up but keeps its hibernation (one that failed to wake).
-    pub fn release_keeping_hibernation(self) {
-        let _ = std::fs::remove_file(self.paths.socket());
-        let _ = std::fs::remove_file(self.paths.pid_file());
-        if !self.paths.hibernated().exists() {
-            let _ = std::fs::remove_dir_all(&self.paths.dir);
-        }
-    }
-}
+pub use crate::claim::Claimed;
+use crate::private_fs::{append_private, create_private};
 
 /// What a VMM process knows about the VM it serves.
 struct Host {
@@ -94,7 +37,9 @@ pub fn serve(claimed: Claimed, vm: MicroVm, parent: Option<String>, wake: Option
     // SAFETY: setting a signal disposition to SIG_IGN has no memory-safety preconditions.
     unsafe { libc::signal(libc::SIGCHLD, libc::SIG_IGN) };
     let Claimed { name, paths, listener } = claimed;
-    let _ = std::fs::write(paths.pid_file(), format!("{}\n", std::process::id()));
+    if let Ok(mut f) = create_private(&paths.pid_file()) {
+        let _ = writeln!(f, "{}", std::process::id());
+    }
     if let Err(e) = vm.listen_vsock(&paths.vsock()) {
         eprintln!("forkvm: warning: VM {name}: no vsock socket: {e}");
     }
@@ -338,8 +283,12 @@ fn child_main(
     state: &vmm::persist::state::VmState,
     parent: &str,
 ) -> i32 {
-    redirect_output(&claimed.paths.vmm_log());
-    let console = match std::fs::File::create(claimed.console_log()) {
+    if let Err(e) = redirect_output(&claimed.paths.vmm_log()) {
+        let _ = writeln!(ready, "error {e}");
+        claimed.release();
+        return 1;
+    }
+    let console = match create_private(&claimed.console_log()) {
         Ok(f) => f,
         Err(e) => {
             let _ = writeln!(ready, "error cannot create console log: {e}");
@@ -360,14 +309,17 @@ fn child_main(
     }
 }
 
-/// Points stdout and stderr at `path` (a detached VMM's log).
-pub fn redirect_output(path: &Path) {
-    if let Ok(f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
-        for target in [1, 2] {
-            // SAFETY: dup2 of a valid open fd onto a standard fd; `f` stays open until after.
-            unsafe { libc::dup2(f.as_raw_fd(), target) };
+/// Points stdout and stderr at `path` (a detached VMM's log). On failure the caller must exit:
+/// its launcher waits for the output it inherited to close.
+pub fn redirect_output(path: &Path) -> Result<(), String> {
+    let f = append_private(path)?;
+    for target in [1, 2] {
+        // SAFETY: dup2 of a valid open fd onto a standard fd; `f` stays open until after.
+        if unsafe { libc::dup2(f.as_raw_fd(), target) } < 0 {
+            return Err(format!("cannot redirect output to {}: {}", path.display(), std::io::Error::last_os_error()));
         }
     }
+    Ok(())
 }
 
 /// The answer line of a fallible operation.
