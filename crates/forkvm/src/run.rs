@@ -138,13 +138,17 @@ fn host(h: &HostArgs, make: impl FnOnce(Box<dyn Write + Send>) -> Result<MicroVm
 fn stdin_to_console(vm: &MicroVm) {
     let serial = vm.serial().clone();
     std::thread::spawn(move || {
+        // A fork-gate participant, idle while it reads stdin or waits on the parent-only serial
+        // port (see vmm::quiesce).
+        let _participant = vmm::quiesce::participant();
+        let mut busy = vmm::quiesce::busy();
         let mut stdin = std::io::stdin().lock();
         let mut buf = [0u8; 256];
-        while let Ok(n) = stdin.read(&mut buf) {
+        while let Ok(n) = busy.idle(|| stdin.read(&mut buf)) {
             if n == 0 {
                 break;
             }
-            serial.send(&buf[..n], Duration::from_secs(3600));
+            busy.idle(|| serial.send(&buf[..n], Duration::from_secs(3600)));
         }
     });
 }

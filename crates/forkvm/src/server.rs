@@ -1,38 +1,54 @@
-//! The VMM process side of the per-VM API: claim a name, serve requests for one VM, clean up
-//! when it exits. Fork children claim their names in the parent (before fork) and serve their own
-//! sockets.
+//! The VMM process side of the per-VM API: serve requests for one VM (concurrently, see
+//! [`crate::conn`]), clean up when it exits. Mutating operations (pause, resume, snapshot, fork,
+//! hibernate) run one at a time; status, exec and stop never wait for them.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use forkvm_api::vm::{
-    self, ExecResponse, ForkChild, ForkResponse, PauseResponse, Reply, Request, ResumeResponse, RunState,
-    SnapshotResponse, StatusResponse, StopResponse, VmPaths,
+    self, limits, ExecResponse, PauseResponse, Reply, Request, ResumeResponse, RunState, SnapshotResponse,
+    StatusResponse, StopResponse, VmPaths,
 };
+use vmm::quiesce::{self, Busy};
 use vmm::{ExitReason, MicroVm, SnapshotKind, WakeHandle};
 
 pub use crate::claim::Claimed;
+use crate::conn::{self, Conns};
 use crate::private_fs::{append_private, create_private};
 
 /// What a VMM process knows about the VM it serves.
-struct Host {
-    vm: Arc<MicroVm>,
-    name: String,
-    paths: VmPaths,
-    parent: Option<String>,
-    listener_fd: i32,
+pub(crate) struct Host {
+    pub vm: Arc<MicroVm>,
+    pub name: String,
+    pub paths: VmPaths,
+    pub parent: Option<String>,
+    pub listener_fd: i32,
+    pub conns: Arc<Conns>,
+    /// One mutating operation at a time.
+    pub ops: Mutex<()>,
     /// Set by a successful hibernate: keep the directory on exit.
     keep_dir: std::sync::atomic::AtomicBool,
     /// The page server of a woken VM whose memory may still be coming in.
-    wake: Option<WakeHandle>,
+    pub wake: Mutex<Option<WakeHandle>>,
+    /// The connection that asked for stop: answered once the VM is stopped and its files are
+    /// gone, and closed only when the process exits.
+    /// (None: a stop answer; Some: this answer line, e.g. a hibernation's.)
+    stop_conn: Mutex<Option<(UnixStream, Option<String>)>>,
+}
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Serves the API for `vm` until it exits; returns the process exit code.
 pub fn serve(claimed: Claimed, vm: MicroVm, parent: Option<String>, wake: Option<WakeHandle>) -> i32 {
+    // This thread takes part in the fork gate (vmm::quiesce): idle only while it waits for the VM.
+    let _participant = quiesce::participant();
+    let mut busy = quiesce::busy();
     // Fork children are reaped by the kernel: nobody waits for them here.
     // SAFETY: setting a signal disposition to SIG_IGN has no memory-safety preconditions.
     unsafe { libc::signal(libc::SIGCHLD, libc::SIG_IGN) };
@@ -53,22 +69,34 @@ pub fn serve(claimed: Claimed, vm: MicroVm, parent: Option<String>, wake: Option
         paths,
         parent,
         listener_fd: listener.as_raw_fd(),
+        conns: Arc::default(),
+        ops: Mutex::new(()),
         keep_dir: false.into(),
-        wake,
+        wake: Mutex::new(wake),
+        stop_conn: Mutex::new(None),
     });
     let h = Arc::clone(&host);
-    std::thread::spawn(move || {
-        for conn in listener.incoming().flatten() {
-            h.handle(conn);
-        }
-    });
-    let reason = host.vm.wait_exit(None);
+    let handler: Arc<conn::Handler> = Arc::new(move |req, c, busy| h.handle(req, c, busy));
+    if let Err(e) = conn::start(listener, Arc::clone(&host.conns), handler) {
+        eprintln!("forkvm: error: VM {}: cannot start its API threads: {e}", host.name);
+        host.vm.control().stop(ExitReason::Error(format!("cannot start the API threads: {e}")));
+    }
+    let reason = busy.idle(|| host.vm.wait_exit(None));
     tracing::info!("VM {} exited: {reason:?}", host.name);
     let _ = std::fs::remove_file(host.paths.socket());
-    if let (Some(ExitReason::Error(e)), Some(_)) = (&reason, &host.wake) {
+    let wake = lock(&host.wake).take();
+    if let (Some(ExitReason::Error(e)), Some(_)) = (&reason, &wake) {
         crate::hibernate_cmd::keep_failed_wake(&host.paths, &host.name, e);
     } else if !host.keep_dir.load(std::sync::atomic::Ordering::SeqCst) {
         let _ = std::fs::remove_dir_all(&host.paths.dir);
+    }
+    drop(wake);
+    if let Some((c, line)) = lock(&host.stop_conn).take() {
+        let line = line.unwrap_or_else(|| Reply::ok(StopResponse { pid: std::process::id() }).to_line());
+        let _ = c.set_write_timeout(Some(limits::REQUEST_DEADLINE));
+        let _ = (&c).write_all(line.as_bytes());
+        // Closed by the kernel when this process exits: the client's "stop" returns then.
+        std::mem::forget(c);
     }
     match reason {
         Some(ExitReason::Error(e)) => {
@@ -79,57 +107,48 @@ pub fn serve(claimed: Claimed, vm: MicroVm, parent: Option<String>, wake: Option
     }
 }
 
-/// What to do after the answer is sent.
-enum After {
-    Nothing,
-    Stop,
-}
-
 impl Host {
-    fn handle(&self, conn: UnixStream) {
-        let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
-        let mut line = Vec::new();
-        let read = BufReader::new(&conn).take(vm::limits::MAX_REQUEST_BYTES as u64 + 1).read_until(b'\n', &mut line);
-        let (answer, after) = match read {
-            Err(e) => (Reply::<()>::err(format!("cannot read request: {e}")).to_line(), After::Nothing),
-            Ok(_) => match vm::parse_request(&line) {
-                Err(e) => (Reply::<()>::err(e.to_string()).to_line(), After::Nothing),
-                Ok(req) => self.dispatch(req, conn.as_raw_fd()),
-            },
-        };
-        let _ = (&conn).write_all(answer.as_bytes());
-        drop(conn);
-        if let After::Stop = after {
-            self.vm.control().stop(ExitReason::Stopped);
-        }
-    }
-
-    fn dispatch(&self, req: Request, conn_fd: i32) -> (String, After) {
+    /// Answers `req` (see [`conn::Handler`]).
+    fn handle(&self, req: Request, c: UnixStream, busy: &mut Busy) -> Option<(String, UnixStream)> {
         let line = match req {
             Request::Status(_) => Reply::ok(self.status()).to_line(),
-            Request::Pause(_) => {
-                answer(self.vm.pause().map(|d| PauseResponse { pause_ms: ms(d) }).map_err(|e| e.to_string()))
+            Request::Stop(_) => {
+                lock(&self.stop_conn).get_or_insert((c, None));
+                self.vm.control().stop(ExitReason::Stopped);
+                return None;
             }
-            Request::Resume(_) => {
-                answer(self.vm.resume().map(|d| ResumeResponse { resume_ms: ms(d) }).map_err(|e| e.to_string()))
-            }
-            Request::Exec(e) => answer(self.exec(&e.line, e.wait_for.as_deref(), Duration::from_millis(e.timeout_ms))),
+            Request::Exec(e) => answer(self.exec(&e.line, e.wait_for.as_deref(), e.timeout_ms, busy)),
             Request::AgentExec(e) => answer(crate::agent_exec::exec(&self.vm, &self.paths.dir, e)),
-            Request::Snapshot(s) => answer(self.snapshot(&s.dir, s.diff)),
-            Request::Fork(f) => answer(self.fork(f.count, f.prefix, conn_fd)),
-            Request::Hibernate(h) => {
-                let dir = self.paths.hibernated();
-                return match crate::hibernate_cmd::hibernate_vm(&self.vm, &dir, h.store.as_deref()) {
-                    Ok(v) => {
-                        self.keep_dir.store(true, std::sync::atomic::Ordering::SeqCst);
-                        (Reply::ok(v).to_line(), After::Stop)
+            req => {
+                // One mutating operation at a time; waiting for the others is idle time.
+                let _ops = busy.idle(|| lock(&self.ops));
+                match req {
+                    Request::Pause(_) => {
+                        answer(self.vm.pause().map(|d| PauseResponse { pause_ms: ms(d) }).map_err(|e| e.to_string()))
                     }
-                    Err(e) => (Reply::<()>::err(e).to_line(), After::Nothing),
-                };
+                    Request::Resume(_) => {
+                        answer(self.vm.resume().map(|d| ResumeResponse { resume_ms: ms(d) }).map_err(|e| e.to_string()))
+                    }
+                    Request::Snapshot(s) => answer(self.snapshot(&s.dir, s.diff)),
+                    Request::Fork(f) => answer(self.fork(f.count, f.prefix, busy)),
+                    Request::Hibernate(h) => {
+                        let dir = self.paths.hibernated();
+                        match crate::hibernate_cmd::hibernate_vm(&self.vm, &dir, h.store.as_deref()) {
+                            Ok(v) => {
+                                // Answered by the main thread once the VMM is done with the VM.
+                                self.keep_dir.store(true, std::sync::atomic::Ordering::SeqCst);
+                                lock(&self.stop_conn).get_or_insert((c, Some(Reply::ok(v).to_line())));
+                                self.vm.control().stop(ExitReason::Stopped);
+                                return None;
+                            }
+                            Err(e) => Reply::<()>::err(e).to_line(),
+                        }
+                    }
+                    _ => Reply::<()>::err("bad request").to_line(),
+                }
             }
-            Request::Stop(_) => return (Reply::ok(StopResponse { pid: std::process::id() }).to_line(), After::Stop),
         };
-        (line, After::Nothing)
+        Some((line, c))
     }
 
     fn status(&self) -> StatusResponse {
@@ -155,21 +174,33 @@ impl Host {
         }
     }
 
-    fn exec(&self, line: &str, wait_for: Option<&str>, timeout: Duration) -> Result<ExecResponse, String> {
+    fn exec(
+        &self,
+        line: &str,
+        wait_for: Option<&str>,
+        timeout_ms: u64,
+        busy: &mut Busy,
+    ) -> Result<ExecResponse, String> {
         if self.vm.is_paused() {
             return Err(format!("VM {:?} is paused: resume it first", self.name));
         }
-        crate::agent_exec::wait_gate(&self.vm)?;
+        busy.idle(|| crate::agent_exec::wait_gate(&self.vm))?;
+        let timeout = Duration::from_millis(timeout_ms.min(limits::MAX_EXEC_TIMEOUT_MS));
         let console = self.vm.console();
         let mut cursor = console.cursor();
-        self.vm.send_line(line).map_err(|e| e.to_string())?;
+        busy.idle(|| self.vm.send_line(line)).map_err(|e| e.to_string())?;
         let deadline = Instant::now() + timeout;
         let mut lines = Vec::new();
+        let mut bytes = 0;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            match console.wait_line(&mut cursor, left, |_| true) {
+            match busy.idle(|| console.wait_line(&mut cursor, left, |_| true)) {
                 Some(l) => {
                     let done = wait_for.is_none_or(|w| l.contains(w));
+                    bytes += l.len() + 1;
+                    if bytes > limits::MAX_EXEC_OUTPUT {
+                        return Err(format!("exec: more than {} bytes of output", limits::MAX_EXEC_OUTPUT));
+                    }
                     lines.push(l);
                     if done {
                         return Ok(ExecResponse { lines });
@@ -203,110 +234,6 @@ impl Host {
             linked: r.linked,
         })
     }
-
-    fn fork(&self, count: usize, prefix: Option<String>, conn_fd: i32) -> Result<ForkResponse, String> {
-        let prefix = prefix.unwrap_or_else(|| format!("{}-c", self.name));
-        let names: Vec<String> = (1..=count).map(|i| format!("{prefix}{i}")).collect();
-        for n in &names {
-            vm::check_name(n)?;
-        }
-        let mut claims = Vec::with_capacity(count);
-        for n in &names {
-            match Claimed::new(n) {
-                Ok(c) => claims.push(Some(c)),
-                Err(e) => {
-                    claims.into_iter().flatten().for_each(Claimed::release);
-                    return Err(e);
-                }
-            }
-        }
-        let t0 = Instant::now();
-        if let Some(w) = &self.wake {
-            // Children do not inherit the page server: everything must be in before fork().
-            w.fetch_all().map_err(|e| e.to_string())?;
-        }
-        let listener_fd = self.listener_fd;
-        let parent = self.name.clone();
-        let (forked, rep) = self
-            .vm
-            .fork_with(
-                count,
-                |i| {
-                    let claimed = claims[i].take().ok_or_else(|| vmm::Error::State("fork: name not claimed".into()))?;
-                    let (rx, tx) = UnixStream::pair().map_err(vmm::Error::Io)?;
-                    Ok((rx, (claimed, tx)))
-                },
-                |_, (claimed, tx), vm, state| {
-                    // SAFETY: the parent's listener fd is not used in the child.
-                    unsafe { libc::close(listener_fd) };
-                    // SAFETY: neither is the connection that asked for the fork.
-                    unsafe { libc::close(conn_fd) };
-                    child_main(claimed, tx, vm, state, &parent)
-                },
-            )
-            .map_err(|e| {
-                claims.iter_mut().filter_map(Option::take).for_each(Claimed::release);
-                e.to_string()
-            })?;
-        let fork_ms = ms(t0.elapsed());
-        let mut children = Vec::new();
-        let mut errors = Vec::new();
-        for ((pid, rx), name) in forked.into_iter().zip(&names) {
-            let _ = rx.set_read_timeout(Some(Duration::from_secs(30)));
-            let mut line = String::new();
-            let _ = BufReader::new(&rx).read_line(&mut line);
-            match line.trim_end().strip_prefix("ready") {
-                Some(_) => children.push(ForkChild { name: name.clone(), pid }),
-                None if line.is_empty() => errors.push(format!("{name}: the child exited before it was ready")),
-                None => errors.push(format!("{name}: {}", line.trim_end())),
-            }
-        }
-        if !errors.is_empty() {
-            return Err(format!("fork: {}", errors.join("; ")));
-        }
-        Ok(ForkResponse {
-            children,
-            pause_ms: ms(rep.pause),
-            save_ms: ms(rep.save),
-            fork_ms: ms(rep.fork),
-            fork_total_ms: fork_ms,
-            ready_ms: ms(t0.elapsed()),
-        })
-    }
-}
-
-/// A fork child: own logs, a new KVM VM over the inherited memory, then its own API server.
-fn child_main(
-    claimed: Claimed,
-    mut ready: UnixStream,
-    parent_vm: &MicroVm,
-    state: &vmm::persist::state::VmState,
-    parent: &str,
-) -> i32 {
-    if let Err(e) = redirect_output(&claimed.paths.vmm_log()) {
-        let _ = writeln!(ready, "error {e}");
-        claimed.release();
-        return 1;
-    }
-    let console = match create_private(&claimed.console_log()) {
-        Ok(f) => f,
-        Err(e) => {
-            let _ = writeln!(ready, "error cannot create console log: {e}");
-            return 1;
-        }
-    };
-    match parent_vm.build_fork_child(state, Some(Box::new(console))) {
-        Ok(vm) => {
-            let _ = writeln!(ready, "ready");
-            drop(ready);
-            serve(claimed, vm, Some(parent.to_string()), None)
-        }
-        Err(e) => {
-            let _ = writeln!(ready, "error {e}");
-            claimed.release();
-            1
-        }
-    }
 }
 
 /// Points stdout and stderr at `path` (a detached VMM's log). On failure the caller must exit:
@@ -330,6 +257,6 @@ fn answer<T: serde::Serialize>(r: Result<T, String>) -> String {
     }
 }
 
-fn ms(d: Duration) -> f64 {
+pub(crate) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }

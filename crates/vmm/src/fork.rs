@@ -56,6 +56,9 @@ impl ForkedChild {
     }
 }
 
+/// Longest wait for the process's other threads to reach a safe point before fork.
+const QUIESCE_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Timings of a fork.
 #[derive(Debug, Clone, Copy)]
 pub struct ForkReport {
@@ -125,16 +128,21 @@ impl MicroVm {
             let save = t0.elapsed();
             let t1 = Instant::now();
             let mut forked: Forked<P> = Vec::with_capacity(count);
+            // Every other thread at a known point that holds nothing the child uses.
+            let mut gate = Some(quiesce_others(&self.control().vcpu_tids())?);
             for i in 0..count {
                 let (p, c) = prepare(i)?;
-                // SAFETY: fork has no memory-safety preconditions; the child only runs code that
-                // does not depend on locks held by the parent's other threads (the vCPU threads
-                // are parked outside every lock) and leaves with _exit.
+                // SAFETY: fork has no memory-safety preconditions. Every other thread is quiesced
+                // (see crate::quiesce): vCPUs parked, participants idle outside any lock the child
+                // uses; the child leaves with _exit.
                 let pid = unsafe { libc::fork() };
                 if pid < 0 {
                     return Err(Error::Io(std::io::Error::last_os_error()));
                 }
                 if pid == 0 {
+                    if let Some(g) = gate.take() {
+                        g.into_child();
+                    }
                     drop(p);
                     drop(std::mem::take(&mut forked));
                     let code = child(i, c, self, &state);
@@ -144,6 +152,7 @@ impl MicroVm {
                 drop(c);
                 forked.push((pid, p));
             }
+            drop(gate);
             Ok((forked, save, t1.elapsed()))
         })();
         if !was_paused {
@@ -193,6 +202,24 @@ impl MicroVm {
     }
 }
 
+/// Closes the fork gate and audits the threads. A thread that is just exiting (it left the gate
+/// but the kernel still lists it) is waited out: up to 200 tries.
+fn quiesce_others(vcpus: &[i32]) -> Result<crate::quiesce::Exclusive, Error> {
+    let mut tries = 0;
+    loop {
+        let g = crate::quiesce::gate().exclusive(QUIESCE_TIMEOUT).map_err(Error::State)?;
+        match g.audit(vcpus) {
+            Ok(()) => return Ok(g),
+            Err(e) if tries >= 200 => return Err(Error::State(e)),
+            Err(_) => {
+                drop(g);
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    }
+}
+
 impl MicroVm {
     /// Feeds lines read from `input` to the guest's serial input on a thread of its own; when
     /// `input` ends (or fails), the VM is stopped. The console of fork children.
@@ -202,10 +229,14 @@ impl MicroVm {
         std::thread::Builder::new()
             .name("console-input".into())
             .spawn(move || {
+                // A fork-gate participant, idle while it reads its input or waits on the
+                // parent-only serial port (see crate::quiesce).
+                let _participant = crate::quiesce::participant();
+                let mut busy = crate::quiesce::busy();
                 let mut r = BufReader::new(input);
                 let mut buf = Vec::new();
-                while let Ok(1..) = r.read_until(b'\n', &mut buf) {
-                    serial.send(&buf, Duration::from_secs(60));
+                while let Ok(1..) = busy.idle(|| r.read_until(b'\n', &mut buf)) {
+                    busy.idle(|| serial.send(&buf, Duration::from_secs(60)));
                     buf.clear();
                 }
                 ctl.stop(ExitReason::Stopped);

@@ -196,6 +196,34 @@ impl WakeHandle {
         self.lazy_memory.store(false, SeqCst);
         Ok(n)
     }
+
+    /// Brings every page in ([`WakeHandle::fetch_all`]), saves the working set, and stops the
+    /// page server and the recorder (their threads joined): the VM then owns all its memory and
+    /// the process can fork (see [`crate::quiesce`]). Idempotent.
+    pub fn finish(&mut self) -> Result<u64, Error> {
+        let n = self.fetch_all()?;
+        self.stop_recorder();
+        if !self.saved.load(SeqCst) {
+            if let Err(e) = self.save_working_set() {
+                tracing::warn!("{e}");
+            }
+        }
+        if let Some(s) = self.server.take() {
+            s.stop();
+        }
+        Ok(n)
+    }
+
+    fn stop_recorder(&mut self) {
+        {
+            let (lock, cv) = &*self.stop_recorder;
+            *crate::devices::console::lock(lock) = true;
+            cv.notify_all();
+        }
+        if let Some(h) = self.recorder.take() {
+            let _ = h.join();
+        }
+    }
 }
 
 fn save_wset(m: &Monitor, path: &Path, saved: &AtomicBool, recording: bool) -> Result<u64, Error> {
@@ -210,14 +238,7 @@ fn save_wset(m: &Monitor, path: &Path, saved: &AtomicBool, recording: bool) -> R
 
 impl Drop for WakeHandle {
     fn drop(&mut self) {
-        {
-            let (lock, cv) = &*self.stop_recorder;
-            *crate::devices::console::lock(lock) = true;
-            cv.notify_all();
-        }
-        if let Some(h) = self.recorder.take() {
-            let _ = h.join();
-        }
+        self.stop_recorder();
         if !self.saved.load(SeqCst) {
             if let Err(e) = self.save_working_set() {
                 tracing::warn!("{e}");

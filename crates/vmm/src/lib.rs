@@ -12,6 +12,7 @@ pub mod lazy_restore;
 mod memory_failure;
 pub mod microvm;
 pub mod persist;
+pub mod quiesce;
 pub mod restore;
 pub mod snapshot;
 pub mod store_maint;

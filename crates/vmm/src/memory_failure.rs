@@ -77,10 +77,13 @@ extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut 
 }
 
 fn monitor(read_fd: i32) {
+    // A fork-gate participant, idle while it waits on its pipe (see crate::quiesce).
+    let _participant = crate::quiesce::participant();
+    let mut busy = crate::quiesce::busy();
     loop {
         let mut b = [0u8; 4];
         // SAFETY: reads at most 4 bytes into a local array from our pipe.
-        let n = unsafe { libc::read(read_fd, b.as_mut_ptr().cast(), b.len()) };
+        let n = busy.idle(|| unsafe { libc::read(read_fd, b.as_mut_ptr().cast(), b.len()) });
         if n != 4 {
             if n < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
                 continue;

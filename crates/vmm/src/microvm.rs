@@ -325,9 +325,12 @@ impl MicroVm {
         }
         let gate = Arc::clone(&self.agent);
         let (generation, seed) = (self.generation, self.generation_seed());
-        let spawned = std::thread::Builder::new()
-            .name("clone-hook".into())
-            .spawn(move || run_begun(&gate, &addr, generation, seed, &opts));
+        let spawned = std::thread::Builder::new().name("clone-hook".into()).spawn(move || {
+            // A fork waits for the hook (bounded by its own timeouts); see crate::quiesce.
+            let _participant = crate::quiesce::participant();
+            let _busy = crate::quiesce::busy();
+            run_begun(&gate, &addr, generation, seed, &opts)
+        });
         spawned.map(drop).map_err(|e| {
             self.agent.set(HookState::Failed(format!("cannot start the clone hook thread: {e}")));
             Error::Io(e)

@@ -54,6 +54,8 @@ pub struct Control {
     ctl: Mutex<Ctl>,
     cond: Condvar,
     threads: Mutex<Vec<libc::pthread_t>>,
+    /// Kernel thread ids of the vCPU threads (for the fork audit, see [`crate::quiesce`]).
+    tids: Mutex<Vec<i32>>,
 }
 
 impl std::fmt::Debug for Control {
@@ -80,7 +82,12 @@ pub fn install_kick_handler() -> std::io::Result<()> {
 impl Control {
     pub fn new(vcpus: usize, start: Want) -> Arc<Self> {
         let ctl = Ctl { want: Some(start), jobs: (0..vcpus).map(|_| Vec::new()).collect(), ..Default::default() };
-        Arc::new(Control { ctl: Mutex::new(ctl), cond: Condvar::new(), threads: Mutex::new(Vec::new()) })
+        Arc::new(Control {
+            ctl: Mutex::new(ctl),
+            cond: Condvar::new(),
+            threads: Mutex::new(Vec::new()),
+            tids: Mutex::new(Vec::new()),
+        })
     }
 
     fn kick_all(&self) {
@@ -155,6 +162,11 @@ impl Control {
         c.exit.clone()
     }
 
+    /// Kernel thread ids of the running vCPU threads.
+    pub fn vcpu_tids(&self) -> Vec<i32> {
+        lock(&self.tids).clone()
+    }
+
     pub fn exit_reason(&self) -> Option<ExitReason> {
         lock(&self.ctl).exit.clone()
     }
@@ -190,6 +202,7 @@ impl Control {
         // SAFETY: pthread_self has no preconditions.
         let me = unsafe { libc::pthread_self() };
         lock(&self.threads).push(me);
+        lock(&self.tids).push(crate::quiesce::gettid());
         lock(&self.ctl).running += 1;
         self.cond.notify_all();
     }
@@ -198,6 +211,8 @@ impl Control {
         // SAFETY: pthread_self has no preconditions.
         let me = unsafe { libc::pthread_self() };
         lock(&self.threads).retain(|&t| t != me);
+        let tid = crate::quiesce::gettid();
+        lock(&self.tids).retain(|&t| t != tid);
         lock(&self.ctl).running -= 1;
         self.cond.notify_all();
     }

@@ -168,11 +168,14 @@ impl MmioDevice for Vsock {
 }
 
 fn worker(sh: &Shared) {
+    // A fork-gate participant: idle only in the waits below (see crate::quiesce).
+    let _participant = crate::quiesce::participant();
+    let mut busy = crate::quiesce::busy();
     loop {
         let set = {
             let mut s = lock(&sh.state);
             while s.paused && !s.stop {
-                s = sh.cond.wait(s).unwrap_or_else(|p| p.into_inner());
+                s = busy.idle(|| sh.cond.wait(s).unwrap_or_else(|p| p.into_inner()));
             }
             if s.stop {
                 return;
@@ -183,7 +186,7 @@ fn worker(sh: &Shared) {
         fds.push(libc::pollfd { fd: std::os::fd::AsRawFd::as_raw_fd(&sh.kick), events: libc::POLLIN, revents: 0 });
         fds.extend(set.iter().map(|&(fd, events, _)| libc::pollfd { fd, events, revents: 0 }));
         // SAFETY: fds is a valid array of fds.len() pollfd structs for the duration of the call.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 500) };
+        let n = busy.idle(|| unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 500) });
         let mut s = lock(&sh.state);
         if s.stop {
             return;
