@@ -124,12 +124,55 @@ pub fn replace_dir(tmp: &Path, target: &Path) -> std::io::Result<()> {
     match renameat2(tmp, target, libc::RENAME_NOREPLACE) {
         Ok(()) => return sync_dir(parent),
         Err(e) if e.raw_os_error() == Some(libc::EEXIST) || e.raw_os_error() == Some(libc::ENOTEMPTY) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return replace_dir_in_two_steps(tmp, target),
         Err(e) => return Err(e),
     }
-    renameat2(tmp, target, libc::RENAME_EXCHANGE)?;
+    match renameat2(tmp, target, libc::RENAME_EXCHANGE) {
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return replace_dir_in_two_steps(tmp, target),
+        r => r?,
+    }
     sync_dir(parent)?;
     // `tmp` now holds the old directory.
     std::fs::remove_dir_all(tmp)
+}
+
+/// [`replace_dir`] on a file system without renameat2 flags: the old directory is moved aside
+/// first (a crash then leaves it beside the target, under a temporary name, never mixed).
+fn replace_dir_in_two_steps(tmp: &Path, target: &Path) -> std::io::Result<()> {
+    let parent = target.parent().unwrap_or(Path::new("."));
+    let old = temp_beside(target);
+    let moved = match std::fs::rename(target, &old) {
+        Ok(()) => true,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+        Err(e) => return Err(e),
+    };
+    std::fs::rename(tmp, target)?;
+    sync_dir(parent)?;
+    if moved {
+        std::fs::remove_dir_all(&old)?;
+    }
+    Ok(())
+}
+
+/// Removes temporary files and directories beside `path` (see [`temp_beside`]) left by
+/// processes that no longer exist.
+pub fn remove_stale_temps(path: &Path) {
+    let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else { return };
+    let prefix = format!(".{}.tmp-", name.to_string_lossy());
+    let Ok(entries) = std::fs::read_dir(parent) else { return };
+    for e in entries.flatten() {
+        let n = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = n.strip_prefix(&prefix).and_then(|r| r.split('-').next()) else { continue };
+        let Ok(pid) = pid.parse::<u32>() else { continue };
+        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+            let p = e.path();
+            let _ = if e.file_type().is_ok_and(|t| t.is_dir()) {
+                std::fs::remove_dir_all(&p)
+            } else {
+                std::fs::remove_file(&p)
+            };
+        }
+    }
 }
 
 #[cfg(test)]
@@ -182,6 +225,16 @@ mod tests {
         replace_dir(&a, &b).unwrap();
         assert!(!a.exists() && !b.join("x").exists());
         assert_eq!(std::fs::read(b.join("y")).unwrap(), b"2");
+        // Leftovers of a dead process go; ours and other names stay.
+        let dead = d.join(".b.tmp-999999999-0");
+        let mine = temp_beside(&b);
+        for p in [&dead, &mine, &d.join(".c.tmp-999999999-0")] {
+            create_dir(p).unwrap();
+        }
+        replace_dir_in_two_steps(&mine, &b).unwrap();
+        create_dir(&mine).unwrap();
+        remove_stale_temps(&b);
+        assert!(!dead.exists() && mine.exists() && d.join(".c.tmp-999999999-0").exists());
         std::fs::remove_dir_all(&d).unwrap();
     }
 

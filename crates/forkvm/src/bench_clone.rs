@@ -133,13 +133,16 @@ fn bench_size(mem: u64, runs: usize) -> Result<(Vec<Samples>, Vec<Samples>), Str
     let mut rows = vec![pause, resume, full, full_size, diff, diff_size];
     rows.push(shared_snapshot(mem, heavy)?);
 
-    for (mode, name) in
-        [(RestoreMode::Eager, "restore eager to first answer"), (RestoreMode::Cow, "restore CoW to first answer")]
-    {
+    for (mode, skip_verify, name) in [
+        (RestoreMode::Eager, false, "restore eager to first answer"),
+        (RestoreMode::Cow, false, "restore CoW to first answer"),
+        (RestoreMode::Cow, true, "  CoW, image hash not checked (--no-verify)"),
+    ] {
         let mut r = Samples::new(name, "ms");
         for _ in 0..heavy {
             let t = Instant::now();
-            let restored = MicroVm::restore(&base, mode, RestoreOptions::default()).map_err(s)?;
+            let opts = RestoreOptions { skip_verify, ..Default::default() };
+            let restored = MicroVm::restore(&base, mode, opts).map_err(s)?;
             ping(&restored)?;
             r.push_duration(t.elapsed());
         }

@@ -119,6 +119,7 @@ impl MicroVm {
         dirty.resize(mem.size().div_ceil(PAGE_SIZE).div_ceil(64) as usize, 0);
         let kvm_dirty =
             if self.track_dirty { self.vm().dirty_bitmap(mem).map_err(Error::from) } else { Ok(Vec::new()) };
+        private::remove_stale_temps(&target);
         let tmp = private::temp_beside(&target);
         let written = kvm_dirty.and_then(|kvm| {
             for (d, h) in dirty.iter_mut().zip(kvm) {

@@ -96,6 +96,10 @@ fn flipped_memory_bytes_are_refused_unless_verification_is_skipped() {
         std::fs::write(&mem, &good).unwrap();
     }
     assert!(restore(&dir, RestoreMode::Cow).is_ok());
+    // A verified image that changes afterwards is verified again, not trusted from before.
+    flip(&mem, 0x400000 + 9);
+    let e = restore(&dir, RestoreMode::Cow).map(drop).expect_err("changed after a good restore");
+    assert!(e.to_string().contains("does not match"), "{e}");
     std::fs::remove_dir_all(&root).unwrap();
 }
 
