@@ -35,6 +35,7 @@ i=0
 until grep -q "forkvm-agent: serving" "$log" 2>/dev/null; do
     i=$((i + 1)); [ "$i" -le "$((${L2_BOOT_TIMEOUT:-300} * 10))" ] || fail "no 'forkvm-agent: serving' line"
     grep -q "forkvm-agent: error" "$log" 2>/dev/null && fail "the agent did not start"
+    if [ $((i % 300)) -eq 0 ]; then echo "l2-agent: waiting for the agent ($((i / 10)) s); L2 console:"; tail -n 3 "$log" | sed 's/^/  L2| /'; fi
     sleep 0.1
 done
 echo "l2-agent: agent up $(( $(now_ms) - t0 )) ms after forkvm run"
@@ -67,7 +68,7 @@ echo "l2-agent: fork --count 3: 4 different uuids, 4 different getrandom byte st
 for c in 1 2 3; do "$forkvm" stop "$vm-c$c" >/dev/null || fail "stop $vm-c$c"; done
 
 # 4 (before hibernating). Bench rows on L2.
-"$forkvm" bench agent --vm "$vm" --runs "${L2_AGENT_BENCH_RUNS:-5}" 2>&1 | sed 's/^/l2-agent: bench: /' \
+"$forkvm" bench agent --vm "$vm" --runs "${L2_AGENT_BENCH_RUNS:-3}" 2>&1 | sed 's/^/l2-agent: bench: /' \
     || fail "bench agent"
 
 # 3. Hibernate, move the clock on, wake: the clock hook steps the guest's wall clock.

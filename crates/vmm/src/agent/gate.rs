@@ -108,3 +108,26 @@ impl AgentGate {
         g.clone()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_hook_runs_once_and_waiters_see_its_outcome() {
+        let g = std::sync::Arc::new(AgentGate::new(HookState::NotRun));
+        assert!(g.begin());
+        assert!(!g.begin(), "a second begin must not run the hook again");
+        assert_eq!(g.wait(Duration::from_millis(10)), HookState::Pending);
+        assert_eq!(g.state().reseeded(), "pending");
+        let g2 = std::sync::Arc::clone(&g);
+        let waiter = std::thread::spawn(move || g2.wait(Duration::from_secs(60)));
+        g.set(HookState::NoAgent("none".into()));
+        assert_eq!(waiter.join().ok(), Some(HookState::NoAgent("none".into())));
+        assert_eq!(g.state().reseeded(), "no agent");
+        let booted = AgentGate::new(HookState::NotAClone);
+        assert!(!booted.begin());
+        assert_eq!(booted.state().reseeded(), serde_json::Value::Null);
+        assert_eq!(HookState::Failed("x".into()).reseeded(), false);
+    }
+}
