@@ -35,6 +35,7 @@ i=0
 until grep -q "forkvm-agent: serving" "$log" 2>/dev/null; do
     i=$((i + 1)); [ "$i" -le "$((${L2_BOOT_TIMEOUT:-300} * 10))" ] || fail "no 'forkvm-agent: serving' line"
     grep -q "forkvm-agent: error" "$log" 2>/dev/null && fail "the agent did not start"
+    [ -d "$FORKVM_RUN_DIR/$vm" ] || fail "the VM exited before its agent listened"
     if [ $((i % 300)) -eq 0 ]; then echo "l2-agent: waiting for the agent ($((i / 10)) s); L2 console:"; tail -n 3 "$log" | sed 's/^/  L2| /'; fi
     sleep 0.1
 done

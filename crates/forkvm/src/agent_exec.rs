@@ -53,10 +53,17 @@ pub fn exec(vm: &MicroVm, dir: &Path, req: vm::AgentExec) -> Result<AgentExecRes
         max_output: limits::MAX_AGENT_OUTPUT,
     };
     let (mut out, mut err) = (Vec::new(), Vec::new());
+    // The guest is untrusted: whatever its agent sends, we keep at most MAX_AGENT_OUTPUT bytes.
+    let mut dropped = false;
     let exit = c
-        .exec(er, stdin.as_deref(), timeout, |s, d| match s {
-            Stream::Stdout => out.extend_from_slice(d),
-            Stream::Stderr => err.extend_from_slice(d),
+        .exec(er, stdin.as_deref(), timeout, |s, d| {
+            let room = (limits::MAX_AGENT_OUTPUT as usize).saturating_sub(out.len() + err.len());
+            let keep = &d[..d.len().min(room)];
+            dropped |= keep.len() < d.len();
+            match s {
+                Stream::Stdout => out.extend_from_slice(keep),
+                Stream::Stderr => err.extend_from_slice(keep),
+            }
         })
         .map_err(|e| format!("exec through the agent: {e}"))?;
     Ok(AgentExecResponse {
@@ -65,7 +72,7 @@ pub fn exec(vm: &MicroVm, dir: &Path, req: vm::AgentExec) -> Result<AgentExecRes
         code: exit.code,
         signal: exit.signal,
         timed_out: exit.timed_out,
-        truncated: exit.truncated,
+        truncated: exit.truncated || dropped,
     })
 }
 

@@ -117,6 +117,12 @@ fn session(mut s: UnixStream, silent: bool, release: &std::sync::Mutex<mpsc::Rec
                             silent_hold = Some(s.try_clone().unwrap()); // never answer, keep it open
                             continue;
                         }
+                        if req.argv[0] == "flood" {
+                            // A guest that ignores max_output: 4 MiB of stdout.
+                            for _ in 0..64 {
+                                write_frame(&mut s, &Msg::Stdout, &[b'x'; 65536]).unwrap();
+                            }
+                        }
                         write_frame(&mut s, &Msg::Stdout, b"out\n").unwrap();
                         write_frame(&mut s, &Msg::Stderr, b"err\n").unwrap();
                         let exit = Msg::Exit { code: Some(3), signal: None, timed_out: false, truncated: false };
@@ -153,6 +159,12 @@ fn exec_through_the_agent_prints_streams_apart_and_exits_with_the_code() {
         seen.recv().unwrap(),
         Seen::Exec(vec!["sh".into(), "-c".into(), "echo out; echo err >&2; exit 3".into()])
     );
+    // An agent that sends more than the bound: the answer is cut, not the VMM's memory grown.
+    let out = env.run(&["exec", "a", "--", "flood"], false);
+    assert_eq!(out.status.code(), Some(3));
+    assert_eq!(out.stdout.len(), 1 << 20);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("output truncated"));
+    assert_eq!(seen.recv().unwrap(), Seen::Exec(vec!["flood".into()]));
     // A booted VM is not a clone; the serial console still works the old way.
     assert_eq!(env.status("a")["reseeded"], serde_json::Value::Null);
     assert_eq!(env.ok(&["exec", "a", "ping"], false).trim(), "pong");
