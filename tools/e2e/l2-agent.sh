@@ -61,8 +61,8 @@ for v in "$vm" "$vm-c1" "$vm-c2" "$vm-c3"; do
     echo "l2-agent: $v: $(echo "$r" | tr '\n' ' ')"
     echo "$r" >>/tmp/l2-agent.rand
 done
-uu=$(sed -n '1~2p' /tmp/l2-agent.rand | sort -u | wc -l)
-rb=$(sed -n '2~2p' /tmp/l2-agent.rand | sort -u | wc -l)
+uu=$(awk 'NR % 2 == 1' /tmp/l2-agent.rand | sort -u | wc -l)
+rb=$(awk 'NR % 2 == 0' /tmp/l2-agent.rand | sort -u | wc -l)
 [ "$uu" -eq 4 ] && [ "$rb" -eq 4 ] || fail "fork: $uu different uuids and $rb different random byte strings of 4"
 echo "l2-agent: fork --count 3: 4 different uuids, 4 different getrandom byte strings"
 "$forkvm" status "$vm-c1" | grep -A12 clone_hook | sed 's/^/l2-agent: c1 status /'
