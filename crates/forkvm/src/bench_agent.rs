@@ -25,6 +25,22 @@ fn addr(name: &str) -> Result<AgentAddr, String> {
     Ok(crate::agent_exec::addr(&vm::vm_dir(name)?))
 }
 
+/// Connects to a new fork child's agent as soon as its vsock socket is there, and pings it.
+fn first_answer(child: &str) -> Result<(), String> {
+    let a = addr(child)?;
+    let deadline = Instant::now() + T;
+    loop {
+        match a.connect(T) {
+            Ok(mut c) => return c.ping(1, T).map_err(|e| e.to_string()),
+            // The child binds its socket right after it says it is ready.
+            Err(vmm::agent::ClientError::Connect { .. }) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(2))
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+}
+
 pub fn bench_agent(args: &BenchArgs) -> Result<i32, String> {
     let name = args.vm.as_deref().ok_or("bench agent needs --vm NAME: a running VM whose guest runs forkvm-agent")?;
     let runs = args.runs.max(1);
@@ -75,10 +91,7 @@ pub fn bench_agent(args: &BenchArgs) -> Result<i32, String> {
         let t = Instant::now();
         api.call(vm::Fork { count: 1, prefix: Some(prefix.clone()) }).map_err(|e| e.to_string())?;
         let child = format!("{prefix}1");
-        let answered = (|| {
-            let mut c = addr(&child)?.connect(T).map_err(|e| e.to_string())?;
-            c.ping(1, T).map_err(|e| e.to_string())
-        })();
+        let answered = first_answer(&child);
         fork_answer.push_duration(t.elapsed());
         let _ = Client::for_name(&child).map(|c| c.timeout(T).call(vm::Stop {}));
         answered.map_err(|e| format!("fork child {child}: {e}"))?;
