@@ -2,6 +2,7 @@
 //! while the daemon was down makes its sandbox `crashed`, with an event.
 
 use forkvm_api::v1::SandboxState;
+use forkvm_api::vm::RunState;
 
 use crate::app::App;
 use crate::db::sandboxes;
@@ -30,8 +31,8 @@ pub async fn readopt(app: &App) -> ApiResult<usize> {
                 )?;
                 n += 1;
             }
-            (_, Some((pid, state))) if state == "running" || state == "paused" => {
-                let to = if state == "running" { Running } else { Paused };
+            (_, Some((pid, state))) if state != RunState::Exited => {
+                let to = if state == RunState::Running { Running } else { Paused };
                 app.transition(&rec, to, Some(pid), "readopted", &format!("pid {pid}"))?;
                 n += 1;
             }

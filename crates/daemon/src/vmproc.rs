@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use serde_json::{json, Value};
+use forkvm_api::vm::{Op, Request, RunState, Status};
+use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
@@ -48,8 +49,16 @@ impl Vmms {
         let _ = std::fs::remove_dir_all(self.vm_dir(id));
     }
 
+    /// Sends a typed request (crates/api `vm`) to VM `id` and returns its typed answer.
+    pub async fn call<O: Op>(&self, id: &str, op: O, timeout: Duration) -> Result<O::Response, VmError> {
+        let req: Request = op.into();
+        let req = serde_json::to_value(req).map_err(|e| VmError::Refused(e.to_string()))?;
+        let data = self.call_value(id, &req, timeout).await?;
+        serde_json::from_value(data).map_err(|e| VmError::Refused(format!("VM {id} sent a malformed answer: {e}")))
+    }
+
     /// Sends `req` to VM `id` and returns its `data`.
-    pub async fn call(&self, id: &str, req: &Value, timeout: Duration) -> Result<Value, VmError> {
+    async fn call_value(&self, id: &str, req: &Value, timeout: Duration) -> Result<Value, VmError> {
         match tokio::time::timeout(timeout, self.call_inner(id, req)).await {
             Ok(r) => r,
             Err(_) => Err(VmError::Timeout(timeout)),
@@ -76,9 +85,9 @@ impl Vmms {
     }
 
     /// The pid and state (`running`, `paused`) of VM `id`, if it answers.
-    pub async fn status(&self, id: &str) -> Option<(u32, String)> {
-        let v = self.call(id, &json!({"op": "status"}), Duration::from_secs(2)).await.ok()?;
-        Some((u32::try_from(v["pid"].as_u64()?).ok()?, v["state"].as_str()?.to_string()))
+    pub async fn status(&self, id: &str) -> Option<(u32, RunState)> {
+        let v = self.call(id, Status {}, Duration::from_secs(2)).await.ok()?;
+        Some((v.pid, v.state))
     }
 
     /// Starts `forkvm <args> --background` serving VM `id`; returns its pid once it answers.

@@ -9,7 +9,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
 use forkvm_api::v1::{CreateSandbox, ErrorBody, HookOutcome};
 use hmac::{Hmac, Mac};
-use serde_json::{json, Value};
+use serde_json::Value;
 use sha2::Sha256;
 
 use crate::app::{App, Shared};
@@ -123,9 +123,10 @@ async fn preload(app: &App, repo: &forkvm_api::v1::Repo, number: u64, id: &str) 
     lifecycle::create_locked(app, &repo.workspace, id, req).await?;
     let rec = ops::reload(app, id)?;
     if let Some(setup) = &repo.setup {
-        let v = ops::vm_call(app, &rec, json!({"op": "exec", "line": setup, "timeout_ms": 60_000}), ops::SLOW).await?;
+        let op = forkvm_api::vm::Exec { line: setup.clone(), wait_for: None, timeout_ms: 60_000 };
+        let v = ops::vm_call(app, &rec, op, ops::SLOW).await?;
         let c = app.db.lock();
-        let detail = format!("setup: {}", v["lines"]);
+        let detail = format!("setup: {:?}", v.lines);
         app.event_in(&c, &repo.workspace, id, "setup", Some(rec.sb.state), Some(rec.sb.state), &detail)?;
     }
     lifecycle::pause_locked(app, &rec, "preloaded").await?;

@@ -3,7 +3,7 @@
 use std::time::Instant;
 
 use forkvm_api::v1::{CreateTemplate, ForkRequest, ForkResponse, Privacy, Sandbox, SandboxState, Template, TreeNode};
-use serde_json::json;
+use forkvm_api::vm;
 
 use super::{ensure_up, owned, reload, visible, vm_call, QUICK, SLOW};
 use crate::app::App;
@@ -32,14 +32,14 @@ pub async fn fork(app: &App, ws: &str, id: &str, req: ForkRequest) -> ApiResult<
     let t0 = Instant::now();
     let prefix = format!("{}-", crate::util::new_id("sb"));
     let names: Vec<String> = (1..=req.count).map(|i| format!("{prefix}{i}")).collect();
-    let answer = vm_call(app, &rec, json!({"op": "fork", "count": req.count, "prefix": prefix}), SLOW).await;
+    let answer = vm_call(app, &rec, vm::Fork { count: req.count, prefix: Some(prefix) }, SLOW).await;
     sandboxes::touch(&app.db.lock(), id)?;
     let v = match answer {
         Ok(v) => v,
         Err(e) => {
             // Children that did start must not outlive a failed fork unrecorded.
             for n in &names {
-                let _ = app.vmms.call(n, &json!({"op": "stop"}), QUICK).await;
+                let _ = app.vmms.call(n, vm::Stop {}, QUICK).await;
             }
             return Err(e);
         }
@@ -48,11 +48,10 @@ pub async fn fork(app: &App, ws: &str, id: &str, req: ForkRequest) -> ApiResult<
     app.metrics.observe_fork(fork_ms);
     let now = crate::util::now();
     let mut children = Vec::new();
-    for (i, c) in v["children"].as_array().into_iter().flatten().enumerate() {
-        let Some(cid) = c["name"].as_str() else { continue };
-        let pid = c["pid"].as_u64().and_then(|p| u32::try_from(p).ok());
+    for (i, c) in v.children.into_iter().enumerate() {
+        let pid = u32::try_from(c.pid).ok();
         children.push(Sandbox {
-            id: cid.to_string(),
+            id: c.name,
             name: format!("{}-fork{}", rec.sb.name, i + 1),
             workspace: ws.to_string(),
             privacy: req.privacy.unwrap_or(if same_ws { rec.sb.privacy } else { Privacy::Private }),
@@ -120,7 +119,7 @@ pub async fn create_template(app: &App, ws: &str, req: CreateTemplate) -> ApiRes
     if !matches!(rec.sb.state, SandboxState::Running | SandboxState::Paused) {
         return Err(ApiError::conflict(format!("sandbox {id} is {}", rec.sb.state.as_str())));
     }
-    let snap = vm_call(app, &rec, json!({"op": "snapshot", "dir": dir, "diff": false}), SLOW).await;
+    let snap = vm_call(app, &rec, vm::Snapshot { dir: dir.clone(), diff: false }, SLOW).await;
     if let Err(e) = snap {
         let _ = std::fs::remove_dir_all(&dir);
         return Err(e);

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use forkvm_api::v1::{CameUp, CreateSandbox, ExecRequest, ExecResponse, Privacy, Sandbox, SandboxState, SandboxUp};
-use serde_json::json;
+use forkvm_api::vm;
 
 use super::{ensure_up, owned, reload, vm_call, QUICK, SLOW};
 use crate::app::App;
@@ -117,17 +117,10 @@ pub async fn exec(app: &App, ws: &str, id: &str, req: ExecRequest) -> ApiResult<
     let _g = lock.lock().await;
     let mut rec = reload(app, id)?;
     let (came_up, wake_ms) = ensure_up(app, &mut rec).await?;
-    let v = vm_call(
-        app,
-        &rec,
-        json!({"op": "exec", "line": req.line, "wait_for": req.wait_for, "timeout_ms": timeout_ms}),
-        Duration::from_millis(timeout_ms) + QUICK,
-    )
-    .await;
+    let op = vm::Exec { line: req.line, wait_for: req.wait_for, timeout_ms };
+    let v = vm_call(app, &rec, op, Duration::from_millis(timeout_ms) + QUICK).await;
     sandboxes::touch(&app.db.lock(), id)?;
-    let v = v?;
-    let lines = v["lines"].as_array().into_iter().flatten().filter_map(|l| l.as_str().map(String::from)).collect();
-    Ok(ExecResponse { lines, came_up, wake_ms })
+    Ok(ExecResponse { lines: v?.lines, came_up, wake_ms })
 }
 
 /// Parks a running sandbox's vCPUs (`by`: "api" or "policy").
@@ -155,7 +148,7 @@ pub async fn pause_locked(app: &App, rec: &Rec, by: &str) -> ApiResult<Sandbox> 
             rec.sb.state.as_str()
         )));
     }
-    vm_call(app, rec, json!({"op": "pause"}), QUICK).await?;
+    vm_call(app, rec, vm::Pause {}, QUICK).await?;
     app.transition(rec, SandboxState::Paused, rec.sb.pid, "paused", by)?;
     Ok(reload(app, id)?.sb)
 }
@@ -179,7 +172,7 @@ pub async fn hibernate_if(app: &App, id: &str, by: &str, cond: impl Fn(&Rec) -> 
             rec.sb.state.as_str()
         )));
     }
-    vm_call(app, &rec, json!({"op": "hibernate", "store": app.cfg.store}), SLOW).await?;
+    vm_call(app, &rec, vm::Hibernate { store: Some(app.cfg.store.clone()) }, SLOW).await?;
     // The VMM exits after answering; wait for it so nothing of it is left running.
     if let Some(pid) = rec.sb.pid {
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -227,7 +220,7 @@ pub async fn delete(app: &App, id: &str, by: &str) -> ApiResult<()> {
     let _g = lock.lock().await;
     let rec = reload(app, id)?;
     if matches!(rec.sb.state, SandboxState::Running | SandboxState::Paused) {
-        let _ = app.vmms.call(id, &json!({"op": "stop"}), QUICK).await;
+        let _ = app.vmms.call(id, vm::Stop {}, QUICK).await;
         if let Some(pid) = rec.sb.pid {
             let deadline = Instant::now() + Duration::from_secs(10);
             while crate::vmproc::Vmms::alive(pid) && !is_zombie(pid) && Instant::now() < deadline {

@@ -7,7 +7,7 @@ pub mod lifecycle;
 use std::time::{Duration, Instant};
 
 use forkvm_api::v1::{CameUp, Privacy, SandboxState};
-use serde_json::{json, Value};
+use forkvm_api::vm::{Op, Resume};
 
 use crate::app::App;
 use crate::db::sandboxes::{self, Rec};
@@ -44,8 +44,8 @@ pub fn reload(app: &App, id: &str) -> ApiResult<Rec> {
 }
 
 /// Sends a request to the sandbox's VMM. A VMM that is gone marks the sandbox crashed (409).
-pub async fn vm_call(app: &App, rec: &Rec, req: Value, timeout: Duration) -> ApiResult<Value> {
-    match app.vmms.call(&rec.sb.id, &req, timeout).await {
+pub async fn vm_call<O: Op>(app: &App, rec: &Rec, op: O, timeout: Duration) -> ApiResult<O::Response> {
+    match app.vmms.call(&rec.sb.id, op, timeout).await {
         Ok(v) => Ok(v),
         Err(VmError::Gone(why)) => {
             let why = format!("its VMM is gone ({why})");
@@ -70,7 +70,7 @@ pub async fn ensure_up(app: &App, rec: &mut Rec) -> ApiResult<(CameUp, f64)> {
     let came = match rec.sb.state {
         SandboxState::Running => return Ok((CameUp::Running, 0.0)),
         SandboxState::Paused => {
-            vm_call(app, rec, json!({"op": "resume"}), QUICK).await?;
+            vm_call(app, rec, Resume {}, QUICK).await?;
             app.transition(rec, SandboxState::Running, rec.sb.pid, "resumed", "")?;
             CameUp::Resumed
         }
