@@ -228,6 +228,8 @@ pub enum BenchKind {
     Store,
     /// The guest agent of a running VM (--vm): vsock round trip, throughput, exec vs serial, fork.
     Agent,
+    /// The daemon's API: create from template, fork, wake, list, idle memory (starts its own daemon).
+    Api,
 }
 
 #[derive(Args, Debug)]

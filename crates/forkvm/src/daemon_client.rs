@@ -34,8 +34,13 @@ pub fn socket_path() -> PathBuf {
 impl Client {
     /// A client of the local daemon, authenticated by `$FORKVM_TOKEN`.
     pub fn from_env() -> Result<Client, String> {
+        Client::new(socket_path(), std::env::var("FORKVM_TOKEN").ok())
+    }
+
+    /// A client of the daemon at `sock`.
+    pub fn new(sock: PathBuf, token: Option<String>) -> Result<Client, String> {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
-        Ok(Client { sock: socket_path(), token: std::env::var("FORKVM_TOKEN").ok(), rt })
+        Ok(Client { sock, token, rt })
     }
 
     pub fn request(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Answer, String> {

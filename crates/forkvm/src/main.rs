@@ -4,6 +4,7 @@
 mod agent_exec;
 mod bench;
 mod bench_agent;
+mod bench_api;
 mod bench_clone;
 mod bench_store;
 mod claim;
