@@ -64,6 +64,9 @@ pub enum Command {
     Store(crate::store_cmd::StoreArgs),
     /// Throw a hibernated VM away (its memory image goes at the next `forkvm store gc`).
     Discard(crate::store_cmd::DiscardArgs),
+    /// Serve Firecracker snapshot restores (memory backend "Uffd") from a memory file or a
+    /// chunk-store image: one page server per connecting Firecracker.
+    Pagesrv(crate::pagesrv_cmd::PagesrvArgs),
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]

@@ -15,6 +15,7 @@ mod demo;
 mod fork_op;
 mod hibernate_cmd;
 mod hostmem;
+mod pagesrv_cmd;
 mod private_fs;
 mod run;
 mod sandbox_cmd;
@@ -24,6 +25,7 @@ mod server;
 mod size;
 mod stats;
 mod store_cmd;
+mod store_import;
 mod vmctl;
 
 use clap::Parser;
@@ -55,6 +57,7 @@ fn main() {
         cli::Command::Repo(cmd) => sandbox_cmd::repo(cmd),
         cli::Command::Store(args) => store_cmd::store(args),
         cli::Command::Discard(args) => store_cmd::discard(args),
+        cli::Command::Pagesrv(args) => pagesrv_cmd::pagesrv(args),
     };
     match result {
         Ok(code) => std::process::exit(code),

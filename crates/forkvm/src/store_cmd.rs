@@ -1,4 +1,5 @@
-//! `forkvm store ...`: upkeep of the chunk store that holds hibernated VMs, and `forkvm discard`.
+//! `forkvm store ...`: upkeep of the chunk store that holds hibernated VMs (verify, gc), imports
+//! into it (`import`, in store_import.rs), and `forkvm discard`.
 
 use std::path::{Path, PathBuf};
 
@@ -19,6 +20,9 @@ pub enum StoreCommand {
     /// Read back every chunk (it must decompress and match its hash) and every manifest (its
     /// chunks must exist). Lists each problem and exits 1 if there is any.
     Verify(StoreDir),
+    /// Put a memory snapshot into the store (zero pages skipped, zstd chunks, pages deduplicated
+    /// against everything already stored) and print its image id.
+    Import(crate::store_import::ImportArgs),
     /// Remove the images of hibernations that are gone (discarded, woken and stopped, or
     /// replaced) and every chunk no image references, freeing their space. Waits for
     /// hibernations in progress.
@@ -46,6 +50,7 @@ pub fn store(args: StoreArgs) -> Result<i32, String> {
     match args.command {
         StoreCommand::Verify(a) => verify(&store_dir(&a)),
         StoreCommand::Gc(a) => gc(&store_dir(&a)),
+        StoreCommand::Import(a) => crate::store_import::import(&a),
     }
 }
 

@@ -14,6 +14,7 @@
 
 mod anon;
 pub mod bench;
+pub mod bench_fc;
 mod bitmap;
 mod error;
 mod fault;
@@ -31,6 +32,7 @@ pub mod uffd;
 pub mod wset;
 
 pub use bench::{bench_store, BenchOpts};
+pub use bench_fc::{bench_fc, FcBenchOpts};
 pub use error::{Error, Result};
 pub use listener::{Listener, ListenerConfig};
 pub use server::{Ended, FailureHook, Monitor, PageServer, Region, RemovePolicy, ServerConfig};
