@@ -1,6 +1,6 @@
 //! The memory-image reader: a sparse file of arbitrary size and content is either refused (wrong
 //! size) or applied so that guest memory holds exactly the file's bytes where it has data, never
-//! a panic and never a write outside guest RAM.
+//! a panic and never a write outside guest RAM; its image hash is the hash of what it restores.
 #![no_main]
 use std::fs::File;
 use std::io::Seek;
@@ -9,7 +9,7 @@ use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 
 use libfuzzer_sys::fuzz_target;
-use vmm::persist::memory_file;
+use vmm::persist::{image_hash, memory_file};
 use vmm::vstate::memory::{Backing, GuestMem};
 
 const SIZE: u64 = 4 << 20;
@@ -65,5 +65,9 @@ fuzz_target!(|data: &[u8]| {
         let mut got = vec![0u8; SIZE as usize];
         assert!(mem.read(0, &mut got));
         assert!(got == expect, "guest memory differs from the image");
+        // The image hash a restore checks: the file's equals the hash of the memory it restores.
+        let of_file = image_hash::of_file(&img, &path, SIZE, false).expect("hash of a full image");
+        assert_eq!(of_file, image_hash::of_memory_full(mem), "file and memory hashes disagree");
+        let _ = image_hash::of_file(&img, &path, SIZE, true);
     });
 });
