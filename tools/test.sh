@@ -2,7 +2,9 @@
 # forkvm's whole test suite, the one command in the README and in .ci/run:
 #   0. cargo fmt --check and cargo clippy -D warnings (the house rules)
 #   1. unit tests (no KVM) and KVM tests (this machine's /dev/kvm, our test guest): cargo test
-#   2. Linux end-to-end: forkvm inside a QEMU TCG L1 with nested SVM boots Debian's cloud kernel
+#   2. fuzzing: every cargo-fuzz target of fuzz/ for 20 s (tools/fuzz.sh; needs the nightly toolchain,
+#      installs cargo-fuzz if missing)
+#   3. Linux end-to-end: forkvm inside a QEMU TCG L1 with nested SVM boots Debian's cloud kernel
 # It installs what it needs (apt packages; guest artifacts cached in .cache/, git-ignored).
 # A missing /dev/kvm or QEMU is a failure with instructions, never a skip.
 set -euo pipefail
@@ -22,6 +24,9 @@ cargo clippy --workspace --all-targets -- -D warnings
 
 echo "== cargo test (unit + KVM tiers)"
 cargo test --workspace --all-targets
+
+echo "== fuzz (each target 20 s; tools/fuzz.sh SECONDS to run longer)"
+tools/fuzz.sh "${FORKVM_FUZZ_SECONDS:-20}"
 
 echo "== Linux end-to-end (QEMU TCG L1, nested KVM, Linux L2)"
 e2e_rc=0
