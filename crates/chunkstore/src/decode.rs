@@ -26,7 +26,7 @@ pub fn decode_index(bytes: &[u8]) -> Result<IndexContents> {
     let (_, payload) = envelope::open("index", Path::new(SRC), INDEX_MAGIC, INDEX_VERSION, bytes)?;
     let index = Index::decode(Path::new(SRC), payload)?;
     let mut entries: Vec<_> = index.map.into_iter().collect();
-    entries.sort_by_key(|(_, e)| e.offset);
+    entries.sort_by_key(|(h, e)| (e.offset, h.0));
     Ok(IndexContents { pack_len: index.pack_len, entries })
 }
 

@@ -141,3 +141,23 @@ fn a_second_writer_waits_for_the_first_instead_of_failing() {
     assert_eq!(st.list_images().unwrap(), vec!["from-first".to_string(), "from-second".to_string()]);
     assert!(st.verify().unwrap().is_ok());
 }
+
+/// Found by the `chunk_index` fuzz target: an index whose chunks overlap in the pack was accepted
+/// (two chunks at the same offset); the store never writes one, so it is a lie and is refused.
+#[test]
+fn index_with_overlapping_chunks_is_rejected() {
+    let e = |offset, stored_len| IndexEntry { offset, stored_len, raw_len: 4096, codec: Codec::Zstd };
+    let ok = IndexContents {
+        pack_len: 2064,
+        entries: vec![(ChunkHash([1; 32]), e(16, 100)), (ChunkHash([2; 32]), e(116, 200))],
+    };
+    assert_eq!(decode_index(&encode_index(&ok)).unwrap(), ok);
+    for bad in [
+        vec![(ChunkHash([1; 32]), e(1040, 276)), (ChunkHash([2; 32]), e(1040, 19))],
+        vec![(ChunkHash([1; 32]), e(16, 100)), (ChunkHash([2; 32]), e(115, 200))],
+    ] {
+        let ix = IndexContents { pack_len: 2064, entries: bad };
+        let err = decode_index(&encode_index(&ix)).unwrap_err();
+        assert!(err.to_string().contains("overlap"), "{err}");
+    }
+}

@@ -98,6 +98,16 @@ impl Index {
                 return Err(bad(format!("entry {i}: duplicate chunk {hash}")));
             }
         }
+        // The store appends chunks back to back: ranges that overlap are a lie.
+        let mut ranges: Vec<(u64, u64)> =
+            map.values().map(|e| (e.offset, e.offset + u64::from(e.stored_len))).collect();
+        ranges.sort_unstable();
+        if let Some(w) = ranges.windows(2).find(|w| w[1].0 < w[0].1) {
+            return Err(bad(format!(
+                "chunks at {}..{} and {}..{} overlap in the pack",
+                w[0].0, w[0].1, w[1].0, w[1].1
+            )));
+        }
         Ok(Index { pack_len, map })
     }
 
