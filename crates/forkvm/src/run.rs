@@ -8,8 +8,31 @@ use vmm::{Backing, BootSource, ExitReason, MicroVm, RestoreMode, RestoreOptions,
 use crate::cli::{BackingArg, HostArgs, RestoreArgs, RunArgs, VmArgs};
 use crate::server::{redirect_output, serve, Claimed};
 
-fn read_file(what: &str, path: &std::path::Path) -> Result<Vec<u8>, String> {
-    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {what} {}: {e}", path.display()))?;
+/// Largest kernel image `run` reads.
+const MAX_KERNEL_BYTES: u64 = 256 << 20;
+/// Largest initrd `run` reads.
+const MAX_INITRD_BYTES: u64 = 2 << 30;
+
+/// Reads a regular file of at most `max` bytes (never a device or FIFO that would not end).
+fn read_file(what: &str, path: &std::path::Path, max: u64) -> Result<Vec<u8>, String> {
+    let f = std::fs::File::open(path).map_err(|e| format!("cannot read {what} {}: {e}", path.display()))?;
+    let meta = f.metadata().map_err(|e| format!("cannot read {what} {}: {e}", path.display()))?;
+    if !meta.is_file() {
+        return Err(format!("{what} {} is not a regular file", path.display()));
+    }
+    if meta.len() > max {
+        return Err(format!(
+            "{what} {} is {} bytes, larger than the {} MiB limit",
+            path.display(),
+            meta.len(),
+            max >> 20
+        ));
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    f.take(max + 1).read_to_end(&mut bytes).map_err(|e| format!("cannot read {what} {}: {e}", path.display()))?;
+    if bytes.len() as u64 > max {
+        return Err(format!("{what} {} grew past the {} MiB limit while being read", path.display(), max >> 20));
+    }
     if bytes.is_empty() {
         return Err(format!("{what} {} is empty", path.display()));
     }
@@ -21,8 +44,8 @@ pub fn vm_config(a: &VmArgs) -> Result<VmConfig, String> {
     let boot = match &a.kernel {
         None => BootSource::TestGuest,
         Some(k) => BootSource::Kernel {
-            kernel: read_file("kernel", k)?,
-            initrd: a.initrd.as_deref().map(|p| read_file("initrd", p)).transpose()?,
+            kernel: read_file("kernel", k, MAX_KERNEL_BYTES)?,
+            initrd: a.initrd.as_deref().map(|p| read_file("initrd", p, MAX_INITRD_BYTES)).transpose()?,
             cmdline: a.cmdline.clone(),
         },
     };

@@ -80,3 +80,23 @@ fn no_kvm_permission() {
     };
     assert_one_error(&out, "permission denied");
 }
+
+#[test]
+fn kernel_that_never_ends_or_is_huge() {
+    let out = forkvm().args(["run", "--kernel", "/dev/zero"]).output().unwrap();
+    assert_one_error(&out, "is not a regular file");
+    let k = tmp_file("huge-kernel", b"");
+    std::fs::File::options().write(true).open(&k).unwrap().set_len(300 << 20).unwrap();
+    let out = forkvm().arg("run").arg("--kernel").arg(&k).output().unwrap();
+    assert_one_error(&out, "larger than the 256 MiB limit");
+    let out = forkvm().args(["run", "--kernel", "/bin/true", "--initrd", "/dev/zero"]).output().unwrap();
+    assert_one_error(&out, "initrd /dev/zero is not a regular file");
+}
+
+#[test]
+fn absurd_exec_timeouts_are_refused() {
+    for t in ["0", "601", "18446744073709551615"] {
+        let out = forkvm().args(["exec", "--timeout", t, "x", "ping"]).output().unwrap();
+        assert_one_error(&out, "--timeout must be 1 to 600 seconds");
+    }
+}
