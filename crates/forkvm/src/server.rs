@@ -30,6 +30,8 @@ pub(crate) struct Host {
     pub conns: Arc<Conns>,
     /// One mutating operation at a time.
     pub ops: Mutex<()>,
+    /// One exec at a time on the serial console (concurrent ones would mix their lines).
+    console: Mutex<()>,
     /// Set by a successful hibernate: keep the directory on exit.
     keep_dir: std::sync::atomic::AtomicBool,
     /// The page server of a woken VM whose memory may still be coming in.
@@ -71,6 +73,7 @@ pub fn serve(claimed: Claimed, vm: MicroVm, parent: Option<String>, wake: Option
         listener_fd: listener.as_raw_fd(),
         conns: Arc::default(),
         ops: Mutex::new(()),
+        console: Mutex::new(()),
         keep_dir: false.into(),
         wake: Mutex::new(wake),
         stop_conn: Mutex::new(None),
@@ -185,6 +188,7 @@ impl Host {
             return Err(format!("VM {:?} is paused: resume it first", self.name));
         }
         busy.idle(|| crate::agent_exec::wait_gate(&self.vm))?;
+        let _console = busy.idle(|| lock(&self.console));
         let timeout = Duration::from_millis(timeout_ms.min(limits::MAX_EXEC_TIMEOUT_MS));
         let console = self.vm.console();
         let mut cursor = console.cursor();

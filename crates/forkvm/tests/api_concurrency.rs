@@ -1,7 +1,7 @@
 //! KVM tier, real sockets against a real VMM with the test guest: the per-VM API serves
 //! connections concurrently and bounds what clients send. A 10 s exec, clients that trickle
 //! bytes, never send a newline or just sit there, and absurd values never delay `status` or
-//! `stop`; `stop` returns once the VMM process is gone. No timed asserts: "not delayed" is shown
+//! `stop` (execs on the serial console take turns: their lines would mix); `stop` returns once the VMM process is gone. No timed asserts: "not delayed" is shown
 //! by order (status answers while the slow request is still running).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -60,8 +60,7 @@ fn slow_and_hostile_clients_never_delay_status_or_stop() {
         let s = client.call(vm::Status {}).unwrap();
         assert_eq!(s.state, RunState::Running);
     }
-    assert_eq!(client.call(vm::Exec::new("ping")).unwrap().lines, ["pong"]);
-    assert!(!exec.is_finished(), "status and exec were answered while the 10 s exec runs");
+    assert!(!exec.is_finished(), "status was answered while the 10 s exec runs");
 
     let a = huge_answer.join().unwrap();
     assert!(a.contains("\"ok\":false") && a.contains("longer than 65536 bytes"), "{a}");
