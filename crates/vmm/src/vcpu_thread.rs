@@ -296,3 +296,30 @@ pub fn run_vcpu(mut vcpu: Vcpu, bus: PioBus, mmio: MmioBus, ctl: Arc<Control>) {
     }
     ctl.leave();
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A VM built paused (restore, wake) whose second vCPU thread has not started yet is not
+    /// paused: pause() returned early and run_on(1) then failed ("the VM must be paused") in a
+    /// 2-vCPU wake.
+    #[test]
+    fn pause_waits_for_every_vcpu_not_only_the_started_ones() {
+        let ctl = Control::new(2, Want::Pause);
+        {
+            let mut c = lock(&ctl.ctl);
+            c.running = 1; // vCPU 0 entered and parked; vCPU 1's thread is not running yet
+            c.parked = 1;
+        }
+        assert!(!ctl.is_paused());
+        assert!(ctl.pause(Duration::from_millis(20)).is_err());
+        {
+            let mut c = lock(&ctl.ctl);
+            c.running = 2;
+            c.parked = 2;
+        }
+        assert!(ctl.is_paused());
+        assert!(ctl.pause(Duration::from_millis(20)).is_ok());
+    }
+}
