@@ -49,6 +49,14 @@ struct Ctl {
     jobs: Vec<Vec<Job>>,
 }
 
+impl Ctl {
+    /// Every vCPU of the VM, started or not: a pause counts them all (a VM built paused may be
+    /// asked to pause before each of its threads has entered).
+    fn vcpus(&self) -> usize {
+        self.jobs.len()
+    }
+}
+
 /// Shared control block of one VM's vCPU threads.
 pub struct Control {
     ctl: Mutex<Ctl>,
@@ -113,12 +121,12 @@ impl Control {
             let c = lock(&self.ctl);
             let (c, _) = self
                 .cond
-                .wait_timeout_while(c, Duration::from_millis(1), |c| c.parked < c.running && c.exit.is_none())
+                .wait_timeout_while(c, Duration::from_millis(1), |c| c.parked < c.vcpus() && c.exit.is_none())
                 .unwrap_or_else(|p| p.into_inner());
             if c.exit.is_some() {
                 return Err("the VM stopped while pausing".into());
             }
-            if c.parked == c.running {
+            if c.parked == c.vcpus() {
                 return Ok(t0.elapsed());
             }
             if t0.elapsed() > timeout {
@@ -173,7 +181,7 @@ impl Control {
 
     pub fn is_paused(&self) -> bool {
         let c = lock(&self.ctl);
-        c.want == Some(Want::Pause) && c.parked == c.running && c.exit.is_none()
+        c.want == Some(Want::Pause) && c.parked == c.vcpus() && c.exit.is_none()
     }
 
     /// Runs `job` on parked vCPU `id`'s thread and waits for its result.
