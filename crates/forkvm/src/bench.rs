@@ -12,6 +12,7 @@ const T: Duration = Duration::from_secs(60);
 pub fn bench(args: BenchArgs) -> Result<i32, String> {
     match args.kind {
         BenchKind::Vm => bench_vm(&args),
+        BenchKind::Disk => crate::bench_disk::bench_disk(&args),
         BenchKind::Clone => crate::bench_clone::bench_clone(&args),
         BenchKind::Store => crate::bench_store::bench_store(&args),
         BenchKind::Agent => crate::bench_agent::bench_agent(&args),

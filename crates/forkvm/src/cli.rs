@@ -15,6 +15,8 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// Forward a host TCP port into a VM's network (its private namespace): previews.
+    PortForward(PortForwardArgs),
     /// Boot a VM (the embedded test guest or a Linux kernel). Console on stdin/stdout, or with
     /// --name --detach in the background behind its API socket.
     Run(RunArgs),
@@ -113,6 +115,24 @@ pub struct VmArgs {
     /// the VM's writes go to a copy-on-write overlay that snapshots, restores and forks carry.
     #[arg(long, value_name = "PATH[,ro]")]
     pub disk: Option<String>,
+    /// A virtio-net device on a tap in a private network namespace of its own (`--net`), or
+    /// on an existing host tap (`--net tap:NAME`). Clones always get a namespace of their own.
+    #[arg(long, value_name = "private|tap:NAME", num_args = 0..=1, default_missing_value = "private")]
+    pub net: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct PortForwardArgs {
+    /// VM name.
+    pub name: String,
+    /// The guest's TCP port.
+    pub guest_port: u16,
+    /// Host address to listen on (port 0: any free port, printed).
+    #[arg(default_value = "127.0.0.1:0")]
+    pub host: String,
+    /// The guest's address inside its namespace (default 192.168.241.2).
+    #[arg(long)]
+    pub guest_ip: Option<std::net::Ipv4Addr>,
 }
 
 /// How a VMM process is hosted: anonymous in the foreground, or named behind an API socket.
@@ -223,6 +243,8 @@ pub struct DemoArgs {
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
 pub enum BenchKind {
+    /// Copy-on-write disk clones of a 1 GiB image: time, host space, snapshot, restore, I/O.
+    Disk,
     /// Boot to first serial line, pause and resume latency.
     Vm,
     /// Snapshot, restore and fork-clone costs (256 MiB and 2 GiB guests).

@@ -6,6 +6,7 @@ mod bench;
 mod bench_agent;
 mod bench_api;
 mod bench_clone;
+mod bench_disk;
 mod bench_store;
 mod claim;
 mod cli;
@@ -16,6 +17,7 @@ mod fork_op;
 mod hibernate_cmd;
 mod hostmem;
 mod pagesrv_cmd;
+mod port_forward;
 mod private_fs;
 mod run;
 mod sandbox_cmd;
@@ -36,6 +38,7 @@ fn main() {
     let cli = cli::Cli::parse();
     let result = match cli.command {
         cli::Command::Run(args) => run::run(args),
+        cli::Command::PortForward(a) => port_forward::port_forward(&a),
         cli::Command::Restore(args) => run::restore(args),
         cli::Command::Ls => vmctl::ls(),
         cli::Command::Status(a) => vmctl::status(&a.name),

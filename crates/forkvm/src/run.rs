@@ -61,7 +61,21 @@ pub fn vm_config(a: &VmArgs) -> Result<VmConfig, String> {
         boot,
         console_mirror: None,
         disk: a.disk.as_deref().map(parse_disk).transpose()?,
+        net: a.net.as_deref().map(parse_net).transpose()?,
     })
+}
+
+/// `private` or `tap:NAME`.
+pub fn parse_net(spec: &str) -> Result<vmm::devices::virtio::net::attach::NetConfig, String> {
+    match spec {
+        "private" => Ok(Default::default()),
+        s => match s.strip_prefix("tap:") {
+            Some(name) if !name.is_empty() => {
+                Ok(vmm::devices::virtio::net::attach::NetConfig { tap: Some(name.into()) })
+            }
+            _ => Err(format!("--net {spec:?}: expected `private` or `tap:NAME`")),
+        },
+    }
 }
 
 /// `PATH[,ro]`.

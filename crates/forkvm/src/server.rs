@@ -61,6 +61,11 @@ pub fn serve(claimed: Claimed, vm: MicroVm, parent: Option<String>, wake: Option
     if let Err(e) = vm.listen_vsock(&paths.vsock()) {
         eprintln!("forkvm: warning: VM {name}: no vsock socket: {e}");
     }
+    if let Some(fd) = vm.net().and_then(|n| n.netns_fd()) {
+        // `forkvm port-forward` joins the VM's network namespace through this fd of ours.
+        let path = paths.dir.join(crate::port_forward::NETNS_FILE);
+        let _ = std::fs::write(path, format!("/proc/{}/fd/{fd}\n", std::process::id()));
+    }
     // A restored, forked or woken VM: its agent gets the new generation, seed and clock first.
     if let Err(e) = vm.start_clone_hook(crate::agent_exec::addr(&paths.dir), Default::default()) {
         eprintln!("forkvm: warning: VM {name}: {e}");

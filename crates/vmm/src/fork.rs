@@ -178,6 +178,12 @@ impl MicroVm {
             self.block(),
             state.devices.block.as_ref(),
         )?;
+        parts.net = crate::devices::virtio::net::attach::net_for_clone(
+            &parts.vm,
+            &parts.mem,
+            state.devices.net.as_ref(),
+            parts.generation,
+        )?;
         MicroVm::assemble(parts)
     }
 

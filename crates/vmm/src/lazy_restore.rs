@@ -394,6 +394,12 @@ impl MicroVm {
         let mut p = parts_from_state(&state, mem, opts.console_mirror, opts.track_dirty)?;
         p.block =
             crate::devices::virtio::block::attach::block_from_saved(&p.vm, &p.mem, state.devices.block.as_ref(), dir)?;
+        p.net = crate::devices::virtio::net::attach::net_for_clone(
+            &p.vm,
+            &p.mem,
+            state.devices.net.as_ref(),
+            p.generation,
+        )?;
         p.started = t0;
         p.start = Want::Pause;
         mem_clear_host_dirty(&p.mem);

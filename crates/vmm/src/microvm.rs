@@ -17,6 +17,8 @@ use crate::devices::serial::{SerialPort, COM1_IRQ};
 use crate::devices::virtio::block::attach::{new_block, BLOCK_SLOT};
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::mmio::MMIO_WINDOW;
+use crate::devices::virtio::net::attach::{new_net, NET_SLOT};
+use crate::devices::virtio::net::Net;
 use crate::devices::virtio::vsock::{Vsock, DEFAULT_CID};
 use crate::devices::virtio::MmioSlot;
 use crate::vcpu_thread::{install_kick_handler, run_vcpu, Control, ExitReason, Want};
@@ -50,6 +52,8 @@ pub struct VmConfig {
     pub console_mirror: Option<Box<dyn Write + Send>>,
     /// A virtio-blk disk (copy-on-write over a raw image), at virtio-mmio slot 1.
     pub disk: Option<crate::devices::virtio::block::DiskConfig>,
+    /// A virtio-net device on a tap (slot 2): a named host tap, or a private namespace.
+    pub net: Option<crate::devices::virtio::net::attach::NetConfig>,
 }
 
 impl std::fmt::Debug for VmConfig {
@@ -73,6 +77,7 @@ impl Default for VmConfig {
             track_dirty: true,
             console_mirror: None,
             disk: None,
+            net: None,
         }
     }
 }
@@ -87,6 +92,8 @@ pub struct MicroVm {
     vsock: Arc<Vsock>,
     /// The virtio-blk device (slot 1), if the VM has a disk.
     block: Option<Arc<Block>>,
+    /// The virtio-net device (slot 2), if the VM is networked.
+    net: Option<Arc<Net>>,
     // Field order matters for drop: the VM (and its vCPU fds, owned by the threads) go before memory.
     vm: Vm,
     mem: Arc<GuestMem>,
@@ -115,6 +122,7 @@ pub(crate) struct Parts {
     pub serial: SerialPort,
     pub vsock: Arc<Vsock>,
     pub block: Option<Arc<Block>>,
+    pub net: Option<Arc<Net>>,
     pub vcpus: Vec<Vcpu>,
     pub generation: u64,
     pub track_dirty: bool,
@@ -181,8 +189,10 @@ impl MicroVm {
         };
         let loaded = boot::load(&mem, kernel, initrd, cmdline)?;
         regs::write_boot_tables(&mem).map_err(|e| Error::Config(e.to_string()))?;
-        let slots: &[MmioSlot] = if cfg.disk.is_some() { &[VSOCK_SLOT, BLOCK_SLOT] } else { &[VSOCK_SLOT] };
-        crate::arch::acpi::write_tables(&mem, cfg.vcpus, slots).map_err(|e| Error::Config(e.to_string()))?;
+        let mut slots = vec![VSOCK_SLOT];
+        slots.extend(cfg.disk.as_ref().map(|_| BLOCK_SLOT));
+        slots.extend(cfg.net.as_ref().map(|_| NET_SLOT));
+        crate::arch::acpi::write_tables(&mem, cfg.vcpus, &slots).map_err(|e| Error::Config(e.to_string()))?;
         if !write_generation(&mem, 1) {
             return Err(Error::Config("no room for the generation page".into()));
         }
@@ -194,6 +204,7 @@ impl MicroVm {
         let serial = SerialPort::new(irq, console);
         let vsock = Arc::new(new_vsock(&vm, &mem)?);
         let block = cfg.disk.as_ref().map(|d| new_block(&vm, &mem, d)).transpose()?.map(Arc::new);
+        let net = cfg.net.as_ref().map(|n| new_net(&vm, &mem, n)).transpose()?.map(Arc::new);
         let mut vcpus = Vec::new();
         for id in 0..cfg.vcpus {
             let v = Vcpu::new(&vm, id)?;
@@ -207,6 +218,7 @@ impl MicroVm {
             serial,
             vsock,
             block,
+            net,
             vcpus,
             generation: 1,
             track_dirty: cfg.track_dirty,
@@ -220,6 +232,9 @@ impl MicroVm {
     pub(crate) fn assemble(p: Parts) -> Result<Self, Error> {
         if p.start == Want::Pause {
             p.vsock.pause();
+            if let Some(n) = &p.net {
+                n.pause();
+            }
         }
         let msr_indices = Arc::new(crate::vstate::vcpu::msr_indices(&p.vm)?);
         let mut kvm_fds = vec![p.vm.fd().as_raw_fd(), p.vm.kvm().as_raw_fd()];
@@ -230,6 +245,7 @@ impl MicroVm {
             serial: p.serial,
             vsock: p.vsock,
             block: p.block,
+            net: p.net,
             vm: p.vm,
             mem: p.mem,
             vcpus: p.vcpus.len() as u8,
@@ -254,6 +270,9 @@ impl MicroVm {
         if let Some(b) = &self.block {
             mmio.add(BLOCK_SLOT.base, MMIO_WINDOW, b.clone());
         }
+        if let Some(n) = &self.net {
+            mmio.add(NET_SLOT.base, MMIO_WINDOW, n.clone());
+        }
         for v in vcpus {
             let bus = PioBus { serial: self.serial.clone() };
             let mmio = mmio.clone();
@@ -277,6 +296,11 @@ impl MicroVm {
     /// The virtio-vsock device.
     pub fn vsock(&self) -> &Arc<Vsock> {
         &self.vsock
+    }
+
+    /// The virtio-net device, if the VM is networked.
+    pub fn net(&self) -> Option<&Arc<Net>> {
+        self.net.as_ref()
     }
 
     /// The virtio-blk device, if the VM has a disk.
@@ -408,6 +432,9 @@ impl MicroVm {
     pub fn pause(&self) -> Result<Duration, Error> {
         let d = self.ctl.pause(Duration::from_secs(10)).map_err(Error::State)?;
         self.vsock.pause();
+        if let Some(n) = &self.net {
+            n.pause();
+        }
         if let Some(b) = &self.block {
             // Everything the guest wrote before the pause is durable while it is paused.
             b.flush().map_err(|e| Error::State(format!("cannot flush the disk: {e}")))?;
@@ -418,6 +445,9 @@ impl MicroVm {
     /// Continues paused vCPUs exactly where they were; returns the resume latency.
     pub fn resume(&self) -> Result<Duration, Error> {
         self.vsock.resume();
+        if let Some(n) = &self.net {
+            n.resume();
+        }
         self.ctl.resume().map_err(Error::State)
     }
 

@@ -74,6 +74,12 @@ impl MicroVm {
         let mut p = parts_from_state(&state, Arc::new(mem), opts.console_mirror, opts.track_dirty)?;
         p.block =
             crate::devices::virtio::block::attach::block_from_saved(&p.vm, &p.mem, state.devices.block.as_ref(), dir)?;
+        p.net = crate::devices::virtio::net::attach::net_for_clone(
+            &p.vm,
+            &p.mem,
+            state.devices.net.as_ref(),
+            p.generation,
+        )?;
         p.started = started;
         p.start = if opts.paused { Want::Pause } else { Want::Run };
         let vm = MicroVm::assemble(p)?;
@@ -269,6 +275,7 @@ pub(crate) fn parts_from_state(
         serial,
         vsock,
         block: None,
+        net: None,
         vcpus,
         generation,
         track_dirty,

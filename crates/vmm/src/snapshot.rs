@@ -94,6 +94,7 @@ impl MicroVm {
             devices: DevicesState {
                 vsock: Some(self.vsock().save(self.memory())),
                 block: self.block().map(|b| b.save()),
+                net: self.net().map(|n| n.save(self.memory())),
             },
             memory: None,
         })

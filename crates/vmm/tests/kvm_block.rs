@@ -85,6 +85,7 @@ fn the_disk_follows_snapshot_restore_and_fork_copy_on_write() {
     assert_eq!(read(&mut r, 0), vec![b'A'; 4096], "the restore sees the disk as of the snapshot");
     write(&mut r, 16, b'R');
     assert_eq!(read(&mut d, 16), vec![0x11; 4096], "the restored VM's writes are its own");
+    drop(restored);
 
     // Fork: the child writes a block; the parent never sees it.
     let (forked, _) = vm

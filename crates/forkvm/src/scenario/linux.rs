@@ -135,6 +135,7 @@ fn boot(a: &LinuxArgs) -> Result<MicroVm, String> {
         track_dirty: false,
         console_mirror: None,
         disk: None,
+        net: None,
     };
     let t0 = Instant::now();
     let vm = MicroVm::boot(cfg).map_err(|e| format!("boot: {e}"))?;

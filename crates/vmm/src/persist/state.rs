@@ -56,6 +56,9 @@ pub struct DevicesState {
     /// The virtio-blk device and its disk (layers linked beside the state), if any.
     #[serde(default)]
     pub block: Option<crate::devices::virtio::block::BlockState>,
+    /// The virtio-net device (a restore or clone gets its own tap, namespace and MAC).
+    #[serde(default)]
+    pub net: Option<crate::devices::virtio::net::NetState>,
 }
 
 /// Everything needed to rebuild a running VM from its memory.
