@@ -171,6 +171,9 @@ impl MicroVm {
         }
         // Nor the parent's vsock sockets: the child gets its own (see MicroVm::listen_vsock).
         self.vsock().forget_in_child();
+        if let Some(n) = self.net() {
+            n.forget_in_child();
+        }
         let mut parts = parts_from_state(state, Arc::clone(self.memory()), mirror, self.track_dirty)?;
         parts.block = crate::devices::virtio::block::attach::block_for_child(
             &parts.vm,

@@ -14,7 +14,7 @@ use std::time::Duration;
 use virtio_driver::*;
 use vmm::devices::mmio::MmioDevice;
 use vmm::devices::virtio::net::device::{mac_from, F_MAC, MAX_FRAME};
-use vmm::devices::virtio::net::netns::{PrivateNet, GATEWAY, GUEST_IP, TAP_NAME};
+use vmm::devices::virtio::net::netns::{PrivateNet, GATEWAY, GATEWAY_MAC, GUEST_IP, TAP_NAME};
 use vmm::devices::virtio::net::Net;
 use vmm::vstate::memory::{Backing, GuestMem};
 use vmm_sys_util::eventfd::EventFd;
@@ -114,7 +114,7 @@ fn udp_frame(src_mac: [u8; 6], dport: u16, payload: &[u8]) -> Vec<u8> {
     udp.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
     udp.extend_from_slice(&[0, 0]);
     udp.extend_from_slice(payload);
-    let mut f = eth([0xff; 6], src_mac, 0x0800, 0);
+    let mut f = eth(GATEWAY_MAC, src_mac, 0x0800, 0);
     f.extend_from_slice(&ip);
     f.extend_from_slice(&udp);
     f
@@ -271,6 +271,7 @@ fn save_restore_save_round_trips_and_a_clone_gets_its_own_mac_and_namespace() {
     assert_eq!(same.save(&n.d.mem), st);
     drop(same);
     let (ns3, tap3) = PrivateNet::create().unwrap();
+    let ns3file = Arc::new(ns3.ns.try_clone().unwrap());
     let other_ns = ns3.ns.metadata().unwrap();
     assert_ne!(
         std::os::unix::fs::MetadataExt::ino(&other_ns),
@@ -278,12 +279,20 @@ fn save_restore_save_round_trips_and_a_clone_gets_its_own_mac_and_namespace() {
         "each clone has a namespace of its own"
     );
     let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-    let clone = Net::restore(&st, tap3, Some(ns3), mac_from(b"test-vm/2"), n.d.mem.clone(), irq).unwrap();
+    let clone = Arc::new(Net::restore(&st, tap3, Some(ns3), mac_from(b"test-vm/2"), n.d.mem.clone(), irq).unwrap());
     assert_ne!(clone.mac(), n.mac);
     assert_eq!(clone.mac()[0] & 3, 2, "locally administered unicast");
     let mut m = [0u8; 6];
     clone.read(0x100, &mut m);
     assert_eq!(m, clone.mac());
+    // The clone's guest still addresses the gateway by the MAC it learnt before the clone:
+    // its new tap, in its own namespace, has that MAC and takes the frame.
+    let sock = in_ns(&ns3file, || UdpSocket::bind((GATEWAY, 7780)).unwrap());
+    sock.set_read_timeout(Some(WAIT)).unwrap();
+    let mut c = NetDrv { d: n.d.rebind(clone.clone(), n.d.mem.clone()), dev: clone, ns: ns3file, mac: n.mac };
+    c.send(&udp_frame(n.mac, 7780, b"from the clone"));
+    let mut buf = [0u8; 32];
+    assert_eq!(sock.recv(&mut buf).unwrap(), 14);
 }
 
 #[test]

@@ -51,8 +51,10 @@ pub fn block_for_child(
 ) -> Result<Option<Arc<Block>>, Error> {
     let (Some(parent), Some(st)) = (parent, st) else { return Ok(None) };
     let disk = {
-        let s = parent.try_state().ok_or_else(|| Error::State("the parent's block device is busy".into()))?;
-        s.disk.clone_view(None).map_err(Error::State)?
+        let mut s = parent.try_state().ok_or_else(|| Error::State("the parent's block device is busy".into()))?;
+        let view = s.disk.clone_view(None).map_err(Error::State)?;
+        s.disk.forget_live_in_child();
+        view
     };
     let b = Block::from_parts(st, disk, mem.clone(), irq(vm)?).map_err(|e| Error::State(format!("block: {e}")))?;
     Ok(Some(Arc::new(b)))

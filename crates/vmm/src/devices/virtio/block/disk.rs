@@ -232,6 +232,14 @@ impl CowDisk {
         Self::assemble(self.base.clone(), self.frozen.clone(), self.read_only, scratch)
     }
 
+    /// In a fork child: closes the parent's live overlay inherited by fork() (the child has its
+    /// own; this one would otherwise keep the parent's overlay file alive while the child runs).
+    pub fn forget_live_in_child(&mut self) {
+        if let Ok(null) = File::open("/dev/null") {
+            self.live = null;
+        }
+    }
+
     /// Bytes the overlays take on the host (allocated blocks of the live and frozen files).
     pub fn overlay_bytes(&self) -> u64 {
         use std::os::unix::fs::MetadataExt;

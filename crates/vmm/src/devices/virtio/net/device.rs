@@ -132,6 +132,15 @@ impl Net {
         self.state().stats
     }
 
+    /// In a fork child: drops the parent's tap and namespace fds inherited by fork() (they would
+    /// keep the parent's namespace alive as long as the child lives). Never blocks.
+    pub fn forget_in_child(&self) {
+        if let Some(mut s) = self.try_state() {
+            s.ns = None;
+            s.tap.close_in_child();
+        }
+    }
+
     /// The fd of the private network namespace (None for a host tap).
     pub fn netns_fd(&self) -> Option<i32> {
         self.state().ns.as_ref().map(|n| std::os::fd::AsRawFd::as_raw_fd(&n.ns))

@@ -19,6 +19,9 @@ pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(192, 168, 241, 1);
 /// The guest's address (configured in the guest; the same in every clone).
 pub const GUEST_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 241, 2);
 pub const PREFIX: u8 = 24;
+/// The tap's MAC in every namespace: a clone's guest keeps its ARP entry for the gateway, so
+/// the gateway must look the same behind every clone's new tap.
+pub const GATEWAY_MAC: [u8; 6] = [0x02, 0xfc, 0, 0, 0, 1];
 
 /// A VM's private network namespace and its tap.
 #[derive(Debug)]
@@ -49,7 +52,7 @@ impl PrivateNet {
                 .map_err(|e| io::Error::new(e.kind(), format!("cannot open tap {TAP_NAME}: {e}")))?;
             // No IPv6 chatter (router solicitations, MLD) from the host side of the tap.
             let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{TAP_NAME}/disable_ipv6"), "1");
-            configure(TAP_NAME, GATEWAY, PREFIX)?;
+            configure(TAP_NAME, GATEWAY_MAC, GATEWAY, PREFIX)?;
             let ns = File::open("/proc/thread-self/ns/net")?;
             Ok((PrivateNet { ns }, tap))
         })

@@ -65,6 +65,13 @@ impl Tap {
         Ok(Tap { file, name: name.to_string() })
     }
 
+    /// In a fork child: closes our copy of the parent's tap (the parent keeps its own).
+    pub fn close_in_child(&mut self) {
+        if let Ok(null) = File::open("/dev/null") {
+            self.file = null;
+        }
+    }
+
     pub fn fd(&self) -> i32 {
         self.file.as_raw_fd()
     }
@@ -90,9 +97,9 @@ impl Tap {
     }
 }
 
-/// Gives interface `name` (in the calling thread's namespace) address `addr`/`prefix` and
-/// brings it up (and `lo`), with ioctls on an AF_INET socket.
-pub fn configure(name: &str, addr: std::net::Ipv4Addr, prefix: u8) -> io::Result<()> {
+/// Gives interface `name` (in the calling thread's namespace) MAC `mac`, address
+/// `addr`/`prefix` and brings it up (and `lo`), with ioctls on an AF_INET socket.
+pub fn configure(name: &str, mac: [u8; 6], addr: std::net::Ipv4Addr, prefix: u8) -> io::Result<()> {
     // SAFETY: a plain socket call.
     let s = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
     check(s)?;
@@ -125,6 +132,22 @@ pub fn configure(name: &str, addr: std::net::Ipv4Addr, prefix: u8) -> io::Result
         // SAFETY: SIOCSIFFLAGS reads one ifreq we own.
         check(unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS as _, &r) })
     };
+    {
+        // SAFETY: an all-zero ifreq is valid.
+        let mut r: libc::ifreq = unsafe { std::mem::zeroed() };
+        for (d, b) in r.ifr_name.iter_mut().zip(name.as_bytes()) {
+            *d = *b as libc::c_char;
+        }
+        // SAFETY: an all-zero sockaddr is valid.
+        let mut sa: libc::sockaddr = unsafe { std::mem::zeroed() };
+        sa.sa_family = libc::ARPHRD_ETHER;
+        for (d, b) in sa.sa_data.iter_mut().zip(mac) {
+            *d = b as libc::c_char;
+        }
+        r.ifr_ifru.ifru_hwaddr = sa;
+        // SAFETY: SIOCSIFHWADDR reads one ifreq we own.
+        check(unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFHWADDR as _, &r) })?;
+    }
     set_addr(libc::SIOCSIFADDR, addr)?;
     let mask = if prefix == 0 { 0 } else { u32::MAX << (32 - u32::from(prefix.min(32))) };
     set_addr(libc::SIOCSIFNETMASK, std::net::Ipv4Addr::from(mask))?;
