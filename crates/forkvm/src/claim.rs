@@ -24,9 +24,8 @@ impl Claimed {
         let c = Self::bind(name)?;
         if c.paths.hibernated().exists() {
             let msg = format!(
-                "VM {name:?} is hibernated: wake it (`forkvm wake {name}`) or discard its hibernation ({}) before \
-                 reusing the name",
-                c.paths.hibernated().display()
+                "VM {name:?} is hibernated: wake it (`forkvm wake {name}`) or discard it (`forkvm discard {name}`) \
+                 before reusing the name"
             );
             c.release_keeping_hibernation();
             return Err(msg);
