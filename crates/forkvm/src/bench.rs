@@ -15,6 +15,7 @@ pub fn bench(args: BenchArgs) -> Result<i32, String> {
         BenchKind::Disk => crate::bench_disk::bench_disk(&args),
         BenchKind::Clone => crate::bench_clone::bench_clone(&args),
         BenchKind::Store => crate::bench_store::bench_store(&args),
+        BenchKind::StoreFc => crate::bench_store::bench_store_fc(&args),
         BenchKind::Agent => crate::bench_agent::bench_agent(&args),
         BenchKind::Api => crate::bench_api::bench_api(&args),
     }

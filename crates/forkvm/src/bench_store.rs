@@ -151,6 +151,19 @@ pub fn bench_store(args: &BenchArgs) -> Result<i32, String> {
             &[pf_pong, pf_resident, demand, eager_ws]
         )
     );
+    println!();
+    bench_store_fc(args)
+}
+
+/// Firecracker-style restores through `forkvm pagesrv`'s listener and a stand-in Firecracker:
+/// fault latency and time to a working set resident, raw memory file vs chunk store.
+pub fn bench_store_fc(args: &BenchArgs) -> Result<i32, String> {
+    let o = pagesrv::FcBenchOpts { runs: args.runs.clamp(1, 5), ..Default::default() };
+    let out = pagesrv::bench_fc(&o);
+    print!("{out}");
+    if out.starts_with("bench fc failed") {
+        return Err(out);
+    }
     Ok(0)
 }
 

@@ -251,6 +251,9 @@ pub enum BenchKind {
     Clone,
     /// Chunk store and page server: compression, dedup, fault latency, lazy resume.
     Store,
+    /// Only the last rows of `store`: Firecracker-style restores through `forkvm pagesrv`, raw
+    /// memory file vs chunk store (no KVM needed).
+    StoreFc,
     /// The guest agent of a running VM (--vm): vsock round trip, throughput, exec vs serial, fork.
     Agent,
     /// The daemon's API: create from template, fork, wake, list, idle memory (starts its own daemon).

@@ -392,3 +392,9 @@ fn first_vm_records_the_working_set_later_vms_get_it_prefetched() {
     let (_, st, _) = ended(&rx);
     assert_eq!(st.pages_prefetched, 48, "{st:?}");
 }
+
+#[test]
+fn bench_fc_runs_small() {
+    let out = crate::bench_fc(&crate::FcBenchOpts { size_mib: 16, wset_mib: 4, runs: 1, dir: None });
+    assert!(out.contains("REAP prefetch") && out.contains("chunk store") && !out.contains("failed"), "{out}");
+}
