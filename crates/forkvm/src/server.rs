@@ -51,6 +51,8 @@ pub fn serve(claimed: Claimed, vm: MicroVm, parent: Option<String>, wake: Option
     // This thread takes part in the fork gate (vmm::quiesce): idle only while it waits for the VM.
     let _participant = quiesce::participant();
     let mut busy = quiesce::busy();
+    // Every thread of a VMM process takes part in the gate: an unknown one fails a fork.
+    quiesce::require_all_quiesced(true);
     // Fork children are reaped by the kernel: nobody waits for them here.
     // SAFETY: setting a signal disposition to SIG_IGN has no memory-safety preconditions.
     unsafe { libc::signal(libc::SIGCHLD, libc::SIG_IGN) };

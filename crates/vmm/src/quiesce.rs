@@ -48,6 +48,19 @@ impl std::fmt::Debug for Gate {
 }
 
 static GATE: AtomicPtr<Gate> = AtomicPtr::new(std::ptr::null_mut());
+static STRICT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Makes a thread that is not quiesced fail the fork (the VMM server does this). Off by
+/// default: a library user (tests under libtest, benchmarks) may have threads of its own that
+/// the gate does not know; then the audit only logs them.
+pub fn require_all_quiesced(on: bool) {
+    STRICT.store(on, SeqCst);
+}
+
+/// Whether [`require_all_quiesced`] is on.
+pub fn strict() -> bool {
+    STRICT.load(SeqCst)
+}
 
 /// This process's gate.
 pub fn gate() -> &'static Gate {
