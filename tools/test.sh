@@ -28,6 +28,9 @@ cargo test --workspace --all-targets
 echo "== fuzz (each target 20 s; tools/fuzz.sh SECONDS to run longer)"
 tools/fuzz.sh "${FORKVM_FUZZ_SECONDS:-20}"
 
+echo "== Web console in a real browser (Debian chromium + playwright-core)"
+tools/console/run.sh
+
 echo "== Linux end-to-end (QEMU TCG L1, nested KVM, Linux L2)"
 e2e_rc=0
 tools/e2e/run.sh || e2e_rc=$?

@@ -347,6 +347,40 @@ pub struct ErrorDetail {
     pub message: String,
 }
 
+/// `GET /v1/memory`: how much host memory the caller's live sandboxes really use.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct MemoryReport {
+    pub host_total_bytes: u64,
+    /// MemTotal - MemAvailable.
+    pub host_used_bytes: u64,
+    /// Sum over the caller's running and paused sandboxes of memory only their VMM maps.
+    pub private_bytes: u64,
+    /// Sum of memory their VMMs share with other processes (copy-on-write between clones).
+    pub shared_bytes: u64,
+    pub sandboxes: Vec<SandboxMemory>,
+    /// The host's chunk store (hibernated memory, deduplicated across all sandboxes).
+    pub store: Option<StoreUsage>,
+}
+
+/// One VMM's resident memory (from /proc/PID/smaps_rollup).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct SandboxMemory {
+    pub id: String,
+    pub rss_bytes: u64,
+    /// Private_Clean + Private_Dirty.
+    pub private_bytes: u64,
+    /// Shared_Clean + Shared_Dirty.
+    pub shared_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct StoreUsage {
+    /// Bytes allocated on disk by the store's files.
+    pub disk_bytes: u64,
+    /// Memory images (hibernations and templates) it holds.
+    pub images: u64,
+}
+
 /// Response headers naming how the sandbox came up and how long that took.
 pub const HEADER_CAME_UP: &str = "x-forkvm-came-up";
 pub const HEADER_WAKE_MS: &str = "x-forkvm-wake-ms";

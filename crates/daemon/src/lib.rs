@@ -4,6 +4,7 @@
 
 pub mod app;
 pub mod auth;
+pub mod console;
 pub mod db;
 pub mod error;
 pub mod metrics;

@@ -2,6 +2,7 @@
 //! handlers' annotations.
 
 pub mod events;
+pub mod memory;
 pub mod repos;
 pub mod sandboxes;
 pub mod templates;
@@ -24,7 +25,7 @@ use crate::error::ApiError;
     paths(
         sandboxes::create, sandboxes::list, sandboxes::get, sandboxes::delete, sandboxes::exec, sandboxes::fork_,
         sandboxes::pause, sandboxes::hibernate, sandboxes::resume, sandboxes::tree, sandboxes::events,
-        templates::create, templates::list, templates::get, events::stream, repos::create, repos::open,
+        templates::create, templates::list, templates::get, events::stream, memory::memory, repos::create, repos::open,
         crate::webhook::github, metrics
     ),
     modifiers(&Bearer)
@@ -66,11 +67,13 @@ pub fn router(app: Shared) -> Router {
         .route("/v1/templates", post(templates::create).get(templates::list))
         .route("/v1/templates/{id}", get(templates::get))
         .route("/v1/events", get(events::stream))
+        .route("/v1/memory", get(memory::memory))
         .route("/v1/repos", post(repos::create))
         .route("/v1/repos/{owner}/{name}/pulls/{number}/open", post(repos::open))
         .route("/v1/hooks/github", post(crate::webhook::github))
         .route("/v1/openapi.json", get(openapi))
         .route("/metrics", get(metrics))
+        .merge(crate::console::routes())
         .fallback(|| async { ApiError::not_found("no such endpoint") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(axum::http::StatusCode::METHOD_NOT_ALLOWED, "method not allowed here")
