@@ -33,6 +33,17 @@ fn auth_bad_input_and_single_instance() {
     }
     let big = format!(r#"{{"name":"{}"}}"#, "x".repeat(1 << 20));
     assert_eq!(post(&big).status, 413);
+    // A 413 leaves the rest of the body unread, so the daemon closes that connection and says so:
+    // a client must not reuse it (reqwest did, and the next request failed with IncompleteMessage).
+    let r = reqwest::blocking::Client::new()
+        .post(format!("{}/v1/sandboxes", d.base))
+        .bearer_auth(&t)
+        .header("content-type", "application/json")
+        .body(big.clone())
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 413);
+    assert_eq!(r.headers().get("connection").and_then(|v| v.to_str().ok()), Some("close"));
     // Queries and paths.
     assert_eq!(d.req("GET", "/v1/sandboxes?limit=0", &t, None).status, 400);
     assert_eq!(d.req("GET", "/v1/sandboxes?state=dancing", &t, None).status, 400);
