@@ -68,7 +68,12 @@ impl IntoResponse for ApiError {
         let body = forkvm_api::v1::ErrorBody {
             error: forkvm_api::v1::ErrorDetail { code: self.code().to_string(), message: self.message },
         };
-        (self.status, Json(body)).into_response()
+        let mut r = (self.status, Json(body)).into_response();
+        if self.status == StatusCode::PAYLOAD_TOO_LARGE {
+            // The rest of the body was never read: this connection cannot carry another request.
+            r.headers_mut().insert(axum::http::header::CONNECTION, axum::http::HeaderValue::from_static("close"));
+        }
+        r
     }
 }
 
