@@ -22,6 +22,7 @@ pub mod fc;
 pub mod fc_client;
 pub mod fc_wire;
 pub mod listener;
+pub mod live_source;
 mod monitor;
 mod prefetch;
 pub mod server;
@@ -29,12 +30,14 @@ mod session;
 pub mod source;
 pub mod stats;
 pub mod uffd;
+pub mod uffd_wp;
 pub mod wset;
 
 pub use bench::{bench_store, BenchOpts};
 pub use bench_fc::{bench_fc, FcBenchOpts};
 pub use error::{Error, Result};
 pub use listener::{Listener, ListenerConfig};
+pub use live_source::{Generation, LiveMemory, LiveStats};
 pub use server::{Ended, FailureHook, Monitor, PageServer, Region, RemovePolicy, ServerConfig};
 pub use source::{ChunkSource, FileSource, MemSource, PageSource, ZeroSource};
 pub use stats::{Histogram, Stats, StatsSnapshot};
@@ -43,5 +46,7 @@ pub use wset::WorkingSet;
 
 #[cfg(test)]
 mod fc_tests;
+#[cfg(test)]
+mod live_tests;
 #[cfg(test)]
 mod tests;

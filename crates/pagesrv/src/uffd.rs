@@ -51,17 +51,17 @@ struct UffdioApi {
 
 #[repr(C)]
 #[derive(Debug, Default, Clone, Copy)]
-struct UffdioRange {
-    start: u64,
-    len: u64,
+pub(crate) struct UffdioRange {
+    pub(crate) start: u64,
+    pub(crate) len: u64,
 }
 
 #[repr(C)]
 #[derive(Debug, Default)]
-struct UffdioRegister {
-    range: UffdioRange,
-    mode: u64,
-    ioctls: u64,
+pub(crate) struct UffdioRegister {
+    pub(crate) range: UffdioRange,
+    pub(crate) mode: u64,
+    pub(crate) ioctls: u64,
 }
 
 #[repr(C)]
@@ -90,7 +90,7 @@ struct UffdioPoison {
     updated: i64,
 }
 
-const fn iowr(nr: u64, size: usize) -> u64 {
+pub(crate) const fn iowr(nr: u64, size: usize) -> u64 {
     (3 << 30) | ((size as u64) << 16) | (0xAA << 8) | nr
 }
 const fn ior(nr: u64, size: usize) -> u64 {
@@ -98,7 +98,7 @@ const fn ior(nr: u64, size: usize) -> u64 {
 }
 
 const UFFDIO_API: u64 = iowr(0x3F, std::mem::size_of::<UffdioApi>()); // 0xc018aa3f
-const UFFDIO_REGISTER: u64 = iowr(0x00, std::mem::size_of::<UffdioRegister>()); // 0xc020aa00
+pub(crate) const UFFDIO_REGISTER: u64 = iowr(0x00, std::mem::size_of::<UffdioRegister>()); // 0xc020aa00
 const UFFDIO_UNREGISTER: u64 = ior(0x01, std::mem::size_of::<UffdioRange>()); // 0x8010aa01
 const UFFDIO_WAKE: u64 = ior(0x02, std::mem::size_of::<UffdioRange>()); // 0x8010aa02
 const UFFDIO_COPY: u64 = iowr(0x03, std::mem::size_of::<UffdioCopy>()); // 0xc028aa03
@@ -265,7 +265,7 @@ impl Uffd {
             .is_ok_and(|p| p.as_os_str() == "anon_inode:[userfaultfd]")
     }
 
-    fn ioctl<T>(&self, req: u64, arg: &mut T) -> io::Result<()> {
+    pub(crate) fn ioctl<T>(&self, req: u64, arg: &mut T) -> io::Result<()> {
         // SAFETY: every caller passes the repr(C) struct matching `req` as
         // encoded in its size bits; the kernel reads/writes only that struct.
         let rc = unsafe { libc::ioctl(self.fd.as_raw_fd(), req as _, arg as *mut T) };

@@ -1,0 +1,227 @@
+//! Tier 1: write-protect preservation of a live parent's memory on plain memfd mappings.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+use std::sync::{Arc, Mutex};
+
+use crate::live_source::LiveMemory;
+use crate::server::Region;
+use crate::source::PageSource;
+
+const PAGE: usize = 4096;
+
+/// A memfd of `len` bytes mapped MAP_SHARED (like a parent's guest memory).
+struct Parent {
+    file: File,
+    ptr: *mut u8,
+    len: usize,
+}
+// SAFETY: the mapping lives as long as Parent; tests write it from one thread at a time per page.
+unsafe impl Send for Parent {}
+// SAFETY: as above.
+unsafe impl Sync for Parent {}
+
+impl Parent {
+    fn new(len: usize) -> Parent {
+        // SAFETY: valid NUL-terminated name; result checked.
+        let fd = unsafe { libc::memfd_create(c"live-test".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: fresh fd we own.
+        let file = unsafe { File::from_raw_fd(fd) };
+        file.set_len(len as u64).unwrap();
+        // SAFETY: a fresh shared mapping of our memfd.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        Parent { file, ptr: p.cast(), len }
+    }
+    fn live(&self) -> LiveMemory {
+        let f = self.file.try_clone().unwrap();
+        LiveMemory::new(f, vec![Region { base: self.ptr as u64, len: self.len as u64, offset: 0 }]).unwrap()
+    }
+    fn write_page(&self, page: usize, seed: u64) {
+        let mut x = seed | 1;
+        for w in 0..PAGE / 8 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let at = self.ptr.wrapping_add(page * PAGE + w * 8).cast::<u64>();
+            // SAFETY: page < len / PAGE, so `at` is inside our mapping and 8-byte aligned.
+            unsafe { at.write_volatile(x) };
+        }
+    }
+    fn snapshot(&self) -> Vec<u8> {
+        // SAFETY: reads our whole mapping.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }.to_vec()
+    }
+}
+
+impl Drop for Parent {
+    fn drop(&mut self) {
+        // SAFETY: our mapping, unmapped once.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+fn rng(seed: &mut u64) -> u64 {
+    *seed ^= *seed << 13;
+    *seed ^= *seed >> 7;
+    *seed ^= *seed << 17;
+    *seed
+}
+
+/// A thread writing random pages (holes included) until told to stop; `gate` is held per write,
+/// so a test can take it to fix a well-defined clone instant.
+struct Writer {
+    stop: Arc<AtomicBool>,
+    writes: Arc<AtomicU64>,
+    gate: Arc<Mutex<()>>,
+    h: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Writer {
+    fn start(p: &Arc<Parent>, seed: u64) -> Writer {
+        let (stop, writes, gate) =
+            (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)), Arc::new(Mutex::new(())));
+        let (s, w, g, p) = (stop.clone(), writes.clone(), gate.clone(), p.clone());
+        let h = std::thread::spawn(move || {
+            let mut x = seed;
+            let pages = p.len / PAGE;
+            while !s.load(SeqCst) {
+                let _g = g.lock().unwrap();
+                let page = (rng(&mut x) % pages as u64) as usize;
+                p.write_page(page, rng(&mut x));
+                w.fetch_add(1, SeqCst);
+            }
+        });
+        Writer { stop, writes, gate, h: Some(h) }
+    }
+    /// Waits until the writer has done `n` more writes.
+    fn wait_writes(&self, n: u64) {
+        let target = self.writes.load(SeqCst) + n;
+        while self.writes.load(SeqCst) < target {
+            std::thread::yield_now();
+        }
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.stop.store(true, SeqCst);
+        if let Some(h) = self.h.take() {
+            h.join().unwrap();
+        }
+    }
+}
+
+/// Reads the whole source in random-sized chunks from two threads and compares with `want`.
+fn assert_reads(src: &Arc<crate::live_source::Generation>, want: &[u8], seed: u64) {
+    std::thread::scope(|sc| {
+        for t in 0..2u64 {
+            sc.spawn(move || {
+                let mut x = seed + t * 7919;
+                let mut off = 0usize;
+                while off < want.len() {
+                    let n = ((rng(&mut x) % 40 + 1) as usize * PAGE).min(want.len() - off);
+                    let mut buf = vec![0u8; n];
+                    src.fill(off as u64, &mut buf).unwrap();
+                    if buf != want[off..off + n] {
+                        let bad = (0..n / PAGE)
+                            .find(|k| buf[k * PAGE..(k + 1) * PAGE] != want[off + k * PAGE..off + (k + 1) * PAGE]);
+                        panic!("thread {t}: page {:?} differs from the clone instant", bad.map(|k| off / PAGE + k));
+                    }
+                    off += n;
+                }
+            });
+        }
+    });
+}
+
+#[test]
+fn generation_reads_the_clone_instant_while_the_parent_keeps_writing() {
+    let p = Arc::new(Parent::new(8 << 20));
+    // First half data, second half holes.
+    for page in 0..(p.len / PAGE / 2) {
+        p.write_page(page, page as u64 + 1);
+    }
+    let live = p.live();
+    let w = Writer::start(&p, 0x1234_5678);
+    w.wait_writes(100);
+    let (want1, g1) = {
+        let _g = w.gate.lock().unwrap();
+        (p.snapshot(), live.begin().unwrap())
+    };
+    // The parent writes on (each first write per page is preserved) while children read.
+    w.wait_writes(500);
+    assert_reads(&g1, &want1, 1);
+    // A second clone while the first generation is still in use.
+    let (want2, g2) = {
+        let _g = w.gate.lock().unwrap();
+        (p.snapshot(), live.begin().unwrap())
+    };
+    w.wait_writes(500);
+    assert_reads(&g2, &want2, 2);
+    assert_reads(&g1, &want1, 3);
+    let st = live.stats();
+    assert_eq!(st.active_generations, 2);
+    assert!(st.protected);
+    assert!(st.wp_faults > 0 && st.pages_saved > 0, "{st:?}");
+    assert_ne!(want1, want2, "the parent wrote between the clones");
+    drop(w);
+    assert!(live.error().is_none());
+}
+
+#[test]
+fn holes_written_after_the_clone_read_as_zero() {
+    let p = Arc::new(Parent::new(4 << 20));
+    p.write_page(0, 9);
+    let live = p.live();
+    let g = live.begin().unwrap();
+    let hole = 100 * PAGE as u64;
+    assert!(g.is_zero(hole, PAGE as u64));
+    assert!(!g.is_zero(0, PAGE as u64));
+    p.write_page(100, 42);
+    let mut buf = vec![1u8; PAGE];
+    g.fill(hole, &mut buf).unwrap();
+    assert!(buf.iter().all(|&b| b == 0), "a hole at the clone instant must read as zero");
+    assert_eq!(live.stats().pages_saved, 1);
+}
+
+#[test]
+fn retiring_the_last_generation_drops_protection_and_copies() {
+    let p = Arc::new(Parent::new(4 << 20));
+    for page in 0..64 {
+        p.write_page(page, page as u64 + 5);
+    }
+    let live = p.live();
+    let g = live.begin().unwrap();
+    let g2 = g.clone();
+    for page in 0..32 {
+        p.write_page(page, 77);
+    }
+    assert_eq!(g.pages_held(), 32);
+    drop(g);
+    assert_eq!(live.stats().active_generations, 1, "a handle is still alive");
+    drop(g2);
+    let st = live.stats();
+    assert_eq!((st.active_generations, st.pages_held, st.protected), (0, 0, false), "{st:?}");
+    let faults = st.wp_faults;
+    for page in 0..64 {
+        p.write_page(page, 99);
+    }
+    assert_eq!(live.stats().wp_faults, faults, "no faults once protection is dropped");
+    // And a new generation protects again.
+    let g3 = live.begin().unwrap();
+    p.write_page(3, 1);
+    assert_eq!(g3.pages_held(), 1);
+}
