@@ -226,3 +226,20 @@ fn bad_snapshots_and_stopped_vms_are_rejected() {
     assert!(e.to_string().contains("stopped"), "{e}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A VM restored paused is paused when restore returns: its state can be saved at once (the
+/// idempotence test failed 'the VM must be paused to save its state' when a vCPU thread had not
+/// parked yet).
+#[test]
+fn a_vm_restored_paused_is_paused_when_restore_returns() {
+    let vm = boot(16 << 20, Backing::Anon);
+    vm.pause().unwrap();
+    let d = tmpdir("paused");
+    vm.snapshot(&d, SnapshotKind::Full).unwrap();
+    for i in 0..20 {
+        let r = MicroVm::restore(&d, RestoreMode::Cow, RestoreOptions { paused: true, ..Default::default() }).unwrap();
+        assert!(r.is_paused(), "restore {i} returned before its vCPUs parked");
+        r.save_state().unwrap();
+    }
+    std::fs::remove_dir_all(&d).unwrap();
+}
