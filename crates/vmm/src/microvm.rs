@@ -259,7 +259,12 @@ impl MicroVm {
             lazy_memory: Arc::default(),
             agent: Arc::new(AgentGate::new(if p.generation > 1 { HookState::NotRun } else { HookState::NotAClone })),
         };
+        let paused = p.start == Want::Pause;
         me.spawn(p.vcpus)?;
+        if paused {
+            // A VM built paused is paused when this returns: its state can be saved at once.
+            me.ctl.wait_parked(Duration::from_secs(30)).map_err(Error::State)?;
+        }
         Ok(me)
     }
 

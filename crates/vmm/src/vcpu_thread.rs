@@ -179,6 +179,20 @@ impl Control {
         lock(&self.ctl).exit.clone()
     }
 
+    /// Waits until every vCPU of a VM built paused has parked (its threads may still be starting).
+    pub fn wait_parked(&self, timeout: Duration) -> Result<(), String> {
+        let c = lock(&self.ctl);
+        let (c, _) = self
+            .cond
+            .wait_timeout_while(c, timeout, |c| c.parked < c.vcpus() && c.exit.is_none())
+            .unwrap_or_else(|p| p.into_inner());
+        if c.parked == c.vcpus() {
+            Ok(())
+        } else {
+            Err(format!("vCPUs did not park within {timeout:?}"))
+        }
+    }
+
     pub fn is_paused(&self) -> bool {
         let c = lock(&self.ctl);
         c.want == Some(Want::Pause) && c.parked == c.vcpus() && c.exit.is_none()
