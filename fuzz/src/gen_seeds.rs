@@ -138,6 +138,36 @@ fn state_seeds(out: &Path, tmp: &Path) -> R<()> {
     Ok(())
 }
 
+/// Frames of the cross-host page protocol, one conversation per seed.
+fn net_seeds(dir: &Path) -> R<()> {
+    use pagesrv::net_wire::{Msg, FLAG_PUSH, KIND_DATA, KIND_ZERO};
+    let page = image(1, 7);
+    let convos: Vec<(&str, Vec<Msg>)> = vec![
+        ("handshake", vec![
+            Msg::Hello { min: 1, max: 1, flags: FLAG_PUSH, nonce: [1; 32] },
+            Msg::Challenge { version: 1, nonce: [2; 32], proof: [3; 32] },
+            Msg::Auth { proof: [4; 32] },
+            Msg::Welcome { len: 64 << 20, page_size: 4096, state_len: 9000, push_bytes: 1 << 20 },
+        ]),
+        ("pages", vec![
+            Msg::Request { id: 1, offset: 0x40_0000, len: 0x2000 },
+            Msg::Pages { id: 1, offset: 0x40_0000, kinds: vec![KIND_DATA, KIND_ZERO], macs: vec![[5; 32], [6; 32]], data: page },
+            Msg::PushDone,
+        ]),
+        ("state_and_errors", vec![
+            Msg::StateReq { id: 2 },
+            Msg::State { id: 2, mac: [7; 32], data: b"state".to_vec() },
+            Msg::Failed { id: 3, reason: "corrupt chunk".into() },
+            Msg::Error { reason: "authentication failed".into() },
+        ]),
+    ];
+    for (name, msgs) in convos {
+        let bytes: Vec<u8> = msgs.iter().flat_map(Msg::encode).collect();
+        put(dir, "net_frame", name, &bytes)?;
+    }
+    Ok(())
+}
+
 fn test_guest_ready() -> &'static str {
     "forkvm-test-guest ready"
 }
@@ -149,6 +179,7 @@ fn main() -> R<()> {
     let r = (|| -> R<()> {
         store_seeds(&out, &tmp)?;
         pagesrv_seeds(&out)?;
+        net_seeds(&out)?;
         memory_seeds(&out)?;
         api_seeds(&out)?;
         state_seeds(&out, &tmp)

@@ -24,6 +24,10 @@ pub mod fc_wire;
 pub mod listener;
 pub mod live_source;
 mod monitor;
+pub mod net_auth;
+pub mod net_client;
+pub mod net_server;
+pub mod net_wire;
 mod prefetch;
 pub mod server;
 mod session;
@@ -38,6 +42,8 @@ pub use bench_fc::{bench_fc, FcBenchOpts};
 pub use error::{Error, Result};
 pub use listener::{Listener, ListenerConfig};
 pub use live_source::{Generation, LiveMemory, LiveStats};
+pub use net_client::{NetClientConfig, NetSource};
+pub use net_server::{NetEvent, NetServer, NetServerConfig};
 pub use server::{Ended, FailureHook, Monitor, PageServer, Region, RemovePolicy, ServerConfig};
 pub use source::{ChunkSource, FileSource, MemSource, PageSource, ZeroSource};
 pub use stats::{Histogram, Stats, StatsSnapshot};
@@ -48,5 +54,7 @@ pub use wset::WorkingSet;
 mod fc_tests;
 #[cfg(test)]
 mod live_tests;
+#[cfg(test)]
+mod net_tests;
 #[cfg(test)]
 mod tests;
