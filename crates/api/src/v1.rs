@@ -142,6 +142,10 @@ pub struct CreateSandbox {
     pub privacy: Option<Privacy>,
     #[serde(default)]
     pub policy: Option<Policy>,
+    /// Boot with a virtio-net device in a private network namespace (for previews). A template
+    /// carries its source's network device; leave this out with `template`.
+    #[serde(default)]
+    pub net: Option<bool>,
 }
 
 /// A sandbox: one VMM process (or its hibernation).
@@ -383,6 +387,8 @@ pub struct StoreUsage {
 
 /// Response headers naming how the sandbox came up and how long that took.
 pub const HEADER_CAME_UP: &str = "x-forkvm-came-up";
+/// Header (or cookie / `?forkvm_preview_token=` query parameter) carrying a sandbox's preview token.
+pub const PREVIEW_TOKEN: &str = "forkvm_preview_token";
 pub const HEADER_WAKE_MS: &str = "x-forkvm-wake-ms";
 
 #[cfg(test)]
@@ -403,4 +409,23 @@ mod tests {
         assert_eq!(SandboxState::parse("paused"), Some(SandboxState::Paused));
         assert_eq!(Privacy::parse("public"), Some(Privacy::Public));
     }
+}
+
+/// `GET /v1/preview`: whether the daemon serves previews (`forkvm serve --preview-listen`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct PreviewInfo {
+    /// The preview listener's address, if any.
+    pub listen: Option<String>,
+    /// Previews are at `http://<sandbox id>-<port>.<domain>:<listen port>/`.
+    pub domain: String,
+}
+
+/// `POST /v1/sandboxes/{id}/ports/{port}/preview`: a link to a sandbox's port through the
+/// preview proxy. For a private sandbox it carries a preview token (valid for that sandbox only).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct PreviewLink {
+    /// Open this in a browser (the token, if any, becomes a cookie for that host).
+    pub url: String,
+    /// The preview token (private sandboxes), also accepted as the `forkvm_preview_token` header.
+    pub token: Option<String>,
 }

@@ -32,6 +32,8 @@ pub struct Config {
     pub policy_tick: Duration,
     /// Largest request body.
     pub max_body: usize,
+    /// The preview proxy, if asked for (`--preview-listen`).
+    pub preview: Option<crate::preview::PreviewConfig>,
 }
 
 impl Config {
@@ -53,6 +55,10 @@ pub struct App {
     pub vmms: Vmms,
     pub events: broadcast::Sender<Event>,
     pub metrics: Metrics,
+    /// The running preview proxy (set once it listens).
+    pub preview: std::sync::OnceLock<crate::preview::Running>,
+    /// Open preview connections per sandbox.
+    pub preview_active: Arc<crate::preview::Active>,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
@@ -61,7 +67,16 @@ pub type Shared = Arc<App>;
 impl App {
     pub fn new(cfg: Config, db: Db) -> Self {
         let vmms = Vmms { exe: cfg.exe.clone(), run_dir: cfg.run_dir.clone(), store: cfg.store.clone() };
-        App { cfg, db, vmms, events: broadcast::channel(4096).0, metrics: Metrics::default(), locks: Mutex::default() }
+        App {
+            cfg,
+            db,
+            vmms,
+            events: broadcast::channel(4096).0,
+            metrics: Metrics::default(),
+            preview: std::sync::OnceLock::new(),
+            preview_active: Arc::default(),
+            locks: Mutex::default(),
+        }
     }
 
     /// The lock that serializes operations on sandbox `id`.

@@ -10,6 +10,7 @@ pub mod error;
 pub mod metrics;
 pub mod ops;
 pub mod policy;
+pub mod preview;
 pub mod readopt;
 pub mod routes;
 pub mod util;
@@ -55,16 +56,26 @@ async fn serve_async(cfg: Config) -> Result<(), String> {
         }
         None => None,
     };
+    let preview = match &cfg.preview {
+        Some(p) => Some((preview::bind(&app, p).await?, p.clone())),
+        None => None,
+    };
     let mut line = format!("forkvmd: listening on {}", sock.display());
     if let Some(t) = &tcp {
         if let Ok(a) = t.local_addr() {
             line.push_str(&format!(" and http://{a}"));
         }
     }
+    if let Some(p) = app.preview.get() {
+        line.push_str(&format!(" ; previews on {} for *.{}", p.addr, p.domain));
+    }
     println!("{line}");
     let _ = std::io::stdout().flush();
 
     tokio::spawn(policy::run(app.clone()));
+    if let Some((l, p)) = preview {
+        tokio::spawn(preview::serve(app.clone(), p, l));
+    }
     let router = routes::router(app.clone());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let shutdown = |mut rx: tokio::sync::watch::Receiver<bool>| async move {

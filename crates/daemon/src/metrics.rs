@@ -3,6 +3,7 @@
 
 use forkvm_api::v1::{CameUp, SandboxState};
 use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
@@ -26,6 +27,7 @@ pub struct Metrics {
     host_mem_used: Gauge,
     host_mem_shared: Gauge,
     vmm_rss: Gauge,
+    preview: Family<Labels, Counter>,
 }
 
 impl Default for Metrics {
@@ -51,7 +53,9 @@ impl Default for Metrics {
             host_mem_shared.clone(),
         );
         registry.register("vmm_memory_rss_bytes", "Resident memory of all VMM processes", vmm_rss.clone());
-        Metrics { registry, create_ms, fork_ms, wake_ms, sandboxes, host_mem_used, host_mem_shared, vmm_rss }
+        let preview = Family::<Labels, Counter>::default();
+        registry.register("preview_connections", "Preview proxy connections by outcome", preview.clone());
+        Metrics { registry, create_ms, fork_ms, wake_ms, sandboxes, host_mem_used, host_mem_shared, vmm_rss, preview }
     }
 }
 
@@ -67,6 +71,11 @@ impl Metrics {
 
     pub fn observe_wake(&self, how: CameUp, ms: f64) {
         self.wake_ms.get_or_create(&vec![("kind".into(), how.as_str().into())]).observe(ms);
+    }
+
+    /// One preview connection ended as `result` (relayed, not_found, bad_request, ...).
+    pub fn observe_preview(&self, result: &str) {
+        self.preview.get_or_create(&vec![("result".into(), result.into())]).inc();
     }
 
     /// Renders everything, refreshing the gauges from `by_state` and the VMM pids.

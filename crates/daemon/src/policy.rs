@@ -40,7 +40,9 @@ pub async fn run(app: Shared) {
         let now = crate::util::now();
         for r in recs {
             let dead = r.sb.pid.is_some_and(|p| !Vmms::alive(p));
-            if !(dead || idle(&r, now) || sleepy(&r, now)) {
+            // A sandbox with open preview connections is in use, whatever its last API call.
+            let quiet = idle(&r, now) && !app.preview_active.busy(&r.sb.id);
+            if !(dead || quiet || sleepy(&r, now)) {
                 continue;
             }
             if !busy.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(r.sb.id.clone()) {
@@ -51,8 +53,10 @@ pub async fn run(app: Shared) {
                 let id = r.sb.id.clone();
                 let res = if dead {
                     crashed(&app, &id).await
-                } else if idle(&r, now) {
-                    lifecycle::pause_if(&app, &id, "policy", |x| idle(x, crate::util::now())).await.map(|_| ())
+                } else if quiet {
+                    let busy = app.preview_active.clone();
+                    let cond = move |x: &Rec| idle(x, crate::util::now()) && !busy.busy(&x.sb.id);
+                    lifecycle::pause_if(&app, &id, "policy", cond).await.map(|_| ())
                 } else {
                     lifecycle::hibernate_if(&app, &id, "policy", |x| sleepy(x, crate::util::now())).await.map(|_| ())
                 };

@@ -141,12 +141,18 @@ impl Vmms {
     }
 }
 
-/// Arguments that boot the test guest as VM `id`.
-pub fn boot_args(id: &str, memory_mib: u64, vcpus: u8) -> Vec<OsString> {
-    ["run", "--guest", "test", "--mem", &format!("{memory_mib}M"), "--vcpus", &vcpus.to_string(), "--name", id]
-        .into_iter()
-        .map(OsString::from)
-        .collect()
+/// Arguments that boot the test guest as VM `id` (with `net`: a virtio-net device in a private
+/// network namespace).
+pub fn boot_args(id: &str, memory_mib: u64, vcpus: u8, net: bool) -> Vec<OsString> {
+    let mut v: Vec<OsString> =
+        ["run", "--guest", "test", "--mem", &format!("{memory_mib}M"), "--vcpus", &vcpus.to_string(), "--name", id]
+            .into_iter()
+            .map(OsString::from)
+            .collect();
+    if net {
+        v.push("--net".into());
+    }
+    v
 }
 
 /// Arguments that restore the snapshot in `dir` copy-on-write as VM `id`.

@@ -23,6 +23,24 @@ pub struct ServeArgs {
     /// Largest request body in bytes.
     #[arg(long, default_value_t = 256 << 10)]
     pub max_body: usize,
+    /// Serve previews of sandbox ports on this TCP address: `http://<id>-<port>.<domain>:PORT/`.
+    #[arg(long)]
+    pub preview_listen: Option<SocketAddr>,
+    /// The domain under which previews are named (`*.localhost` resolves to loopback).
+    #[arg(long, default_value = "localhost")]
+    pub preview_domain: String,
+    /// The guest's address inside its network namespace (as `forkvm port-forward --guest-ip`).
+    #[arg(long, default_value = "192.168.241.2")]
+    pub preview_guest_ip: std::net::Ipv4Addr,
+    /// Most preview connections open at once.
+    #[arg(long, default_value_t = 1024)]
+    pub preview_max_connections: usize,
+    /// How long opening a connection to a guest port may take, refused attempts retried (ms).
+    #[arg(long, default_value_t = 10_000)]
+    pub preview_connect_timeout_ms: u64,
+    /// Close a preview connection after this long without a byte either way (ms).
+    #[arg(long, default_value_t = 300_000)]
+    pub preview_idle_timeout_ms: u64,
     /// Print the OpenAPI document and exit.
     #[arg(long)]
     pub openapi: bool,
@@ -70,6 +88,14 @@ pub fn serve(a: ServeArgs) -> Result<i32, String> {
         listen: a.listen,
         policy_tick: Duration::from_millis(a.policy_tick_ms.max(10)),
         max_body: a.max_body,
+        preview: a.preview_listen.map(|listen| daemon::preview::PreviewConfig {
+            listen,
+            domain: a.preview_domain.clone(),
+            guest_ip: a.preview_guest_ip,
+            max_connections: a.preview_max_connections.max(1),
+            connect_timeout: Duration::from_millis(a.preview_connect_timeout_ms.max(1)),
+            idle_timeout: Duration::from_millis(a.preview_idle_timeout_ms.max(1)),
+        }),
     };
     daemon::serve(cfg)?;
     Ok(0)

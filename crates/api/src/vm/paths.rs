@@ -76,6 +76,11 @@ impl VmPaths {
         self.dir.join("vsock.sock")
     }
 
+    /// Names the VM's network namespace (`/proc/<vmm pid>/fd/<n>`), when it has `--net`.
+    pub fn netns(&self) -> PathBuf {
+        self.dir.join("netns")
+    }
+
     /// The hibernation state of a hibernated VM (its VMM is gone).
     pub fn hibernated(&self) -> PathBuf {
         self.dir.join(HIBERNATED)

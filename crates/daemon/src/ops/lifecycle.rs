@@ -45,6 +45,9 @@ pub async fn create_locked(app: &App, ws: &str, id: &str, req: CreateSandbox) ->
                     t.memory_mib, t.vcpus
                 )));
             }
+            if req.net.is_some() {
+                return Err(ApiError::bad(format!("template {tid} carries its own network device; leave net out")));
+            }
             (Some(t.id), t.memory_mib, t.vcpus, crate::vmproc::restore_args(&id, &PathBuf::from(dir)))
         }
         None => {
@@ -56,7 +59,7 @@ pub async fn create_locked(app: &App, ws: &str, id: &str, req: CreateSandbox) ->
             if !(1..=32).contains(&vcpus) {
                 return Err(ApiError::bad(format!("vcpus must be 1 to 32, not {vcpus}")));
             }
-            (None, mem, vcpus, crate::vmproc::boot_args(&id, mem, vcpus))
+            (None, mem, vcpus, crate::vmproc::boot_args(&id, mem, vcpus, req.net.unwrap_or(false)))
         }
     };
     let name = req.name.clone().unwrap_or_else(|| id.clone());

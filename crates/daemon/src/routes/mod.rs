@@ -3,6 +3,7 @@
 
 pub mod events;
 pub mod memory;
+pub mod preview;
 pub mod repos;
 pub mod sandboxes;
 pub mod templates;
@@ -26,7 +27,7 @@ use crate::error::ApiError;
         sandboxes::create, sandboxes::list, sandboxes::get, sandboxes::delete, sandboxes::exec, sandboxes::fork_,
         sandboxes::pause, sandboxes::hibernate, sandboxes::resume, sandboxes::tree, sandboxes::events,
         templates::create, templates::list, templates::get, events::stream, memory::memory, repos::create, repos::open,
-        crate::webhook::github, metrics
+        crate::webhook::github, metrics, preview::info, preview::link
     ),
     modifiers(&Bearer)
 )]
@@ -64,6 +65,8 @@ pub fn router(app: Shared) -> Router {
         .route("/v1/sandboxes/{id}/resume", post(sandboxes::resume))
         .route("/v1/sandboxes/{id}/tree", get(sandboxes::tree))
         .route("/v1/sandboxes/{id}/events", get(sandboxes::events))
+        .route("/v1/sandboxes/{id}/ports/{port}/preview", post(preview::link))
+        .route("/v1/preview", get(preview::info))
         .route("/v1/templates", post(templates::create).get(templates::list))
         .route("/v1/templates/{id}", get(templates::get))
         .route("/v1/events", get(events::stream))

@@ -12,6 +12,9 @@ use serde_json::{json, Value};
 pub struct Daemon {
     pub run: PathBuf,
     pub base: String,
+    /// The preview proxy's address (`--preview-listen`), if started with one.
+    pub preview: Option<String>,
+    extra: Vec<String>,
     child: Option<Child>,
     http: reqwest::blocking::Client,
 }
@@ -31,12 +34,19 @@ pub fn forkvm(run: &PathBuf) -> Command {
 
 impl Daemon {
     pub fn start(tag: &str) -> Daemon {
+        Self::start_with(tag, &[])
+    }
+
+    /// A daemon with extra `forkvm serve` arguments.
+    pub fn start_with(tag: &str, extra: &[&str]) -> Daemon {
         let run = std::env::temp_dir().join(format!("forkvmd-test-{}-{tag}", std::process::id()));
         let _ = std::fs::remove_dir_all(&run);
         std::fs::create_dir_all(&run).unwrap();
         let mut d = Daemon {
             run,
             base: String::new(),
+            preview: None,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
             child: None,
             http: reqwest::blocking::Client::builder().timeout(Duration::from_secs(120)).build().unwrap(),
         };
@@ -48,14 +58,17 @@ impl Daemon {
     fn spawn(&mut self) {
         let mut child = forkvm(&self.run)
             .args(["serve", "--listen", "127.0.0.1:0", "--policy-tick-ms", "50"])
+            .args(&self.extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
             .unwrap();
         let mut line = String::new();
         BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        let addr = line.trim().rsplit_once("http://").unwrap_or_else(|| panic!("no address in {line:?}")).1;
+        let after = line.trim().split_once("http://").unwrap_or_else(|| panic!("no address in {line:?}")).1;
+        let addr = after.split_whitespace().next().unwrap();
         self.base = format!("http://{addr}");
+        self.preview = line.split_once("previews on ").map(|(_, p)| p.split_whitespace().next().unwrap().to_string());
         self.child = Some(child);
     }
 
