@@ -1,0 +1,7 @@
+//! Warm pools: VMs created before any request, waiting for a clone ticket (see
+//! [`crate::live_clone`]). [`WarmVm`] is one such VM; a pool member process creates one, listens
+//! on its socket and serves the first parent that connects.
+
+mod warm;
+
+pub use warm::{CloneLink, WarmReport, WarmVm, TICKET_TIMEOUT};
