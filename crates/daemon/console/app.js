@@ -37,6 +37,8 @@ const app = {
   view: "sandboxes",
   stream: null,
   asked: new Set(), // unknown sandbox ids already looked up
+  gone: new Set(), // ids deleted while the list was loading
+  complete: false, // every page of the sandbox list has arrived
 };
 
 class ApiError extends Error {
@@ -119,22 +121,30 @@ function signOut(message) {
 
 // ---------- data ----------
 
+// Sign-in needs only the first page of sandboxes (it also proves the token): it is drawn at
+// once, and the rest of the list, the templates and the memory report follow in the background.
 async function reload() {
-  const templates = api("/v1/templates").catch(() => null);
-  const memory = refreshMemory();
-  const all = new Map();
-  let cursor = null;
-  do {
-    const q = new URLSearchParams({ limit: "1000" });
-    if (cursor) q.set("cursor", cursor);
-    const page = await api(`/v1/sandboxes?${q}`);
-    for (const sb of page.sandboxes) all.set(sb.id, sb);
+  app.complete = false;
+  const first = await api("/v1/sandboxes?limit=100");
+  app.sandboxes = new Map(first.sandboxes.map((sb) => [sb.id, sb]));
+  scheduleRender();
+  loadRest(first.next_cursor).catch((e) => toast(`Loading the sandboxes failed: ${e.message}`, true));
+  api("/v1/templates")
+    .then((t) => { app.templates = new Map(t.templates.map((x) => [x.id, x])); scheduleRender(); })
+    .catch(() => {});
+  refreshMemory().then(() => scheduleRender());
+}
+
+async function loadRest(cursor) {
+  const all = new Map(app.sandboxes);
+  while (cursor) {
+    const page = await api(`/v1/sandboxes?${new URLSearchParams({ limit: "1000", cursor })}`);
+    for (const sb of page.sandboxes) if (!all.has(sb.id)) all.set(sb.id, sb);
     cursor = page.next_cursor;
-  } while (cursor);
-  app.sandboxes = all;
-  const t = await templates;
-  if (t) app.templates = new Map(t.templates.map((x) => [x.id, x]));
-  await memory;
+  }
+  // Rows that changed meanwhile (events) keep their newer copy.
+  for (const [id, sb] of all) if (!app.sandboxes.has(id) && !app.gone.has(id)) app.sandboxes.set(id, sb);
+  app.complete = true;
   scheduleRender();
 }
 
@@ -156,6 +166,7 @@ function applyEvent(ev) {
   const sb = app.sandboxes.get(ev.sandbox);
   if (ev.kind === "deleted") {
     app.sandboxes.delete(ev.sandbox);
+    app.gone.add(ev.sandbox);
   } else if (sb) {
     if (ev.to_state) sb.state = ev.to_state;
     sb.last_active_at = Math.max(sb.last_active_at, ev.ts);
@@ -374,8 +385,13 @@ function renderTable() {
     return frag;
   };
   body.replaceChildren(fill(0, FIRST));
+  if (rows.length && !performance.getEntriesByName("forkvm:first-rows").length) performance.mark("forkvm:first-rows");
   const more = (from) => {
-    if (gen !== tableGen || from >= rows.length) return;
+    if (gen !== tableGen) return;
+    if (from >= rows.length) {
+      if (app.complete && !performance.getEntriesByName("forkvm:all-rows").length) performance.mark("forkvm:all-rows");
+      return;
+    }
     body.append(fill(from, from + SLICE));
     requestAnimationFrame(() => more(from + SLICE));
   };
@@ -563,7 +579,11 @@ function show(view) {
 // ---------- wiring ----------
 
 document.addEventListener("DOMContentLoaded", () => {
-  $("#login-form").addEventListener("submit", (e) => { e.preventDefault(); signIn($("#token").value); });
+  $("#login-form").addEventListener("submit", (e) => {
+    e.preventDefault();
+    performance.mark("forkvm:sign-in");
+    signIn($("#token").value);
+  });
   $("#signout").addEventListener("click", () => signOut());
   for (const b of document.querySelectorAll("#tabs button")) b.addEventListener("click", () => show(b.dataset.view));
   $("#search").addEventListener("input", scheduleRender);
