@@ -115,8 +115,41 @@ fn mem_slice(mem: &GuestMem, off: u64, len: u64) -> &[u8] {
 
 /// Hash of a full image of `mem` (what [`super::memory_file::write_full`] writes).
 pub fn of_memory_full(mem: &GuestMem) -> String {
-    let hashes: Result<_, ()> = hash_blocks(&blocks(mem.size()), |o, l, _| Ok(full_block(mem_slice(mem, o, l))));
-    root(&hashes.unwrap_or_default())
+    root(&full_blocks_of_memory(mem))
+}
+
+/// Block hashes of a full image of `mem`. Pages that cannot hold data (holes of a memory file,
+/// see [`super::data_pages`]) are hashed as zeros without being read.
+pub fn full_blocks_of_memory(mem: &GuestMem) -> Vec<[u8; 32]> {
+    let mask = super::data_pages::of_memory(mem);
+    let hashes: Result<_, ()> = hash_blocks(&blocks(mem.size()), |o, l, buf| {
+        let src = mem_slice(mem, o, l);
+        let Some(mask) = &mask else {
+            return Ok(full_block(src));
+        };
+        let first = o / PAGE_SIZE;
+        let n = l / PAGE_SIZE;
+        let have = (0..n).filter(|&p| super::data_pages::bit(mask, first + p)).count() as u64;
+        if have == 0 {
+            return Ok([0; 32]);
+        }
+        if have == n {
+            return Ok(full_block(src));
+        }
+        buf.clear();
+        buf.resize(l as usize, 0);
+        for p in (0..n).filter(|&p| super::data_pages::bit(mask, first + p)) {
+            let r = (p * PAGE_SIZE) as usize..((p + 1) * PAGE_SIZE) as usize;
+            buf[r.clone()].copy_from_slice(&src[r]);
+        }
+        Ok(full_block(buf))
+    });
+    hashes.unwrap_or_default()
+}
+
+/// The image hash (hex) of its block hashes.
+pub fn root_of(blocks: &[[u8; 32]]) -> String {
+    root(blocks)
 }
 
 fn bit(bm: &[u64], page: u64) -> bool {

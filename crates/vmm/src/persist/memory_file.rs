@@ -73,10 +73,13 @@ fn create(path: &Path, size: u64) -> Result<File, MemoryFileError> {
     Ok(f)
 }
 
-/// Full image: every non-zero page. Returns pages written.
+/// Full image: every non-zero page. Returns pages written. Memory backed by a file reads only
+/// the pages that can hold data (see [`super::data_pages`]): its holes are never faulted in.
 pub fn write_full(mem: &GuestMem, path: &Path) -> Result<u64, MemoryFileError> {
     let f = create(path, mem.size())?;
-    let n = write_pages(mem, &f, path, |_, page| !is_zero(page))?;
+    let mask = super::data_pages::of_memory(mem);
+    let has_data = |i: u64| mask.as_ref().is_none_or(|m| super::data_pages::bit(m, i));
+    let n = write_pages(mem, &f, path, |i, page| has_data(i) && !is_zero(page))?;
     f.sync_data().map_err(io(path))?;
     Ok(n)
 }

@@ -1,5 +1,6 @@
 //! Snapshot files: a versioned, checksummed envelope around serde payloads, and the VM state
 //! that goes in it.
+pub mod data_pages;
 pub mod envelope;
 pub mod image_hash;
 pub mod memory_file;
