@@ -6,7 +6,8 @@
 set -u
 up() { read -r u _ </proc/uptime; echo "$u"; }
 failed=0
-for t in l2-boot l2-scenario l2-agent; do
+# E2E_ONLY="l2-netdisk" (an L1_APPEND word) runs a subset.
+for t in ${E2E_ONLY:-l2-boot l2-scenario l2-agent l2-netdisk}; do
     t0="$(up)"
     if sh "/e2e/$t.sh"; then r=PASS; else r=FAIL; failed=$((failed + 1)); fi
     echo "E2E-TEST $t $r ($(awk -v a="$t0" -v b="$(up)" 'BEGIN { printf "%.1f", b - a }') s)"

@@ -38,7 +38,8 @@ fi
 modules="${FORKVM_L2_MODULES:-$CACHE/modules/extra}"
 mkdir -p "$root/lib/modules/forkvm"
 : >"$root/lib/modules/forkvm/load-order"
-for m in virtio virtio_ring virtio_mmio vsock vmw_vsock_virtio_transport_common vmw_vsock_virtio_transport; do
+for m in virtio virtio_ring virtio_mmio vsock vmw_vsock_virtio_transport_common vmw_vsock_virtio_transport \
+    virtio_blk failover net_failover virtio_net; do
     [[ -f "$modules/$m.ko" ]] || e2e_die "module $m.ko not in $modules (run tools/e2e/fetch-guest.sh)"
     install -m 0644 "$modules/$m.ko" "$root/lib/modules/forkvm/"
     echo "$m.ko" >>"$root/lib/modules/forkvm/load-order"

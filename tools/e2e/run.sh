@@ -129,7 +129,22 @@ if [[ -z "$script" ]]; then
     script="$E2E_DIR/l2-suite.sh"
     stage="$CACHE/build/e2e-stage"
     rm -rf "$stage"; mkdir -p "$stage/e2e"
-    cp "$E2E_DIR/l2-boot.sh" "$E2E_DIR/l2-scenario.sh" "$E2E_DIR/l2-agent.sh" "$stage/e2e/"
+    cp "$E2E_DIR/l2-boot.sh" "$E2E_DIR/l2-scenario.sh" "$E2E_DIR/l2-agent.sh" "$E2E_DIR/l2-netdisk.sh" "$stage/e2e/"
+    # l2-netdisk.sh: an ext4 image with a web page for --disk, and tun.ko for --net in L1.
+    e2e_require mkfs.ext4 e2fsprogs
+    ndroot="$CACHE/build/netdisk-root"
+    rm -rf "$ndroot"; mkdir -p "$ndroot/www"
+    echo "netdisk page" >"$ndroot/www/index.html"
+    mkfs.ext4 -q -F -L netdisk -E root_owner=0:0 -d "$ndroot" "$stage/e2e/netdisk.ext4" 32M \
+        || e2e_die "mkfs.ext4 -d failed"
+    tun="$(find "$CACHE/kernel-extract" -name 'tun.ko*' | head -n1)"
+    [[ -n "$tun" ]] || e2e_die "tun.ko not in $CACHE/kernel-extract (run tools/e2e/fetch-guest.sh)"
+    case "$tun" in
+        *.ko) cp "$tun" "$stage/e2e/tun.ko" ;;
+        *.xz) xz -dc "$tun" >"$stage/e2e/tun.ko" ;;
+        *.zst) zstd -qdc "$tun" >"$stage/e2e/tun.ko" ;;
+        *) e2e_die "unknown module format: $tun" ;;
+    esac
     extra_args=(--extra "$stage")
 fi
 

@@ -59,6 +59,8 @@ pub struct App {
     pub preview: std::sync::OnceLock<crate::preview::Running>,
     /// Open preview connections per sandbox.
     pub preview_active: Arc<crate::preview::Active>,
+    /// Held shared while a sandbox is restored from a template, exclusively while one is deleted.
+    pub templates_lock: tokio::sync::RwLock<()>,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
@@ -75,6 +77,7 @@ impl App {
             metrics: Metrics::default(),
             preview: std::sync::OnceLock::new(),
             preview_active: Arc::default(),
+            templates_lock: tokio::sync::RwLock::new(()),
             locks: Mutex::default(),
         }
     }

@@ -13,6 +13,13 @@ pub fn upsert(c: &Connection, r: &Repo, secret: &str) -> rusqlite::Result<()> {
     Ok(())
 }
 
+/// The repos that preload pull requests from template `tid`.
+pub fn using_template(c: &Connection, tid: &str) -> rusqlite::Result<Vec<String>> {
+    let mut st = c.prepare_cached("SELECT repo FROM repos WHERE template = ?1 ORDER BY repo")?;
+    let rows = st.query_map([tid], |r| r.get(0))?;
+    rows.collect()
+}
+
 /// The repo and its webhook secret.
 pub fn get(c: &Connection, repo: &str) -> rusqlite::Result<Option<(Repo, String)>> {
     c.query_row("SELECT repo, workspace, template, setup, secret FROM repos WHERE repo = ?1", [repo], |r| {

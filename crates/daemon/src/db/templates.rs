@@ -36,6 +36,11 @@ pub fn get(c: &Connection, id: &str) -> rusqlite::Result<Option<(Template, Strin
     c.query_row(&format!("SELECT {COLS} FROM templates WHERE id = ?1"), [id], from_row).optional()
 }
 
+pub fn delete(c: &Connection, id: &str) -> rusqlite::Result<()> {
+    c.execute("DELETE FROM templates WHERE id = ?1", [id])?;
+    Ok(())
+}
+
 /// `workspace`'s templates and every public one.
 pub fn list(c: &Connection, workspace: &str) -> rusqlite::Result<Vec<Template>> {
     let mut st = c.prepare_cached(&format!(

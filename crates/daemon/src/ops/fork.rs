@@ -141,6 +141,41 @@ pub async fn create_template(app: &App, ws: &str, req: CreateTemplate) -> ApiRes
     Ok(t)
 }
 
+/// Deletes a template of the caller's workspace: its row and its files. Sandboxes created from it
+/// keep working (their VMMs hold its memory file and disk layers open; hibernation moves their
+/// memory into the chunk store), so they do not keep it; a repo that preloads from it does (409).
+pub async fn delete_template(app: &App, ws: &str, tid: &str) -> ApiResult<()> {
+    let _w = app.templates_lock.write().await;
+    let (t, dir) = db::templates::get(&app.db.lock(), tid)?
+        .filter(|(t, _)| t.workspace == ws || t.privacy != Privacy::Private)
+        .ok_or_else(|| ApiError::not_found(format!("no template {tid:?}")))?;
+    if t.workspace != ws {
+        return Err(ApiError::forbidden(format!("template {tid} belongs to another workspace")));
+    }
+    let repos = db::repos::using_template(&app.db.lock(), tid)?;
+    if !repos.is_empty() {
+        return Err(ApiError::conflict(format!(
+            "template {tid} preloads pull requests of {}: point them at another template first",
+            repos.join(", ")
+        )));
+    }
+    {
+        let c = app.db.lock();
+        db::templates::delete(&c, tid)?;
+        app.event_in(&c, ws, &t.source, "template_deleted", None, None, &format!("template {tid}"))?;
+    }
+    // The files were made read-only; the directory must be writable again to empty it.
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::path::PathBuf::from(dir);
+    if std::fs::symlink_metadata(&dir).is_ok_and(|m| m.is_dir()) {
+        let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700));
+        if let Err(e) = std::fs::remove_dir_all(&dir) {
+            tracing::warn!("template {tid}: cannot remove {}: {e}", dir.display());
+        }
+    }
+    Ok(())
+}
+
 fn create_private_dir(p: &std::path::Path) -> ApiResult<()> {
     use std::os::unix::fs::DirBuilderExt;
     match std::fs::DirBuilder::new().recursive(true).mode(0o700).create(p) {

@@ -34,6 +34,11 @@ pub async fn create(app: &App, ws: &str, req: CreateSandbox) -> ApiResult<Sandbo
 pub async fn create_locked(app: &App, ws: &str, id: &str, req: CreateSandbox) -> ApiResult<Sandbox> {
     let t0 = Instant::now();
     let id = id.to_string();
+    // A template is not deleted while a restore from it opens its files.
+    let _template_files = match req.template {
+        Some(_) => Some(app.templates_lock.read().await),
+        None => None,
+    };
     let (template, memory_mib, vcpus, args) = match &req.template {
         Some(tid) => {
             let (t, dir) = db::templates::get(&app.db.lock(), tid)?

@@ -26,7 +26,7 @@ use crate::error::ApiError;
     paths(
         sandboxes::create, sandboxes::list, sandboxes::get, sandboxes::delete, sandboxes::exec, sandboxes::fork_,
         sandboxes::pause, sandboxes::hibernate, sandboxes::resume, sandboxes::tree, sandboxes::events,
-        templates::create, templates::list, templates::get, events::stream, memory::memory, repos::create, repos::open,
+        templates::create, templates::list, templates::get, templates::delete, events::stream, memory::memory, repos::create, repos::open,
         crate::webhook::github, metrics, preview::info, preview::link
     ),
     modifiers(&Bearer)
@@ -68,7 +68,7 @@ pub fn router(app: Shared) -> Router {
         .route("/v1/sandboxes/{id}/ports/{port}/preview", post(preview::link))
         .route("/v1/preview", get(preview::info))
         .route("/v1/templates", post(templates::create).get(templates::list))
-        .route("/v1/templates/{id}", get(templates::get))
+        .route("/v1/templates/{id}", get(templates::get).delete(templates::delete))
         .route("/v1/events", get(events::stream))
         .route("/v1/memory", get(memory::memory))
         .route("/v1/repos", post(repos::create))

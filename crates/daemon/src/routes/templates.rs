@@ -27,6 +27,14 @@ pub async fn list(State(app): State<Shared>, Caller(ws): Caller) -> ApiResult<Js
     Ok(Json(TemplateList { templates: db::templates::list(&app.db.lock(), &ws)? }))
 }
 
+#[utoipa::path(delete, path = "/v1/templates/{id}", security(("bearer" = [])),
+    responses((status = 204), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody)))]
+pub async fn delete(State(app): State<Shared>, Caller(ws): Caller, Path(id): Path<String>) -> ApiResult<StatusCode> {
+    fork::delete_template(&app, &ws, &id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
 #[utoipa::path(get, path = "/v1/templates/{id}", security(("bearer" = [])),
     responses((status = 200, body = Template), (status = 404, body = ErrorBody)))]
 pub async fn get(State(app): State<Shared>, Caller(ws): Caller, Path(id): Path<String>) -> ApiResult<Json<Template>> {

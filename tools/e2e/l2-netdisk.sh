@@ -1,0 +1,137 @@
+#!/bin/sh
+# /e2e/l2-netdisk.sh, runs inside L1 (busybox sh): Linux L2 with a copy-on-write ext4 disk
+# (virtio-blk, `--disk`, image built by the harness: /e2e/netdisk.ext4 with /www/index.html) and a
+# network device in a private namespace (virtio-net, `--net`), all through the ordinary CLI:
+#   1. the guest mounts /dev/vda, writes a file, brings eth0 up at 192.168.241.2 and runs busybox
+#      httpd on the disk's /www; L1 fetches the page through `forkvm port-forward`
+#   2. `forkvm fork`: the child sees the parent's file; its own writes (a new page, a new file)
+#      stay its own (checked after dropping the page cache on both sides, so from the disks); the
+#      child serves its own page at its own forwarded port while the parent serves the old one
+#   3. NET-BENCH rows: request latency and throughput host (L1) <-> guest through port-forward
+#   4. hibernate + wake: the page still comes back (disk layers and network restored)
+# Tunables: L2_MEM (256M), L2_VCPUS (2), L2_CMDLINE, L2_BOOT_TIMEOUT (300), FORKVM, L2_DIR, NETDISK_IMG.
+set -u
+forkvm="${FORKVM:-/forkvm}"
+l2dir="${L2_DIR:-/l2}"
+img_src="${NETDISK_IMG:-/e2e/netdisk.ext4}"
+export FORKVM_RUN_DIR="${FORKVM_RUN_DIR:-/tmp/forkvm-netdisk-run}"
+export FORKVM_STORE="${FORKVM_STORE:-/tmp/forkvm-netdisk-store}"
+cmdline="${L2_CMDLINE:-console=ttyS0 reboot=k panic=-1 pci=off quiet initcall_blacklist=i8042_init,cmos_init 8250.nr_uarts=1}"
+vm=nd
+log="$FORKVM_RUN_DIR/$vm/console.log"
+pfs=""
+
+cleanup() {
+    for p in $pfs; do kill "$p" 2>/dev/null; done
+    for v in "$vm-c1" "$vm"; do "$forkvm" stop "$v" >/dev/null 2>&1; done
+}
+fail() {
+    echo "l2-netdisk: FAIL: $*"
+    if [ -f "$log" ]; then echo "l2-netdisk: last L2 console lines:"; tail -n 30 "$log" | sed 's/^/  L2| /'; fi
+    cleanup
+    exit 1
+}
+now_ms() { read -r u _ </proc/uptime; echo "${u%.*}${u#*.}0" | sed 's/^0*//'; }
+ex() { # VM CMD: run CMD in the guest (sh -c), stdout to ours
+    "$forkvm" exec "$1" -- sh -c "$2"
+}
+# forward VM: starts `forkvm port-forward VM 80` and prints its host address.
+forward() {
+    out="/tmp/l2-netdisk.pf.$1.$$"
+    "$forkvm" port-forward "$1" 80 127.0.0.1:0 >"$out" 2>&1 &
+    pfs="$pfs $!"
+    i=0
+    until grep -q '^forwarding ' "$out" 2>/dev/null; do
+        i=$((i + 1)); [ "$i" -le 300 ] || { cat "$out" >&2; return 1; }
+        sleep 0.1
+    done
+    sed -n 's/^forwarding \([^ ]*\) .*/\1/p' "$out"
+}
+fetch() { wget -q -T 30 -O - "http://$1/$2"; }
+
+[ -f "$img_src" ] || fail "no disk image $img_src (built by tools/e2e/run.sh)"
+if [ ! -c /dev/net/tun ]; then
+    insmod /e2e/tun.ko || fail "cannot load tun.ko (needed for --net)"
+    mkdir -p /dev/net
+    [ -c /dev/net/tun ] || mknod /dev/net/tun c 10 200
+fi
+rm -rf "$FORKVM_RUN_DIR" "$FORKVM_STORE"
+mkdir -p /tmp/netdisk
+img=/tmp/netdisk/disk.ext4
+cp "$img_src" "$img" || fail "copy the disk image to tmpfs"
+t0=$(now_ms)
+"$forkvm" run --kernel "$l2dir/vmlinuz" --initrd "$l2dir/initrd.img" --mem "${L2_MEM:-256M}" \
+    --vcpus "${L2_VCPUS:-2}" --cmdline "$cmdline" --disk "$img" --net --name "$vm" --detach || fail "forkvm run --disk --net"
+i=0
+until grep -q "forkvm-agent: serving" "$log" 2>/dev/null; do
+    i=$((i + 1)); [ "$i" -le "$((${L2_BOOT_TIMEOUT:-300} * 10))" ] || fail "no 'forkvm-agent: serving' line"
+    grep -q "forkvm-agent: error" "$log" 2>/dev/null && fail "the agent did not start"
+    [ -d "$FORKVM_RUN_DIR/$vm" ] || fail "the VM exited before its agent listened"
+    sleep 0.1
+done
+echo "l2-netdisk: agent up $(( $(now_ms) - t0 )) ms after forkvm run"
+
+# 1. Disk + network + httpd in the parent.
+ex "$vm" 'ls /sys/block; ip -o link' | sed 's/^/l2-netdisk: guest: /'
+ex "$vm" 'mount -t ext4 /dev/vda /mnt && echo from-parent >/mnt/parent.txt && sync' || fail "mount /dev/vda and write"
+ex "$vm" 'ip addr add 192.168.241.2/24 dev eth0 && ip link set eth0 up && httpd -p 80 -h /mnt/www' \
+    || fail "eth0 up + httpd"
+page=$(ex "$vm" 'cat /mnt/www/index.html') || fail "read index.html"
+[ "$page" = "netdisk page" ] || fail "the disk image's page says '$page'"
+pa=$(forward "$vm") || fail "port-forward $vm"
+got=$(fetch "$pa" index.html) || fail "wget http://$pa/ (parent)"
+[ "$got" = "netdisk page" ] || fail "parent page through port-forward: '$got'"
+echo "l2-netdisk: parent page through port-forward $pa: '$got'"
+
+# 2. Fork: the child sees the parent's file; its writes stay its own.
+"$forkvm" fork "$vm" || fail "fork"
+c="$vm-c1"
+seen=$(ex "$c" 'cat /mnt/parent.txt') || fail "read the parent's file in the child"
+[ "$seen" = from-parent ] || fail "the child reads '$seen' from the parent's file"
+ex "$c" 'echo child page >/mnt/www/index.html && echo mine >/mnt/child.txt && sync && echo 3 >/proc/sys/vm/drop_caches' \
+    || fail "write in the child"
+ex "$vm" 'sync; echo 3 >/proc/sys/vm/drop_caches' || fail "drop caches in the parent"
+cp_=$(ex "$vm" 'cat /mnt/www/index.html; [ -e /mnt/child.txt ] && echo LEAK || echo no-child-file') || fail "read in the parent"
+cc=$(ex "$c" 'cat /mnt/www/index.html /mnt/child.txt') || fail "read in the child"
+[ "$cp_" = "netdisk page
+no-child-file" ] || fail "the parent's disk after the child wrote: '$cp_'"
+[ "$cc" = "child page
+mine" ] || fail "the child's disk after its writes: '$cc'"
+echo "l2-netdisk: fork: child sees the parent's file; child's writes absent from the parent's disk"
+ca=$(forward "$c") || fail "port-forward $c"
+[ "$ca" != "$pa" ] || fail "parent and child forwarded at the same address"
+gc=$(fetch "$ca" index.html) || fail "wget http://$ca/ (child)"
+gp=$(fetch "$pa" index.html) || fail "wget http://$pa/ (parent, after the fork)"
+[ "$gc" = "child page" ] && [ "$gp" = "netdisk page" ] || fail "child serves '$gc', parent serves '$gp'"
+echo "l2-netdisk: child serves '$gc' at $ca, parent '$gp' at $pa (same guest address 192.168.241.2, own namespaces)"
+"$forkvm" stop "$c" >/dev/null 2>&1
+
+# 3. NET-BENCH: L1 <-> L2 through port-forward (tap in the VM's namespace, userspace virtio-net).
+n=20
+t=$(now_ms)
+k=0
+while [ "$k" -lt "$n" ]; do wget -q -T 30 -O /dev/null "http://$pa/index.html" || fail "bench wget"; k=$((k + 1)); done
+lat=$(( ($(now_ms) - t) * 1000 / n ))
+ex "$vm" 'dd if=/dev/zero of=/mnt/www/big bs=1M count=16 2>/dev/null && sync' || fail "make a 16 MiB file"
+t=$(now_ms)
+wget -q -T 120 -O /tmp/netdisk/big "http://$pa/big" || fail "bench wget big"
+ms=$(( $(now_ms) - t ))
+sz=$(wc -c </tmp/netdisk/big)
+[ "$sz" -eq 16777216 ] || fail "got $sz bytes of 16 MiB"
+rm -f /tmp/netdisk/big
+echo "NET-BENCH | what | value"
+echo "NET-BENCH | HTTP GET small page, L1 wget -> port-forward -> tap -> L2 httpd (avg of $n, incl. wget spawn) | $((lat / 1000)).$(printf %03d $((lat % 1000))) ms"
+echo "NET-BENCH | HTTP GET 16 MiB file (from the guest's page cache) | $ms ms = $(( 16 * 1000 * 1000 / (ms > 0 ? ms : 1) / 1000 )) MiB/s"
+
+# 4. Hibernate + wake with disk and network: the page comes back through a new forward.
+"$forkvm" hibernate "$vm" || fail "hibernate"
+"$forkvm" wake "$vm" || fail "wake"
+wa=$(forward "$vm") || fail "port-forward after wake"
+t=$(now_ms)
+gw=$(fetch "$wa" index.html) || fail "wget after wake"
+[ "$gw" = "netdisk page" ] || fail "after wake the page is '$gw'"
+echo "l2-netdisk: after hibernate + wake: '$gw' ($(( $(now_ms) - t )) ms for the first request)"
+seen=$(ex "$vm" 'cat /mnt/parent.txt') || fail "read after wake"
+[ "$seen" = from-parent ] || fail "after wake the file says '$seen'"
+cleanup
+echo "l2-netdisk: PASS"
