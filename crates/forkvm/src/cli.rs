@@ -69,6 +69,10 @@ pub enum Command {
     /// Serve Firecracker snapshot restores (memory backend "Uffd") from a memory file or a
     /// chunk-store image: one page server per connecting Firecracker.
     Pagesrv(crate::pagesrv_cmd::PagesrvArgs),
+    /// A warm pool of VMM processes: `forkvm fork` of a VM with shared memory live-clones into
+    /// pool members of its size (page-served, the parent paused only to capture state).
+    #[command(subcommand)]
+    Pool(crate::pool_cmd::PoolCmd),
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]

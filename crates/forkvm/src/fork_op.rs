@@ -23,6 +23,10 @@ impl Host {
         for n in &names {
             vm::check_name(n)?;
         }
+        if let Some(r) = self.fork_from_pool(&names) {
+            return r;
+        }
+        crate::pool_fork::release_for_fork()?;
         let mut claims = Vec::with_capacity(count);
         for n in &names {
             match Claimed::new(n) {
@@ -89,6 +93,7 @@ impl Host {
             fork_ms: ms(rep.fork),
             fork_total_ms: fork_ms,
             ready_ms: ms(t0.elapsed()),
+            via: "fork".into(),
         })
     }
 }

@@ -17,6 +17,8 @@ mod fork_op;
 mod hibernate_cmd;
 mod hostmem;
 mod pagesrv_cmd;
+mod pool_cmd;
+mod pool_fork;
 mod port_forward;
 mod private_fs;
 mod run;
@@ -61,6 +63,7 @@ fn main() {
         cli::Command::Store(args) => store_cmd::store(args),
         cli::Command::Discard(args) => store_cmd::discard(args),
         cli::Command::Pagesrv(args) => pagesrv_cmd::pagesrv(args),
+        cli::Command::Pool(cmd) => pool_cmd::pool(cmd),
     };
     match result {
         Ok(code) => std::process::exit(code),

@@ -132,6 +132,9 @@ pub fn fork(a: &ForkArgs) -> Result<i32, String> {
         "forked {} in {:.3} ms (pause {:.3}, state {:.3}, fork {:.3}); children ready after {:.3} ms",
         a.name, r.fork_total_ms, r.pause_ms, r.save_ms, r.fork_ms, r.ready_ms,
     );
+    if r.via == "pool" {
+        println!("(live clone into warm pool VMMs: the parent was paused {:.3} ms)", r.fork_total_ms);
+    }
     Ok(0)
 }
 

@@ -164,6 +164,10 @@ pub struct ForkResponse {
     pub fork_total_ms: f64,
     /// Until every child answered that its VM runs.
     pub ready_ms: f64,
+    /// How the children were made: "fork" (fork() of the VMM) or "pool" (live clone into warm
+    /// pool VMMs; then fork_ms is the write-protect time and fork_total_ms the parent's pause).
+    #[serde(default)]
+    pub via: String,
 }
 
 /// What a hibernation did (times in ms, sizes in bytes).

@@ -46,11 +46,19 @@ pub struct LiveCloneOptions {
     /// Called at the clone instant: while the parent is still paused, right after its memory
     /// was write-protected (e.g. to let host-side writers of guest memory go on).
     pub on_captured: Option<Arc<dyn Fn() + Send + Sync>>,
+    /// The parent's name, told to the clones.
+    pub parent: Option<String>,
 }
 
 impl Default for LiveCloneOptions {
     fn default() -> Self {
-        LiveCloneOptions { batch: 64 << 10, prefetch: true, timeout: Duration::from_secs(30), on_captured: None }
+        LiveCloneOptions {
+            batch: 64 << 10,
+            prefetch: true,
+            timeout: Duration::from_secs(30),
+            on_captured: None,
+            parent: None,
+        }
     }
 }
 
@@ -217,7 +225,7 @@ impl LiveParent {
                 v: wire::VERSION,
                 state_len: bytes.len() as u64,
                 name: t.name.clone(),
-                parent: None,
+                parent: opts.parent.clone(),
                 prefetch: opts.prefetch,
             };
             wire::send_ticket(&t.conn, &header, &bytes)?;

@@ -4,4 +4,4 @@
 
 mod warm;
 
-pub use warm::{CloneLink, WarmReport, WarmVm, TICKET_TIMEOUT};
+pub use warm::{CloneLink, Offer, WarmReport, WarmVm, TICKET_TIMEOUT};

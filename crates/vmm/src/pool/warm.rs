@@ -46,6 +46,23 @@ pub struct WarmVm {
     serial_irq: EventFd,
 }
 
+/// A parent's ticket, taken by [`WarmVm::offer`].
+#[derive(Debug)]
+pub struct Offer {
+    conn: UnixStream,
+    r: BufReader<UnixStream>,
+    pub header: TicketHeader,
+    state: Vec<u8>,
+    at: Instant,
+}
+
+impl Offer {
+    /// Turns the ticket down (e.g. the clone's name is taken); the parent gets `error <why>`.
+    pub fn refuse(self, why: &str) {
+        let _ = (&self.conn).write_all(format!("error {}\n", why.replace('\n', " ")).as_bytes());
+    }
+}
+
 /// How a clone into a warm VM went (member side).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct WarmReport {
@@ -130,22 +147,41 @@ impl WarmVm {
             .collect()
     }
 
-    /// Serves one clone on `conn` (a parent that just connected): hands over the userfaultfd,
-    /// takes the ticket, restores the state and resumes. `console` receives the guest's serial
-    /// output. Answers `ready` (or `error ...`) to the parent. Returns the running VM, the link
-    /// that must live as long as it, and the ticket header (the clone's name).
+    /// Serves one clone on `conn` (a parent that just connected): [`WarmVm::offer`], then
+    /// [`WarmVm::accept_offer`].
     pub fn accept(
         self,
         conn: UnixStream,
         console: Option<Box<dyn Write + Send>>,
     ) -> Result<(MicroVm, CloneLink, TicketHeader, WarmReport), Error> {
+        let offer = self.offer(conn)?;
+        let header = offer.header.clone();
+        let (vm, link, rep) = self.accept_offer(offer, console)?;
+        Ok((vm, link, header, rep))
+    }
+
+    /// Hands this VM's userfaultfd and memory layout to the parent at the other end of `conn`
+    /// and waits (bounded) for its ticket. A parent that goes away before sending one leaves the
+    /// warm VM as it was: offer it to the next.
+    pub fn offer(&self, conn: UnixStream) -> Result<Offer, Error> {
         pagesrv::fc_wire::send_handshake(&conn, &self.mappings(), self.uffd.as_fd())
             .map_err(|e| Error::State(format!("clone handshake: {e}")))?;
         conn.set_read_timeout(Some(TICKET_TIMEOUT)).map_err(Error::Io)?;
         let mut r = BufReader::new(conn.try_clone().map_err(Error::Io)?);
         let (header, state) = wire::recv_ticket(&mut r)?;
-        let t0 = Instant::now();
         conn.set_read_timeout(None).map_err(Error::Io)?;
+        Ok(Offer { conn, r, header, state, at: Instant::now() })
+    }
+
+    /// Restores the ticket's state and resumes; `console` receives the guest's serial output.
+    /// Answers `ready` (or `error ...`) to the parent. Returns the running VM and the link that
+    /// must live as long as it.
+    pub fn accept_offer(
+        self,
+        offer: Offer,
+        console: Option<Box<dyn Write + Send>>,
+    ) -> Result<(MicroVm, CloneLink, WarmReport), Error> {
+        let Offer { conn, r, header: _, state, at: t0 } = offer;
         // From now on the parent's page server feeds this VM: watch it.
         let ctl_cell: Arc<OnceLock<Weak<Control>>> = Arc::new(OnceLock::new());
         let closing = Arc::new(AtomicBool::new(false));
@@ -170,7 +206,7 @@ impl WarmVm {
                 link._watch = Some(watch);
                 vm.resume()?;
                 (&conn).write_all(b"ready\n").map_err(Error::Io)?;
-                Ok((vm, link, header, WarmReport { apply: t0.elapsed() }))
+                Ok((vm, link, WarmReport { apply: t0.elapsed() }))
             }
             Err(e) => {
                 let _ = (&conn).write_all(format!("error {}\n", e.to_string().replace('\n', " ")).as_bytes());

@@ -1,0 +1,254 @@
+//! `forkvm pool`: a warm pool of VMM processes for live clones (see `vmm::live_clone`).
+//!
+//! `forkvm pool start --size N --mem 256M` starts N member processes. Each makes a warm VM (KVM
+//! VM, irqchip, vCPUs, guest memory registered with userfaultfd), listens on
+//! `<run dir>/.pool/m<MiB>-v<vCPUs>-<pid>.sock` and serves the first parent that sends it a
+//! ticket: it claims the clone's name and becomes that VM's VMM process (per-VM API socket,
+//! console log), exactly like a fork child — and starts a replacement member, so the pool keeps
+//! its size. `forkvm fork` of a VM with shared memory uses members of its size when there are
+//! enough, and fork() otherwise.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use clap::{Args, Subcommand};
+use forkvm_api::vm;
+use vmm::pool::WarmVm;
+
+use crate::claim::Claimed;
+use crate::private_fs::{bind_private, create_private, private_dir};
+use crate::server::{redirect_output, serve};
+use crate::size::parse_size;
+
+#[derive(Subcommand, Debug)]
+pub enum PoolCmd {
+    /// Start N warm VMM processes of one memory size.
+    Start(PoolStartArgs),
+    /// List the warm members.
+    Status,
+    /// Stop every warm member (clones already made keep running).
+    Stop,
+    /// One warm member (started by `pool start`; --stdio: console on stdin/stdout, no API).
+    #[command(hide = true)]
+    Member(MemberArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct PoolStartArgs {
+    /// Number of warm VMM processes.
+    #[arg(long, default_value_t = 4)]
+    pub size: usize,
+    /// Guest memory size of the members (a parent is cloned only into members of its size).
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    pub mem: u64,
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u8,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct MemberArgs {
+    #[arg(long, value_parser = parse_size)]
+    pub mem: u64,
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u8,
+    /// Console on stdin/stdout instead of a named VM with an API socket (benchmarks).
+    #[arg(long)]
+    pub stdio: bool,
+    /// Do not start a replacement once cloned.
+    #[arg(long)]
+    pub no_refill: bool,
+}
+
+pub fn pool(cmd: PoolCmd) -> Result<i32, String> {
+    match cmd {
+        PoolCmd::Start(a) => {
+            for s in start_members(a.size, a.mem, a.vcpus, false)? {
+                println!("{}", s.display());
+            }
+            Ok(0)
+        }
+        PoolCmd::Status => {
+            for (path, mem, vcpus, pid) in members()? {
+                println!("{:<8} {:>6} MiB {:>2} vCPU  {}", pid, mem >> 20, vcpus, path.display());
+            }
+            Ok(0)
+        }
+        PoolCmd::Stop => {
+            for (path, _, _, pid) in members()? {
+                // SAFETY: kill with a plain pid and signal number.
+                unsafe { libc::kill(pid, libc::SIGTERM) };
+                let _ = std::fs::remove_file(&path);
+            }
+            Ok(0)
+        }
+        PoolCmd::Member(a) => member(&a),
+    }
+}
+
+/// `<run dir>/.pool`.
+pub fn pool_dir() -> PathBuf {
+    vm::run_dir().join(".pool")
+}
+
+fn socket_name(mem: u64, vcpus: u8, pid: u32) -> String {
+    format!("m{}-v{vcpus}-{pid}.sock", mem >> 20)
+}
+
+/// Warm members: (socket, memory bytes, vCPUs, pid).
+pub fn members() -> Result<Vec<(PathBuf, u64, u8, i32)>, String> {
+    let dir = pool_dir();
+    let rd = match std::fs::read_dir(&dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(format!("cannot list {}: {e}", dir.display())),
+    };
+    let mut out = Vec::new();
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix('m').and_then(|r| r.strip_suffix(".sock")) else { continue };
+        let parts: Vec<&str> = rest.split('-').collect();
+        if let [m, v, p] = parts[..] {
+            let (Ok(m), Some(Ok(v)), Ok(p)) = (m.parse::<u64>(), v.strip_prefix('v').map(str::parse::<u8>), p.parse())
+            else {
+                continue;
+            };
+            out.push((e.path(), m << 20, v, p));
+        }
+    }
+    out.sort_by_key(|m| m.3);
+    Ok(out)
+}
+
+/// Starts `n` members and waits until each listens; returns their sockets.
+pub fn start_members(n: usize, mem: u64, vcpus: u8, stdio: bool) -> Result<Vec<PathBuf>, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find the forkvm executable: {e}"))?;
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let mut child = member_command(&exe, mem, vcpus, stdio, false)
+            .spawn()
+            .map_err(|e| format!("cannot start a pool member: {e}"))?;
+        let stdout = child.stdout.take().ok_or("no stdout")?;
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        match line.trim_end().strip_prefix("warm ") {
+            Some(p) => out.push(PathBuf::from(p)),
+            None => return Err(format!("a pool member failed to start: {}", line.trim_end())),
+        }
+    }
+    Ok(out)
+}
+
+fn member_command(exe: &Path, mem: u64, vcpus: u8, stdio: bool, no_refill: bool) -> Command {
+    let mut c = Command::new(exe);
+    c.args(["pool", "member", "--mem", &mem.to_string(), "--vcpus", &vcpus.to_string()]);
+    if stdio {
+        c.arg("--stdio").arg("--no-refill").stdin(Stdio::piped());
+    } else {
+        c.stdin(Stdio::null()).process_group(0);
+    }
+    if no_refill {
+        c.arg("--no-refill");
+    }
+    c.stdout(Stdio::piped()).stderr(Stdio::inherit());
+    c
+}
+
+/// A warm member: make the VM, listen, serve the first ticket, then live as that clone.
+fn member(a: &MemberArgs) -> Result<i32, String> {
+    let warm = WarmVm::new(a.mem, a.vcpus).map_err(|e| format!("cannot make a warm VM: {e}"))?;
+    let dir = pool_dir();
+    private_dir(&vm::run_dir())?;
+    private_dir(&dir)?;
+    let sock = dir.join(socket_name(a.mem, a.vcpus, std::process::id()));
+    let listener = bind_private(&sock).map_err(|e| format!("cannot bind {}: {e}", sock.display()))?;
+    {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "warm {}", sock.display()).and_then(|()| out.flush()).map_err(|e| e.to_string())?;
+    }
+    if !a.stdio {
+        let log = dir.join(format!("member-{}.log", std::process::id()));
+        redirect_output(&log)?;
+    }
+    let offer = loop {
+        let (conn, _) = listener.accept().map_err(|e| format!("accept on {}: {e}", sock.display()))?;
+        match warm.offer(conn) {
+            Ok(o) => break o,
+            Err(e) => tracing::warn!("a parent went away before its ticket: {e}"),
+        }
+    };
+    let _ = std::fs::remove_file(&sock);
+    drop(listener);
+    if !a.no_refill {
+        if let Ok(exe) = std::env::current_exe() {
+            // The replacement keeps the pool's size; it reports on a pipe nobody reads.
+            let _ = member_command(&exe, a.mem, a.vcpus, false, true).stdout(Stdio::null()).spawn();
+        }
+    }
+    if a.stdio {
+        let (vm, _link, _) =
+            warm.accept_offer(offer, Some(Box::new(std::io::stdout()))).map_err(|e| format!("clone: {e}"))?;
+        vm.feed_console_from(std::io::stdin()).map_err(|e| e.to_string())?;
+        return Ok(match vm.wait_exit(None) {
+            Some(vmm::ExitReason::Error(e)) => {
+                eprintln!("forkvm: pool clone: {e}");
+                1
+            }
+            _ => 0,
+        });
+    }
+    let name = offer.header.name.clone().unwrap_or_else(|| format!("clone-{}", std::process::id()));
+    let claimed = match vm::check_name(&name).and_then(|()| Claimed::new(&name)) {
+        Ok(c) => c,
+        Err(e) => {
+            offer.refuse(&e);
+            return Err(e);
+        }
+    };
+    let member_log = dir.join(format!("member-{}.log", std::process::id()));
+    if let Err(e) = redirect_output(&claimed.paths.vmm_log()) {
+        offer.refuse(&e);
+        claimed.release();
+        return Err(e);
+    }
+    let console = match create_private(&claimed.console_log()) {
+        Ok(f) => f,
+        Err(e) => {
+            offer.refuse(&e);
+            claimed.release();
+            return Err(e);
+        }
+    };
+    let _ = std::fs::remove_file(member_log);
+    let parent = offer.header.parent.clone();
+    match warm.accept_offer(offer, Some(Box::new(console))) {
+        Ok((vm, link, _)) => {
+            let code = serve(claimed, vm, parent, None);
+            drop(link);
+            Ok(code)
+        }
+        Err(e) => {
+            claimed.release();
+            Err(format!("clone: {e}"))
+        }
+    }
+}
+
+/// Connects to `n` members of `mem` bytes and `vcpus` vCPUs, or None if there are not enough.
+pub fn connect_members(n: usize, mem: u64, vcpus: u8) -> Option<Vec<UnixStream>> {
+    let found = members().ok()?;
+    let mut conns = Vec::new();
+    for (path, m, v, _) in found {
+        if conns.len() == n {
+            break;
+        }
+        if m == mem && v == vcpus {
+            if let Ok(c) = UnixStream::connect(&path) {
+                conns.push(c);
+            }
+        }
+    }
+    (conns.len() == n).then_some(conns)
+}

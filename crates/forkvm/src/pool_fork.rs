@@ -1,0 +1,78 @@
+//! `fork` through the warm pool: a VM with shared memory is live-cloned into pool members of its
+//! size (see `vmm::live_clone` and [`crate::pool_cmd`]); without enough members, or for other
+//! VMs, the caller falls back to fork().
+
+use std::sync::{Mutex, OnceLock};
+use std::time::Instant;
+
+use forkvm_api::vm::{ForkChild, ForkResponse};
+use vmm::live_clone::{LiveCloneOptions, LiveParent, Target};
+use vmm::Backing;
+
+use crate::server::{lock, ms, Host};
+
+/// This VMM process's live-clone tracking (one VM per process), made at its first pool clone.
+static LIVE: OnceLock<Mutex<Option<LiveParent>>> = OnceLock::new();
+
+fn live() -> &'static Mutex<Option<LiveParent>> {
+    LIVE.get_or_init(|| Mutex::new(None))
+}
+
+/// Before a fork(): drops live-clone tracking (its thread would not survive fork, and freezing
+/// the memory ends it anyway). Fails while live clones still depend on this VM's pages.
+pub(crate) fn release_for_fork() -> Result<(), String> {
+    let mut l = lock(live());
+    if let Some(p) = l.as_ref() {
+        let st = p.stats();
+        if st.active_generations > 0 {
+            return Err(format!(
+                "{} generation(s) of live clones still read this VM's memory: fork() once they are filled or gone",
+                st.active_generations
+            ));
+        }
+    }
+    *l = None;
+    Ok(())
+}
+
+impl Host {
+    /// Live-clones into pool members when this VM can be and the pool has enough members of its
+    /// size; None: use fork().
+    pub(crate) fn fork_from_pool(&self, names: &[String]) -> Option<Result<ForkResponse, String>> {
+        let mem = self.vm.memory();
+        if mem.backing() != Backing::SharedFile || mem.is_frozen() || self.vm.block().is_some() {
+            return None;
+        }
+        let t0 = Instant::now();
+        let conns = crate::pool_cmd::connect_members(names.len(), mem.size(), self.vm.vcpu_count())?;
+        let mut l = lock(live());
+        if l.is_none() {
+            match LiveParent::attach(&self.vm) {
+                Ok(p) => *l = Some(p),
+                Err(e) => {
+                    tracing::warn!("no live clones for this VM ({e}); using fork()");
+                    return None;
+                }
+            }
+        }
+        let parent = l.as_ref()?;
+        let targets = conns.into_iter().zip(names).map(|(conn, n)| Target { conn, name: Some(n.clone()) }).collect();
+        let opts = LiveCloneOptions { parent: Some(self.name.clone()), ..Default::default() };
+        Some(match parent.clone_into(&self.vm, targets, &opts) {
+            Ok((kids, rep)) => Ok(ForkResponse {
+                children: kids
+                    .into_iter()
+                    .zip(names)
+                    .map(|(k, n)| ForkChild { name: n.clone(), pid: k.pid.unwrap_or(0) })
+                    .collect(),
+                pause_ms: ms(rep.pause),
+                save_ms: ms(rep.save),
+                fork_ms: ms(rep.protect),
+                fork_total_ms: ms(rep.paused),
+                ready_ms: ms(t0.elapsed()),
+                via: "pool".into(),
+            }),
+            Err(e) => Err(format!("pool clone: {e}")),
+        })
+    }
+}
