@@ -1,8 +1,9 @@
 //! The fork operation of the per-VM API: claim the children's names, fork the VM (see
 //! `vmm::quiesce` for why that is safe in a multithreaded VMM), wait until every child serves its
-//! own socket.
+//! own sockets (API and vsock).
 
 use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -12,7 +13,7 @@ use vmm::quiesce::Busy;
 use vmm::MicroVm;
 
 use crate::private_fs::create_private;
-use crate::server::{lock, ms, redirect_output, serve, Claimed, Host};
+use crate::server::{lock, ms, redirect_output, serve_then, Claimed, Host, OnReady};
 
 impl Host {
     /// Fork-clone into `count` named children. The calling worker is idle for the fork itself
@@ -47,6 +48,9 @@ impl Host {
             }
         }
         let listener_fd = self.listener_fd;
+        // The API sockets claimed for the children: child i must not hold its later siblings'
+        // (a sibling that died would then hang its callers instead of refusing them).
+        let claim_fds: Vec<i32> = claims.iter().flatten().map(|c| c.listener.as_raw_fd()).collect();
         let conns = Arc::clone(&self.conns);
         let parent = self.name.clone();
         let forked = busy.idle(|| {
@@ -57,9 +61,14 @@ impl Host {
                     let (rx, tx) = UnixStream::pair().map_err(vmm::Error::Io)?;
                     Ok((rx, (claimed, tx)))
                 },
-                |_, (claimed, tx), vm, state| {
+                |i, (claimed, tx), vm, state| {
                     // SAFETY: the parent's listener fd is not used in the child.
                     unsafe { libc::close(listener_fd) };
+                    for &fd in claim_fds.iter().skip(i + 1) {
+                        // SAFETY: a later sibling's API socket, still open in the parent when this
+                        // child was forked; this child never uses it.
+                        unsafe { libc::close(fd) };
+                    }
                     // Neither are the parent's connections (this fork's requester included).
                     conns.close_all_in_child();
                     child_main(claimed, tx, vm, state, &parent)
@@ -80,7 +89,10 @@ impl Host {
             match line.trim_end().strip_prefix("ready") {
                 Some(_) => children.push(ForkChild { name: name.clone(), pid }),
                 None if line.is_empty() => errors.push(format!("{name}: the child exited before it was ready")),
-                None => errors.push(format!("{name}: {}", line.trim_end())),
+                None => {
+                    let line = line.trim_end();
+                    errors.push(format!("{name}: {}", line.strip_prefix("error ").unwrap_or(line)))
+                }
             }
         }
         if !errors.is_empty() {
@@ -120,9 +132,15 @@ fn child_main(
     };
     match parent_vm.build_fork_child(state, Some(Box::new(console))) {
         Ok(vm) => {
-            let _ = writeln!(ready, "ready");
-            drop(ready);
-            serve(claimed, vm, Some(parent.to_string()), None)
+            // Ready only once both of its sockets take connections (the API socket is bound
+            // already; the vsock socket is made by serve).
+            let on_ready: OnReady = Box::new(move |r| {
+                let _ = match r {
+                    Ok(()) => writeln!(ready, "ready"),
+                    Err(e) => writeln!(ready, "error {e}"),
+                };
+            });
+            serve_then(claimed, vm, Some(parent.to_string()), None, Some(on_ready))
         }
         Err(e) => {
             let _ = writeln!(ready, "error {e}");

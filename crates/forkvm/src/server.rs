@@ -48,6 +48,22 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// Serves the API for `vm` until it exits; returns the process exit code.
 pub fn serve(claimed: Claimed, vm: MicroVm, parent: Option<String>, wake: Option<WakeHandle>) -> i32 {
+    serve_then(claimed, vm, parent, wake, None)
+}
+
+/// Called once a VM can be connected to: its API threads run and its vsock socket listens
+/// (Ok), or it never will (Err: the VM is being stopped). A fork child answers its parent here.
+pub(crate) type OnReady = Box<dyn FnOnce(Result<(), String>)>;
+
+/// [`serve`], calling `ready` once the VM's API and vsock sockets accept connections. With a
+/// `ready`, a vsock socket that cannot be made stops the VM (its caller promised one).
+pub(crate) fn serve_then(
+    claimed: Claimed,
+    vm: MicroVm,
+    parent: Option<String>,
+    wake: Option<WakeHandle>,
+    mut ready: Option<OnReady>,
+) -> i32 {
     // This thread takes part in the fork gate (vmm::quiesce): idle only while it waits for the VM.
     let _participant = quiesce::participant();
     let mut busy = quiesce::busy();
@@ -61,7 +77,17 @@ pub fn serve(claimed: Claimed, vm: MicroVm, parent: Option<String>, wake: Option
         let _ = writeln!(f, "{}", std::process::id());
     }
     if let Err(e) = vm.listen_vsock(&paths.vsock()) {
-        eprintln!("forkvm: warning: VM {name}: no vsock socket: {e}");
+        match ready.take() {
+            Some(r) => {
+                let msg = format!("no vsock socket: {e}");
+                eprintln!("forkvm: error: VM {name}: {msg}");
+                vm.control().stop(ExitReason::Error(msg.clone()));
+                // Nobody reaches this VM from the moment its caller hears of the failure.
+                let _ = std::fs::remove_file(paths.socket());
+                r(Err(msg));
+            }
+            None => eprintln!("forkvm: warning: VM {name}: no vsock socket: {e}"),
+        }
     }
     if let Some(fd) = vm.net().and_then(|n| n.netns_fd()) {
         // `forkvm port-forward` joins the VM's network namespace through this fd of ours.
@@ -87,9 +113,20 @@ pub fn serve(claimed: Claimed, vm: MicroVm, parent: Option<String>, wake: Option
     });
     let h = Arc::clone(&host);
     let handler: Arc<conn::Handler> = Arc::new(move |req, c, busy| h.handle(req, c, busy));
-    if let Err(e) = conn::start(listener, Arc::clone(&host.conns), handler) {
-        eprintln!("forkvm: error: VM {}: cannot start its API threads: {e}", host.name);
-        host.vm.control().stop(ExitReason::Error(format!("cannot start the API threads: {e}")));
+    match conn::start(listener, Arc::clone(&host.conns), handler) {
+        Ok(()) => {
+            if let Some(r) = ready.take() {
+                r(Ok(()));
+            }
+        }
+        Err(e) => {
+            eprintln!("forkvm: error: VM {}: cannot start its API threads: {e}", host.name);
+            let msg = format!("cannot start the API threads: {e}");
+            host.vm.control().stop(ExitReason::Error(msg.clone()));
+            if let Some(r) = ready.take() {
+                r(Err(msg));
+            }
+        }
     }
     let reason = busy.idle(|| host.vm.wait_exit(None));
     tracing::info!("VM {} exited: {reason:?}", host.name);
