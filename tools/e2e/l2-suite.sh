@@ -3,11 +3,14 @@
 # (l2-boot.sh: `forkvm run` boots L2, shell, reboot exits; l2-scenario.sh: `forkvm scenario linux`;
 # l2-agent.sh: the guest agent through the ordinary CLI: exec, fork --count 3, hibernate/wake clock)
 # and fails if any fails. Prints "E2E-TEST <name> PASS|FAIL (<s> s)" per test.
+# From the host: L1_APPEND=E2E_TESTS=l2-agent tools/e2e/run.sh runs only l2-agent.
 set -u
 up() { read -r u _ </proc/uptime; echo "$u"; }
 failed=0
-# E2E_ONLY="l2-netdisk" (an L1_APPEND word) runs a subset.
-for t in ${E2E_ONLY:-l2-boot l2-scenario l2-agent l2-netdisk}; do
+# E2E_ONLY="l2-netdisk" (an L1_APPEND word; commas or spaces) or E2E_TESTS=a,b runs a subset.
+tests=$(echo "${E2E_ONLY:-${E2E_TESTS:-l2-boot l2-scenario l2-agent l2-netdisk}}" | tr , ' ')
+for t in $tests; do
+    [ -f "/e2e/$t.sh" ] || { echo "E2E-TEST $t FAIL (no /e2e/$t.sh)"; failed=$((failed + 1)); continue; }
     t0="$(up)"
     if sh "/e2e/$t.sh"; then r=PASS; else r=FAIL; failed=$((failed + 1)); fi
     echo "E2E-TEST $t $r ($(awk -v a="$t0" -v b="$(up)" 'BEGIN { printf "%.1f", b - a }') s)"

@@ -49,8 +49,9 @@ append="console=ttyS0 panic=-1 reboot=k"
 if [[ "${E2E_VERBOSE:-0}" != 1 ]]; then append+=" quiet"; fi
 append+="${L1_APPEND:+ $L1_APPEND}"
 
-# Only one QEMU at a time on this 2-core machine: serialize via a lock.
-lock="$CACHE/.qemu.lock"
+# Only one QEMU at a time on this machine (every worktree's cache included): serialize via a
+# machine-wide lock.
+lock="${E2E_QEMU_LOCK:-/tmp/forkvm-e2e-qemu.lock}"
 mkdir -p "$(dirname "$log")"
 exec 9>"$lock"
 if ! flock -n 9; then

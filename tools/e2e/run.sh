@@ -16,7 +16,7 @@
 #   --forkvm BIN    use this static binary instead of building one
 #   --script FILE   test script run inside L1 (default tools/e2e/l2-suite.sh, which
 #                   runs l2-boot.sh and l2-scenario.sh, staged as /e2e/*.sh in L1)
-#   --timeout S     QEMU hard timeout (default $E2E_TIMEOUT or 240; a pass needs
+#   --timeout S     QEMU hard timeout (default $E2E_TIMEOUT or 360; a pass needs
 #                   ~30 s). If L1's kernel reports a soft lockup, BUG or panic
 #                   (QEMU TCG nested-SVM faults, seen about 1 run in 8) and L1
 #                   never finishes, the L1 boot is retried once, so the tier
@@ -34,7 +34,7 @@ placeholder=0
 qemu_l2=0
 forkvm="${FORKVM_BIN:-}"
 script="${E2E_SCRIPT:-}"
-timeout_s="${E2E_TIMEOUT:-240}"
+timeout_s="${E2E_TIMEOUT:-360}"
 while (($#)); do
     case "$1" in
         --placeholder) placeholder=1; shift ;;
