@@ -44,6 +44,15 @@ impl Host {
             return None;
         }
         let t0 = Instant::now();
+        for n in names {
+            match forkvm_api::vm::VmPaths::for_name(n) {
+                Ok(p) if std::os::unix::net::UnixStream::connect(p.socket()).is_ok() => {
+                    return Some(Err(format!("a VM named {n:?} is already running")));
+                }
+                Ok(_) => {}
+                Err(e) => return Some(Err(e)),
+            }
+        }
         let conns = crate::pool_cmd::connect_members(names.len(), mem.size(), self.vm.vcpu_count())?;
         let mut l = lock(live());
         if l.is_none() {

@@ -1,0 +1,64 @@
+//! CLI tier 2: `forkvm pool` and `forkvm fork` through the warm pool (live clones of a
+//! shared-memory parent into pre-started VMM processes), and the fallback to fork().
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use common::Env;
+
+/// Stops the pool's members even when the test fails.
+struct PoolStop(std::path::PathBuf);
+
+impl Drop for PoolStop {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new(env!("CARGO_BIN_EXE_forkvm"))
+            .env("FORKVM_RUN_DIR", &self.0)
+            .args(["pool", "stop"])
+            .output();
+    }
+}
+
+#[test]
+fn fork_live_clones_into_the_warm_pool_and_falls_back_to_fork() {
+    let mut env = Env::new("pool");
+    let started = env.ok(&["pool", "start", "--size", "2", "--mem", "64M"]);
+    let _stop = PoolStop(env.run.clone());
+    assert_eq!(started.lines().count(), 2, "{started}");
+    let status = env.ok(&["pool", "status"]);
+    assert_eq!(status.lines().filter(|l| l.contains("64 MiB")).count(), 2, "{status}");
+
+    env.start("p", &["--backing", "shared"]);
+    assert!(env.exec("p", "touch 0x300000 4 1").starts_with("touched"));
+    let before = env.exec("p", "sum 0x300000 4");
+    let out = env.ok(&["fork", "p", "--count", "2"]);
+    assert!(out.contains("p-c1 pid") && out.contains("p-c2 pid"), "{out}");
+    assert!(out.contains("live clone into warm pool"), "a shared-memory parent uses the pool: {out}");
+
+    // The parent runs on and writes; the clones keep the memory of the clone instant.
+    assert!(env.exec("p", "touch 0x300000 4 3").starts_with("touched"));
+    for c in ["p-c1", "p-c2"] {
+        assert_eq!(env.exec(c, "ping"), "pong");
+        assert_eq!(env.exec(c, "gen"), "gen 2");
+        assert_eq!(env.exec(c, "sum 0x300000 4"), before);
+    }
+    let r: Vec<String> = ["p", "p-c1", "p-c2"].iter().map(|n| env.exec(n, "random")).collect();
+    assert!(r[0] != r[1] && r[1] != r[2] && r[0] != r[2], "not twins: {r:?}");
+    let status = env.ok(&["status", "p-c2"]);
+    assert!(status.contains("\"parent\": \"p\""), "{status}");
+    assert!(env.exec("p-c1", "touch 0x300000 4 2").starts_with("touched"));
+    assert_eq!(env.exec("p-c2", "sum 0x300000 4"), before);
+
+    // Names in use are refused before anything is cloned.
+    env.fails(&["fork", "p", "--count", "1"], "already running");
+
+    // No pool member of its kind: anonymous memory, or another size, forks with fork().
+    env.start("a", &[]);
+    let out = env.ok(&["fork", "a"]);
+    assert!(out.contains("a-c1 pid") && !out.contains("warm pool"), "{out}");
+    env.ok(&["run", "--guest", "test", "--mem", "128M", "--name", "big", "--detach", "--backing", "shared"]);
+    env.names.push("big".into());
+    assert_eq!(env.exec("big", "ping"), "pong");
+    let out = env.ok(&["fork", "big"]);
+    assert!(out.contains("big-c1 pid") && !out.contains("warm pool"), "{out}");
+    assert_eq!(env.exec("big-c1", "gen"), "gen 2");
+}
