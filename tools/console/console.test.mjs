@@ -31,7 +31,8 @@ function token(ws) {
 
 // Starts `forkvm serve` on a free loopback port; resolves once it printed its listening line.
 function startDaemon() {
-  const child = spawn(FORKVM, ["serve", "--listen", "127.0.0.1:0", "--state-dir", stateDir, "--store", join(tmp, "store")],
+  const child = spawn(FORKVM, ["serve", "--listen", "127.0.0.1:0", "--state-dir", stateDir, "--store", join(tmp, "store"),
+    "--preview-listen", "127.0.0.1:0"],
     { env, stdio: ["ignore", "pipe", "inherit"] });
   return new Promise((resolve, reject) => {
     const rl = createInterface({ input: child.stdout });
@@ -182,6 +183,21 @@ test("console: sandboxes, live fork into the tree, live hibernate, exec, privacy
   await page.click("#signout");
   await signIn(page, beta);
   await page.locator("#count").filter({ hasText: /^0 of 0$/ }).waitFor();
+  await page.context().close();
+});
+
+test("preview: a private sandbox's port gets a link with its preview token", async () => {
+  const page = await newPage();
+  await signIn(page, alpha);
+  await page.click(`tr[data-id="${web.id}"] button[data-action="preview"]`);
+  await page.fill("#preview-port", "8080");
+  await page.click("#preview-open");
+  const link = page.locator("#preview-link:not([hidden])");
+  await link.waitFor();
+  const href = await link.getAttribute("href");
+  assert.match(href, new RegExp(`^http://${web.id}-8080\\.localhost:\\d+/\\?forkvm_preview_token=fkp_[0-9a-f]{64}$`));
+  assert.match(await link.textContent(), /private/);
+  await page.screenshot({ path: join(SHOTS, "preview.png") });
   await page.context().close();
 });
 

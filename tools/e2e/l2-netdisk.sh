@@ -73,7 +73,7 @@ echo "l2-netdisk: agent up $(( $(now_ms) - t0 )) ms after forkvm run"
 
 # 1. Disk + network + httpd in the parent.
 ex "$vm" 'ls /sys/block; ip -o link' | sed 's/^/l2-netdisk: guest: /'
-ex "$vm" 'mount -t ext4 /dev/vda /mnt && echo from-parent >/mnt/parent.txt && sync' || fail "mount /dev/vda and write"
+ex "$vm" 'mkdir -p /mnt && mount -t ext4 /dev/vda /mnt && echo from-parent >/mnt/parent.txt && sync' || fail "mount /dev/vda and write"
 ex "$vm" 'ip addr add 192.168.241.2/24 dev eth0 && ip link set eth0 up && httpd -p 80 -h /mnt/www' \
     || fail "eth0 up + httpd"
 page=$(ex "$vm" 'cat /mnt/www/index.html') || fail "read index.html"

@@ -39,6 +39,7 @@ const app = {
   asked: new Set(), // unknown sandbox ids already looked up
   gone: new Set(), // ids deleted while the list was loading
   complete: false, // every page of the sandbox list has arrived
+  preview: null, // GET /v1/preview: {listen, domain}; a "preview" action when listen is set
 };
 
 class ApiError extends Error {
@@ -93,6 +94,7 @@ async function signIn(token) {
     return;
   }
   sessionStorage.setItem(TOKEN_KEY, app.token);
+  app.preview = await api("/v1/preview").catch(() => null);
   $("#login").hidden = true;
   $("#tabs").hidden = false;
   $("#signout").hidden = false;
@@ -258,6 +260,14 @@ const actions = {
     const r = await act(`deleted ${sb.name}`, () => api(`/v1/sandboxes/${sb.id}`, { method: "DELETE" }));
     if (r !== null) { app.sandboxes.delete(sb.id); scheduleRender(); }
   },
+  preview(sb) {
+    const d = $("#preview");
+    $("#preview-name").textContent = sb.name;
+    $("#preview-link").hidden = true;
+    d.dataset.id = sb.id;
+    d.showModal();
+    $("#preview-port").focus();
+  },
   exec(sb) {
     const d = $("#exec");
     $("#exec-name").textContent = sb.name;
@@ -281,6 +291,26 @@ async function runExec(ev) {
     out.textContent = `$ ${line}${how}\n${r.lines.join("\n")}`;
   } catch (e) {
     out.textContent = `$ ${line}\nerror: ${e.message}`;
+  }
+}
+
+// Asks the daemon for a link to the sandbox's port through its preview proxy (waking the
+// sandbox happens when the link is opened). The link is shown, not followed automatically.
+async function runPreview(ev) {
+  ev.preventDefault();
+  const id = $("#preview").dataset.id;
+  const port = Number($("#preview-port").value);
+  const a = $("#preview-link");
+  a.hidden = true;
+  if (!Number.isInteger(port) || port < 1 || port > 65535) { toast("the port must be 1 to 65535", true); return; }
+  try {
+    const r = await api(`/v1/sandboxes/${id}/ports/${port}/preview`, { method: "POST" });
+    if (!/^https?:\/\//.test(r.url)) throw new Error("the daemon sent a link that is not http(s)");
+    a.setAttribute("href", r.url);
+    a.textContent = `open port ${port} of ${id}` + (r.token ? " (private: the link carries a preview token)" : "");
+    a.hidden = false;
+  } catch (e) {
+    toast(`preview failed: ${e.message}`, true);
   }
 }
 
@@ -352,6 +382,7 @@ function rowActions(sb) {
     b("hibernate", "hibernate", live),
     b("resume", "resume", sb.state === "paused" || sb.state === "hibernated"),
     b("template", "template", live),
+    app.preview && app.preview.listen ? b("preview", "preview", sb.state !== "creating" && sb.state !== "crashed") : null,
     b("delete", "delete", true, "danger"),
   ];
 }
@@ -596,6 +627,8 @@ document.addEventListener("DOMContentLoaded", () => {
   });
   $("#exec-form").addEventListener("submit", (e) => { if (e.submitter && e.submitter.value === "run") runExec(e); });
   $("#exec-line").addEventListener("keydown", (e) => { if (e.key === "Enter") runExec(e); });
+  $("#preview-form").addEventListener("submit", (e) => { if (e.submitter && e.submitter.value === "open") runPreview(e); });
+  $("#preview-port").addEventListener("keydown", (e) => { if (e.key === "Enter") runPreview(e); });
   setInterval(() => { if (app.token && (app.view === "memory" || app.view === "latency")) render(); }, 5000);
   if (app.token) signIn(app.token);
 });

@@ -2,6 +2,11 @@
 //! histograms, host memory in use and memory shared between clones.
 
 use forkvm_api::v1::{CameUp, SandboxState};
+use std::collections::HashMap;
+use std::sync::atomic::AtomicU64;
+use std::sync::Mutex;
+
+use forkvm_api::vm::PageServerStats;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -28,6 +33,11 @@ pub struct Metrics {
     host_mem_shared: Gauge,
     vmm_rss: Gauge,
     preview: Family<Labels, Counter>,
+    pagesrv_faults: Counter,
+    pagesrv_sandboxes: Gauge,
+    pagesrv_latency: Family<Labels, Gauge<f64, AtomicU64>>,
+    /// Faults last seen per VMM pid (the counter adds what each page server served since).
+    pagesrv_seen: Mutex<HashMap<u32, u64>>,
 }
 
 impl Default for Metrics {
@@ -55,7 +65,39 @@ impl Default for Metrics {
         registry.register("vmm_memory_rss_bytes", "Resident memory of all VMM processes", vmm_rss.clone());
         let preview = Family::<Labels, Counter>::default();
         registry.register("preview_connections", "Preview proxy connections by outcome", preview.clone());
-        Metrics { registry, create_ms, fork_ms, wake_ms, sandboxes, host_mem_used, host_mem_shared, vmm_rss, preview }
+        let pagesrv_faults = Counter::default();
+        let pagesrv_sandboxes = Gauge::default();
+        let pagesrv_latency = Family::<Labels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "pagesrv_faults",
+            "Page faults served by the page servers of lazily woken sandboxes",
+            pagesrv_faults.clone(),
+        );
+        registry.register(
+            "pagesrv_sandboxes",
+            "Sandboxes whose memory is still served lazily by a page server",
+            pagesrv_sandboxes.clone(),
+        );
+        registry.register(
+            "pagesrv_fault_latency_us",
+            "Page fault service latency (us): the highest quantile among live page servers",
+            pagesrv_latency.clone(),
+        );
+        Metrics {
+            registry,
+            create_ms,
+            fork_ms,
+            wake_ms,
+            sandboxes,
+            host_mem_used,
+            host_mem_shared,
+            vmm_rss,
+            preview,
+            pagesrv_faults,
+            pagesrv_sandboxes,
+            pagesrv_latency,
+            pagesrv_seen: Mutex::default(),
+        }
     }
 }
 
@@ -76,6 +118,25 @@ impl Metrics {
     /// One preview connection ended as `result` (relayed, not_found, bad_request, ...).
     pub fn observe_preview(&self, result: &str) {
         self.preview.get_or_create(&vec![("result".into(), result.into())]).inc();
+    }
+
+    /// Takes the page-server counters of the live VMMs (pid, stats): the fault counter grows by
+    /// what each served since the last look; a VMM no longer listed is forgotten.
+    pub fn observe_page_servers(&self, live: &[(u32, PageServerStats)]) {
+        let mut seen = self.pagesrv_seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (mut p50, mut p99) = (0f64, 0f64);
+        let mut next = HashMap::new();
+        for (pid, s) in live {
+            let before = seen.get(pid).copied().unwrap_or(0);
+            self.pagesrv_faults.inc_by(s.faults.saturating_sub(before));
+            next.insert(*pid, s.faults.max(before));
+            p50 = p50.max(s.fault_p50_us.unwrap_or(0.0));
+            p99 = p99.max(s.fault_p99_us.unwrap_or(0.0));
+        }
+        *seen = next;
+        self.pagesrv_sandboxes.set(live.len() as i64);
+        self.pagesrv_latency.get_or_create(&vec![("quantile".into(), "0.5".into())]).set(p50);
+        self.pagesrv_latency.get_or_create(&vec![("quantile".into(), "0.99".into())]).set(p99);
     }
 
     /// Renders everything, refreshing the gauges from `by_state` and the VMM pids.

@@ -218,6 +218,16 @@ impl Host {
             console_log: self.paths.console_log(),
             reseeded: self.vm.agent_gate().state().reseeded(),
             clone_hook: self.vm.agent_gate().state().detail(),
+            page_server: lock(&self.wake).as_ref().map(|w| {
+                let s = w.stats();
+                vm::PageServerStats {
+                    faults: s.faults,
+                    pages_served: s.pages_served,
+                    pages_prefetched: s.pages_prefetched,
+                    fault_p50_us: s.fault_p50_us,
+                    fault_p99_us: s.fault_p99_us,
+                }
+            }),
         }
     }
 

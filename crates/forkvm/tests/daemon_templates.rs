@@ -58,3 +58,27 @@ fn deleting_a_template_leaves_its_sandboxes_working() {
     let a = d.exec(&t, &kid, "count");
     assert_eq!((a.body["lines"][0].as_str(), a.came_up.as_deref()), (Some("count 4"), Some("woken")));
 }
+
+/// `/metrics` counts the page faults that lazily woken sandboxes' page servers served.
+#[test]
+fn metrics_count_page_server_faults_of_woken_sandboxes() {
+    let d = Daemon::start("pagesrv-metric");
+    let t = d.token("ws1");
+    let id = d.create(&t, json!({"policy": {"pause_after": 0, "hibernate_after": 0}}));
+    assert_eq!(d.line(&t, &id, "count"), "count 1");
+    let metric = |name: &str| -> Option<f64> {
+        let m = d.raw("GET", "/metrics", None, None).body.as_str().unwrap().to_string();
+        m.lines().find_map(|l| l.strip_prefix(name)).and_then(|v| v.trim().parse().ok())
+    };
+    assert_eq!(metric("forkvm_pagesrv_faults_total "), Some(0.0), "nothing woken yet");
+    d.expect(200, "POST", &format!("/v1/sandboxes/{id}/hibernate"), &t, None);
+    let a = d.exec(&t, &id, "count");
+    assert_eq!(a.came_up.as_deref(), Some("woken"));
+    let faults = metric("forkvm_pagesrv_faults_total ").unwrap();
+    assert!(faults > 0.0, "the woken guest's pages came from its page server: {faults}");
+    assert_eq!(metric("forkvm_pagesrv_sandboxes "), Some(1.0));
+    let p99 = metric("forkvm_pagesrv_fault_latency_us{quantile=\"0.99\"} ").unwrap();
+    assert!(p99 > 0.0);
+    // A counter: a second scrape never goes down.
+    assert!(metric("forkvm_pagesrv_faults_total ").unwrap() >= faults);
+}

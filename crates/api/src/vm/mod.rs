@@ -19,6 +19,6 @@ pub use request::{
     parse_request, AgentExec, Exec, Fork, Hibernate, Op, Pause, Request, RequestError, Resume, Snapshot, Status, Stop,
 };
 pub use response::{
-    AgentExecResponse, ExecResponse, ForkChild, ForkResponse, HibernateResponse, PauseResponse, Reply, ResumeResponse,
-    RunState, SnapshotKind, SnapshotResponse, StatusResponse, StopResponse,
+    AgentExecResponse, ExecResponse, ForkChild, ForkResponse, HibernateResponse, PageServerStats, PauseResponse, Reply,
+    ResumeResponse, RunState, SnapshotKind, SnapshotResponse, StatusResponse, StopResponse,
 };

@@ -87,6 +87,19 @@ pub struct StatusResponse {
     /// What the clone hook did (generation, clock step, user hooks) or why it did not run.
     #[serde(default)]
     pub clone_hook: serde_json::Value,
+    /// The page server of a lazily woken VM (absent once all memory is resident, or never woken).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub page_server: Option<PageServerStats>,
+}
+
+/// Counters of a woken VM's page server (userfaultfd faults served from the chunk store).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PageServerStats {
+    pub faults: u64,
+    pub pages_served: u64,
+    pub pages_prefetched: u64,
+    pub fault_p50_us: Option<f64>,
+    pub fault_p99_us: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -91,12 +91,24 @@ async fn openapi() -> impl IntoResponse {
 
 #[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
 async fn metrics(State(app): State<Shared>) -> Result<impl IntoResponse, ApiError> {
-    let (by_state, pids) = {
+    let (by_state, live) = {
         let c = app.db.lock();
         let by_state = crate::db::sandboxes::count_by_state(&c)?;
         let live = crate::db::sandboxes::in_states(&c, &[SandboxState::Running, SandboxState::Paused])?;
-        (by_state, live.iter().filter_map(|r| r.sb.pid).collect::<Vec<_>>())
+        (by_state, live)
     };
+    let pids = live.iter().filter_map(|r| r.sb.pid).collect::<Vec<_>>();
+    // Page servers: ask every live VMM (concurrently, briefly) for its counters.
+    let asks = live.iter().map(|r| {
+        let app = app.clone();
+        let id = r.sb.id.clone();
+        async move {
+            let st = app.vmms.call(&id, forkvm_api::vm::Status {}, std::time::Duration::from_millis(500)).await.ok()?;
+            Some((st.pid, st.page_server?))
+        }
+    });
+    let servers: Vec<_> = futures_util::future::join_all(asks).await.into_iter().flatten().collect();
+    app.metrics.observe_page_servers(&servers);
     let text = app.metrics.render(&by_state, &pids);
     Ok(([(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text))
 }
