@@ -129,9 +129,13 @@ pub struct CreateSandbox {
     /// A label (not unique); default: the id.
     #[serde(default)]
     pub name: Option<String>,
-    /// Template id to restore from; without it the embedded test guest boots.
+    /// Template id to restore from; without it (and without `image`) the embedded test guest boots.
     #[serde(default)]
     pub template: Option<String>,
+    /// A kernel image the host registered (`forkvm serve --image NAME=KERNEL[,INITRD]`) to boot
+    /// instead of the test guest. Not with `template`.
+    #[serde(default)]
+    pub image: Option<String>,
     /// Guest memory in MiB for a boot (a template fixes its own). Default 64.
     #[serde(default)]
     pub memory_mib: Option<u64>,
@@ -428,4 +432,10 @@ pub struct PreviewLink {
     pub url: String,
     /// The preview token (private sandboxes), also accepted as the `forkvm_preview_token` header.
     pub token: Option<String>,
+}
+
+/// The kernel images a sandbox may boot (`CreateSandbox::image`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ImageList {
+    pub images: Vec<String>,
 }

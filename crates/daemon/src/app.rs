@@ -34,6 +34,18 @@ pub struct Config {
     pub max_body: usize,
     /// The preview proxy, if asked for (`--preview-listen`).
     pub preview: Option<crate::preview::PreviewConfig>,
+    /// Kernel images sandboxes may boot, by name (`--image`). Only the host names files: an API
+    /// request picks a name, never a path.
+    pub images: std::collections::BTreeMap<String, KernelImage>,
+}
+
+/// A bootable Linux kernel registered with the daemon.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KernelImage {
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line (None: `forkvm run`'s default).
+    pub cmdline: Option<String>,
 }
 
 impl Config {

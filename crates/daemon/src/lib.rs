@@ -23,7 +23,7 @@ use std::io::Write as _;
 use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
 
-pub use app::Config;
+pub use app::{Config, KernelImage};
 
 /// Runs the daemon until SIGINT or SIGTERM.
 pub fn serve(cfg: Config) -> Result<(), String> {

@@ -141,14 +141,33 @@ impl Vmms {
     }
 }
 
-/// Arguments that boot the test guest as VM `id` (with `net`: a virtio-net device in a private
-/// network namespace).
-pub fn boot_args(id: &str, memory_mib: u64, vcpus: u8, net: bool) -> Vec<OsString> {
-    let mut v: Vec<OsString> =
-        ["run", "--guest", "test", "--mem", &format!("{memory_mib}M"), "--vcpus", &vcpus.to_string(), "--name", id]
+/// Arguments that boot the test guest, or `image`, as VM `id` (with `net`: a virtio-net device in
+/// a private network namespace).
+pub fn boot_args(
+    id: &str,
+    memory_mib: u64,
+    vcpus: u8,
+    net: bool,
+    image: Option<&crate::app::KernelImage>,
+) -> Vec<OsString> {
+    let mut v: Vec<OsString> = vec!["run".into()];
+    match image {
+        None => v.extend(["--guest".into(), "test".into()]),
+        Some(i) => {
+            v.extend(["--kernel".into(), i.kernel.clone().into()]);
+            if let Some(initrd) = &i.initrd {
+                v.extend(["--initrd".into(), initrd.clone().into()]);
+            }
+            if let Some(c) = &i.cmdline {
+                v.extend(["--cmdline".into(), c.into()]);
+            }
+        }
+    }
+    v.extend(
+        ["--mem", &format!("{memory_mib}M"), "--vcpus", &vcpus.to_string(), "--name", id]
             .into_iter()
-            .map(OsString::from)
-            .collect();
+            .map(OsString::from),
+    );
     if net {
         v.push("--net".into());
     }

@@ -63,9 +63,15 @@ pub struct CreateArgs {
     pub template: Option<String>,
     #[arg(long)]
     pub name: Option<String>,
+    /// Boot a kernel image the daemon was started with (`forkvm serve --image NAME=...`).
+    #[arg(long, conflicts_with = "template")]
+    pub image: Option<String>,
     /// Guest memory in MiB (boots only).
     #[arg(long)]
     pub memory_mib: Option<u64>,
+    /// vCPUs (boots only).
+    #[arg(long)]
+    pub vcpus: Option<u8>,
     /// private, unlisted or public.
     #[arg(long)]
     pub privacy: Option<String>,
@@ -124,8 +130,8 @@ pub fn sandbox(cmd: SandboxCmd) -> Result<i32, String> {
     let post = |path: String, body: Value| c.call("POST", &path, Some(&body));
     match cmd {
         SandboxCmd::Create(a) => {
-            let mut body = json!({"name": a.name, "template": a.template, "memory_mib": a.memory_mib,
-                "privacy": a.privacy});
+            let mut body = json!({"name": a.name, "template": a.template, "image": a.image,
+                "memory_mib": a.memory_mib, "vcpus": a.vcpus, "privacy": a.privacy});
             if a.pause_after.is_some() || a.hibernate_after.is_some() {
                 let d = forkvm_api::v1::Policy::default();
                 body["policy"] = json!({"pause_after": a.pause_after.unwrap_or(d.pause_after),

@@ -41,6 +41,13 @@ pub struct ServeArgs {
     /// Close a preview connection after this long without a byte either way (ms).
     #[arg(long, default_value_t = 300_000)]
     pub preview_idle_timeout_ms: u64,
+    /// A kernel image sandboxes may boot (`{"image": NAME}` in a create request), repeatable:
+    /// `NAME=KERNEL[,INITRD]`. Requests name an image; only the host names files.
+    #[arg(long, value_name = "NAME=KERNEL[,INITRD]")]
+    pub image: Vec<String>,
+    /// The kernel command line of an image, repeatable: `NAME=CMDLINE` (default: as `forkvm run`).
+    #[arg(long, value_name = "NAME=CMDLINE")]
+    pub image_cmdline: Vec<String>,
     /// Print the OpenAPI document and exit.
     #[arg(long)]
     pub openapi: bool,
@@ -73,6 +80,45 @@ fn absolute(p: PathBuf) -> Result<PathBuf, String> {
     std::path::absolute(&p).map_err(|e| format!("bad path {}: {e}", p.display()))
 }
 
+/// `--image NAME=KERNEL[,INITRD]` and `--image-cmdline NAME=CMDLINE`, checked: names are short
+/// and plain, files are regular files (absolute paths are kept, so VMMs find them from anywhere).
+fn images(
+    specs: &[String],
+    cmdlines: &[String],
+) -> Result<std::collections::BTreeMap<String, daemon::KernelImage>, String> {
+    let file = |what: &str, p: &str| -> Result<PathBuf, String> {
+        let p = absolute(PathBuf::from(p))?;
+        match std::fs::metadata(&p) {
+            Ok(m) if m.is_file() => Ok(p),
+            Ok(_) => Err(format!("--image: {what} {} is not a regular file", p.display())),
+            Err(e) => Err(format!("--image: {what} {}: {e}", p.display())),
+        }
+    };
+    let mut out = std::collections::BTreeMap::new();
+    for s in specs {
+        let (name, files) = s.split_once('=').ok_or_else(|| format!("--image {s:?}: expected NAME=KERNEL[,INITRD]"))?;
+        let plain = |c: char| c.is_ascii_alphanumeric() || "-_.".contains(c);
+        if name.is_empty() || name.len() > 64 || !name.chars().all(plain) {
+            return Err(format!("--image {s:?}: a name is 1-64 of [A-Za-z0-9._-]"));
+        }
+        let (kernel, initrd) = match files.split_once(',') {
+            Some((k, i)) => (file("kernel", k)?, Some(file("initrd", i)?)),
+            None => (file("kernel", files)?, None),
+        };
+        let image = daemon::KernelImage { kernel, initrd, cmdline: None };
+        if out.insert(name.to_string(), image).is_some() {
+            return Err(format!("--image {name:?} given twice"));
+        }
+    }
+    for c in cmdlines {
+        let (name, line) = c.split_once('=').ok_or_else(|| format!("--image-cmdline {c:?}: expected NAME=CMDLINE"))?;
+        let image =
+            out.get_mut(name).ok_or_else(|| format!("--image-cmdline {name:?}: no --image {name}=... was given"))?;
+        image.cmdline = Some(line.to_string());
+    }
+    Ok(out)
+}
+
 pub fn serve(a: ServeArgs) -> Result<i32, String> {
     if a.openapi {
         print!("{}", daemon::routes::openapi_json());
@@ -80,7 +126,9 @@ pub fn serve(a: ServeArgs) -> Result<i32, String> {
     }
     let state = absolute(state_dir(a.state_dir))?;
     let store = a.store.or_else(|| std::env::var_os("FORKVM_STORE").map(PathBuf::from)).unwrap_or(state.join("store"));
+    let images = images(&a.image, &a.image_cmdline)?;
     let cfg = daemon::Config {
+        images,
         run_dir: absolute(forkvm_api::vm::run_dir())?,
         state_dir: state,
         store: absolute(store)?,

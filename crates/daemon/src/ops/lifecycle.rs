@@ -53,6 +53,9 @@ pub async fn create_locked(app: &App, ws: &str, id: &str, req: CreateSandbox) ->
             if req.net.is_some() {
                 return Err(ApiError::bad(format!("template {tid} carries its own network device; leave net out")));
             }
+            if req.image.is_some() {
+                return Err(ApiError::bad(format!("template {tid} fixes its own guest; leave image out")));
+            }
             (Some(t.id), t.memory_mib, t.vcpus, crate::vmproc::restore_args(&id, &PathBuf::from(dir)))
         }
         None => {
@@ -64,7 +67,17 @@ pub async fn create_locked(app: &App, ws: &str, id: &str, req: CreateSandbox) ->
             if !(1..=32).contains(&vcpus) {
                 return Err(ApiError::bad(format!("vcpus must be 1 to 32, not {vcpus}")));
             }
-            (None, mem, vcpus, crate::vmproc::boot_args(&id, mem, vcpus, req.net.unwrap_or(false)))
+            let image = match &req.image {
+                None => None,
+                Some(name) => Some(app.cfg.images.get(name).ok_or_else(|| {
+                    let known: Vec<&str> = app.cfg.images.keys().map(String::as_str).collect();
+                    ApiError::not_found(format!(
+                        "no image {name:?} (this daemon boots: {}; the host adds one with forkvm serve --image NAME=KERNEL[,INITRD])",
+                        if known.is_empty() { "none".to_string() } else { known.join(", ") }
+                    ))
+                })?),
+            };
+            (None, mem, vcpus, crate::vmproc::boot_args(&id, mem, vcpus, req.net.unwrap_or(false), image))
         }
     };
     let name = req.name.clone().unwrap_or_else(|| id.clone());

@@ -2,6 +2,7 @@
 //! handlers' annotations.
 
 pub mod events;
+pub mod images;
 pub mod memory;
 pub mod preview;
 pub mod repos;
@@ -26,7 +27,7 @@ use crate::error::ApiError;
     paths(
         sandboxes::create, sandboxes::list, sandboxes::get, sandboxes::delete, sandboxes::exec, sandboxes::fork_,
         sandboxes::pause, sandboxes::hibernate, sandboxes::resume, sandboxes::tree, sandboxes::events,
-        templates::create, templates::list, templates::get, templates::delete, events::stream, memory::memory, repos::create, repos::open,
+        templates::create, templates::list, templates::get, templates::delete, images::list, events::stream, memory::memory, repos::create, repos::open,
         crate::webhook::github, metrics, preview::info, preview::link
     ),
     modifiers(&Bearer)
@@ -69,6 +70,7 @@ pub fn router(app: Shared) -> Router {
         .route("/v1/preview", get(preview::info))
         .route("/v1/templates", post(templates::create).get(templates::list))
         .route("/v1/templates/{id}", get(templates::get).delete(templates::delete))
+        .route("/v1/images", get(images::list))
         .route("/v1/events", get(events::stream))
         .route("/v1/memory", get(memory::memory))
         .route("/v1/repos", post(repos::create))

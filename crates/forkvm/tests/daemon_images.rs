@@ -1,0 +1,57 @@
+//! Kernel images: the host registers files (`forkvm serve --image NAME=KERNEL[,INITRD]`), an API
+//! request boots one by name and can never name a path.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod daemon_common;
+
+use daemon_common::{forkvm, Daemon};
+use serde_json::json;
+
+#[test]
+fn a_sandbox_boots_a_registered_kernel_image_by_name() {
+    // The test guest is an ELF64 booted exactly like a Linux vmlinux: a real kernel image file.
+    let dir = std::env::temp_dir().join(format!("forkvmd-images-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let kernel = dir.join("vmlinux");
+    std::fs::write(&kernel, test_guest::ELF).unwrap();
+    let spec = format!("tg={}", kernel.display());
+    let d = Daemon::start_with("images", &["--image", &spec, "--image-cmdline", "tg=console=ttyS0"]);
+    let t = d.token("acme");
+
+    let listed = d.expect(200, "GET", "/v1/images", &t, None);
+    assert_eq!(listed["images"], json!(["tg"]));
+
+    let id = d.create(&t, json!({"image": "tg", "memory_mib": 32}));
+    assert_eq!(d.line(&t, &id, "ping"), "pong");
+    // It was booted from the file, not as the embedded test guest.
+    let cmdline = std::fs::read_to_string(format!("/proc/{}/cmdline", pid_of(&d, &t, &id))).unwrap();
+    assert!(cmdline.contains(kernel.to_str().unwrap()), "{cmdline:?}");
+
+    // Bad input: an unknown name (the answer lists what exists), a path, image with a template.
+    let e = d.expect(404, "POST", "/v1/sandboxes", &t, Some(json!({"image": "debian"})));
+    assert!(e["error"]["message"].as_str().unwrap().contains("tg"), "{e}");
+    d.expect(404, "POST", "/v1/sandboxes", &t, Some(json!({"image": kernel.to_str().unwrap()})));
+    d.expect(400, "POST", "/v1/sandboxes", &t, Some(json!({"image": 7})));
+    let tpl = d.expect(201, "POST", "/v1/templates", &t, Some(json!({"sandbox": id})));
+    let e = d.expect(
+        400,
+        "POST",
+        "/v1/sandboxes",
+        &t,
+        Some(json!({"image": "tg", "template": tpl["id"].as_str().unwrap()})),
+    );
+    assert!(e["error"]["message"].as_str().unwrap().contains("image"), "{e}");
+
+    // The host's flags are checked at start: a missing file or a bad name refuses to serve.
+    for bad in [format!("tg={}", dir.join("nope").display()), format!("a/b={}", kernel.display())] {
+        let out = forkvm(&dir.join("run2")).args(["serve", "--image", &bad]).output().unwrap();
+        assert!(!out.status.success());
+        assert!(String::from_utf8_lossy(&out.stderr).contains("--image"), "{out:?}");
+    }
+    d.expect(204, "DELETE", &format!("/v1/sandboxes/{id}"), &t, None);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+fn pid_of(d: &Daemon, t: &str, id: &str) -> u64 {
+    d.expect(200, "GET", &format!("/v1/sandboxes/{id}"), t, None)["pid"].as_u64().unwrap()
+}
