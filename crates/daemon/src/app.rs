@@ -46,6 +46,8 @@ pub struct KernelImage {
     pub initrd: Option<PathBuf>,
     /// Kernel command line (None: `forkvm run`'s default).
     pub cmdline: Option<String>,
+    /// The console line that says the guest is up (None: running as soon as the VMM is).
+    pub ready_line: Option<String>,
 }
 
 impl Config {

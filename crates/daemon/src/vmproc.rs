@@ -161,6 +161,9 @@ pub fn boot_args(
             if let Some(c) = &i.cmdline {
                 v.extend(["--cmdline".into(), c.into()]);
             }
+            if let Some(l) = &i.ready_line {
+                v.extend(["--ready-line".into(), l.into()]);
+            }
         }
     }
     v.extend(

@@ -157,6 +157,10 @@ pub struct HostArgs {
 pub struct RunArgs {
     #[command(flatten)]
     pub vm: VmArgs,
+    /// A kernel's ready line: serve requests only once the guest printed it on its console
+    /// (the test guest's own ready line is always awaited).
+    #[arg(long, requires = "kernel", value_name = "LINE")]
+    pub ready_line: Option<String>,
     #[command(flatten)]
     pub host: HostArgs,
 }

@@ -8,6 +8,9 @@ use vmm::{Backing, BootSource, ExitReason, MicroVm, RestoreMode, RestoreOptions,
 use crate::cli::{BackingArg, HostArgs, RestoreArgs, RunArgs, VmArgs};
 use crate::server::{redirect_output, serve, Claimed};
 
+/// How long `run` waits for a guest's ready line.
+const READY_TIMEOUT: Duration = Duration::from_secs(120);
+
 /// Largest kernel image `run` reads.
 const MAX_KERNEL_BYTES: u64 = 256 << 20;
 /// Largest initrd `run` reads.
@@ -93,13 +96,16 @@ pub fn parse_disk(spec: &str) -> Result<vmm::devices::virtio::block::DiskConfig,
 
 pub fn run(args: RunArgs) -> Result<i32, String> {
     let mut cfg = vm_config(&args.vm)?;
-    let test_guest = matches!(cfg.boot, BootSource::TestGuest);
+    let ready = match cfg.boot {
+        BootSource::TestGuest => Some(test_guest::READY_LINE.to_string()),
+        _ => args.ready_line.clone(),
+    };
     host(&args.host, move |mirror| {
         cfg.console_mirror = Some(mirror);
         let vm = MicroVm::boot(cfg).map_err(|e| e.to_string())?;
-        if test_guest {
+        if let Some(line) = ready {
             // Serve requests only once the guest listens on its console.
-            vm.wait_for(test_guest::READY_LINE, Duration::from_secs(30)).map_err(|e| e.to_string())?;
+            vm.wait_for(&line, READY_TIMEOUT).map_err(|e| format!("waiting for the ready line {line:?}: {e}"))?;
         }
         Ok(vm)
     })

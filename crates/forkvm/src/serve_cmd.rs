@@ -48,6 +48,10 @@ pub struct ServeArgs {
     /// The kernel command line of an image, repeatable: `NAME=CMDLINE` (default: as `forkvm run`).
     #[arg(long, value_name = "NAME=CMDLINE")]
     pub image_cmdline: Vec<String>,
+    /// The console line that says an image's guest is up, repeatable: `NAME=LINE` (a sandbox is
+    /// `running`, and takes requests, once its guest printed it).
+    #[arg(long, value_name = "NAME=LINE")]
+    pub image_ready_line: Vec<String>,
     /// Print the OpenAPI document and exit.
     #[arg(long)]
     pub openapi: bool,
@@ -85,6 +89,7 @@ fn absolute(p: PathBuf) -> Result<PathBuf, String> {
 fn images(
     specs: &[String],
     cmdlines: &[String],
+    ready_lines: &[String],
 ) -> Result<std::collections::BTreeMap<String, daemon::KernelImage>, String> {
     let file = |what: &str, p: &str| -> Result<PathBuf, String> {
         let p = absolute(PathBuf::from(p))?;
@@ -105,7 +110,7 @@ fn images(
             Some((k, i)) => (file("kernel", k)?, Some(file("initrd", i)?)),
             None => (file("kernel", files)?, None),
         };
-        let image = daemon::KernelImage { kernel, initrd, cmdline: None };
+        let image = daemon::KernelImage { kernel, initrd, cmdline: None, ready_line: None };
         if out.insert(name.to_string(), image).is_some() {
             return Err(format!("--image {name:?} given twice"));
         }
@@ -115,6 +120,12 @@ fn images(
         let image =
             out.get_mut(name).ok_or_else(|| format!("--image-cmdline {name:?}: no --image {name}=... was given"))?;
         image.cmdline = Some(line.to_string());
+    }
+    for r in ready_lines {
+        let (name, line) = r.split_once('=').ok_or_else(|| format!("--image-ready-line {r:?}: expected NAME=LINE"))?;
+        let image =
+            out.get_mut(name).ok_or_else(|| format!("--image-ready-line {name:?}: no --image {name}=... was given"))?;
+        image.ready_line = Some(line.to_string());
     }
     Ok(out)
 }
@@ -126,7 +137,7 @@ pub fn serve(a: ServeArgs) -> Result<i32, String> {
     }
     let state = absolute(state_dir(a.state_dir))?;
     let store = a.store.or_else(|| std::env::var_os("FORKVM_STORE").map(PathBuf::from)).unwrap_or(state.join("store"));
-    let images = images(&a.image, &a.image_cmdline)?;
+    let images = images(&a.image, &a.image_cmdline, &a.image_ready_line)?;
     let cfg = daemon::Config {
         images,
         run_dir: absolute(forkvm_api::vm::run_dir())?,

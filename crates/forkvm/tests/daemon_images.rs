@@ -15,7 +15,11 @@ fn a_sandbox_boots_a_registered_kernel_image_by_name() {
     let kernel = dir.join("vmlinux");
     std::fs::write(&kernel, test_guest::ELF).unwrap();
     let spec = format!("tg={}", kernel.display());
-    let d = Daemon::start_with("images", &["--image", &spec, "--image-cmdline", "tg=console=ttyS0"]);
+    let ready = format!("tg={}", test_guest::READY_LINE);
+    let d = Daemon::start_with(
+        "images",
+        &["--image", &spec, "--image-cmdline", "tg=console=ttyS0", "--image-ready-line", &ready],
+    );
     let t = d.token("acme");
 
     let listed = d.expect(200, "GET", "/v1/images", &t, None);
