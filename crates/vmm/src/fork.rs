@@ -107,6 +107,9 @@ impl MicroVm {
         if count == 0 {
             return Err(Error::Config("fork count must be at least 1".into()));
         }
+        // A verified copy-on-write restore still filling its memory: wait for it (bounded by
+        // one pass over the image).
+        self.wait_memory_checked();
         if self.lazy_memory.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(Error::State(
                 "this VM's memory is still served lazily (woken from hibernation): a fork child would not inherit \

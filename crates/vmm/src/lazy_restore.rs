@@ -263,7 +263,7 @@ impl Drop for WakeHandle {
 
 /// Makes guest page `gpa` resident through a kernel access (a pipe write from it), which fails
 /// with EFAULT instead of SIGBUS when the page server cannot produce it.
-fn probe_page(mem: &GuestMem, gpa: u64) -> Result<(), String> {
+pub(crate) fn probe_page(mem: &GuestMem, gpa: u64) -> Result<(), String> {
     let ptr = mem.host_range(gpa, 4096).ok_or_else(|| format!("{gpa:#x} is not guest RAM"))?;
     let mut fds = [0i32; 2];
     // SAFETY: pipe2 writes two fds into our array.

@@ -19,6 +19,7 @@ pub mod restore;
 pub mod snapshot;
 pub mod store_maint;
 pub mod vcpu_thread;
+mod verified_lazy;
 pub mod vstate;
 
 pub use error::Error;

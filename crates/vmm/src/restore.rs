@@ -70,8 +70,8 @@ impl MicroVm {
             }
         }
         let chain = memory_chain(dir, &state)?;
-        let mem = load_memory(&chain, state.mem_size, mode, !opts.skip_verify)?;
-        let mut p = parts_from_state(&state, Arc::new(mem), opts.console_mirror, opts.track_dirty)?;
+        let (mem, lazy) = load_memory(&chain, state.mem_size, mode, !opts.skip_verify)?;
+        let mut p = parts_from_state(&state, mem, opts.console_mirror, opts.track_dirty)?;
         p.block =
             crate::devices::virtio::block::attach::block_from_saved(&p.vm, &p.mem, state.devices.block.as_ref(), dir)?;
         p.net = crate::devices::virtio::net::attach::net_for_clone(
@@ -81,8 +81,14 @@ impl MicroVm {
             p.generation,
         )?;
         p.started = started;
-        p.start = if opts.paused { Want::Pause } else { Want::Run };
+        p.start = if opts.paused || lazy.is_some() { Want::Pause } else { Want::Run };
         let vm = MicroVm::assemble(p)?;
+        if let Some(lazy) = lazy {
+            lazy.run_in_background(&vm)?;
+            if !opts.paused {
+                vm.resume()?;
+            }
+        }
         *lock(&vm.last_snapshot) = Some((dir.canonicalize().map_err(sio("cannot resolve", dir))?, state_hash));
         Ok(vm)
     }
@@ -178,48 +184,108 @@ fn file_id(f: &std::fs::File) -> Option<[i64; 7]> {
     Some([m.dev() as i64, m.ino() as i64, m.size() as i64, m.mtime(), m.mtime_nsec(), m.ctime(), m.ctime_nsec()])
 }
 
-fn verify(f: &std::fs::File, img: &ChainImage, size: u64) -> Result<(), Error> {
-    let id = file_id(f);
-    let known = |v: &Vec<([i64; 7], String)>| id.is_some_and(|id| v.iter().any(|(i, h)| *i == id && *h == img.blake3));
-    if known(&lock(&VERIFIED)) {
-        return Ok(());
-    }
-    verify_now(f, img, size)?;
+/// Forgets which images this process checked: the next restore of each hashes it again (as a
+/// fresh process would). For benchmarks.
+pub fn forget_checked_images() {
+    lock(&VERIFIED).clear();
+}
+
+fn is_known(id: Option<[i64; 7]>, blake3: &str) -> bool {
+    id.is_some_and(|id| lock(&VERIFIED).iter().any(|(i, h)| *i == id && h == blake3))
+}
+
+/// Remembers that the file opened as `f` (identity `id` when the check began) matched `blake3`,
+/// if it is unchanged since.
+fn remember(f: &std::fs::File, id: Option<[i64; 7]>, blake3: &str) {
     if let Some(id) = id.filter(|id| file_id(f).as_ref() == Some(id)) {
         let mut v = lock(&VERIFIED);
         if v.len() >= VERIFIED_MAX {
             v.remove(0);
         }
-        v.push((id, img.blake3.clone()));
+        v.push((id, blake3.to_string()));
     }
+}
+
+fn verify(f: &std::fs::File, img: &ChainImage, size: u64) -> Result<(), Error> {
+    let id = file_id(f);
+    if is_known(id, &img.blake3) {
+        return Ok(());
+    }
+    verify_now(f, img, size)?;
+    remember(f, id, &img.blake3);
     Ok(())
+}
+
+fn mismatch(img: &ChainImage, got: &str) -> Error {
+    Error::State(format!(
+        "memory image {} does not match its snapshot state (blake3 {got}, the state records {}): the image is \
+         corrupt or belongs to another snapshot",
+        img.path.display(),
+        img.blake3
+    ))
 }
 
 fn verify_now(f: &std::fs::File, img: &ChainImage, size: u64) -> Result<(), Error> {
     let got = image_hash::of_file(f, &img.path, size, img.diff).map_err(|e| Error::State(e.to_string()))?;
     if got != img.blake3 {
-        return Err(Error::State(format!(
-            "memory image {} does not match its snapshot state (blake3 {got}, the state records {}): the image \
-             is corrupt or belongs to another snapshot",
-            img.path.display(),
-            img.blake3
-        )));
+        return Err(mismatch(img, &got));
     }
     Ok(())
 }
 
-fn load_memory(chain: &[ChainImage], size: u64, mode: RestoreMode, check: bool) -> Result<GuestMem, Error> {
+/// Guest memory for a restore, and the page server still filling it when a copy-on-write
+/// restore checks its image block by block (see [`crate::verified_lazy`]).
+type Loaded = (Arc<GuestMem>, Option<crate::verified_lazy::Lazy>);
+
+/// Memory for a restore of `chain`. Every image is checked against its hash when `check`:
+/// - eager: the full image is copied in and hashed from guest memory block by block
+///   ([`crate::persist::load_full`]), one pass over the data;
+/// - copy-on-write from a full image with block hashes beside it: served lazily, each block
+///   checked as it is first touched, the rest in the background;
+/// - otherwise (diff chains, older snapshots): the whole image is hashed before it is mapped.
+///
+/// An image this process already checked (unchanged since) is not hashed again.
+fn load_memory(chain: &[ChainImage], size: u64, mode: RestoreMode, check: bool) -> Result<Loaded, Error> {
     let st = |e: memory_file::MemoryFileError| Error::State(e.to_string());
     let (first, rest) = chain.split_first().ok_or_else(|| Error::State("empty memory chain".into()))?;
     let base = memory_file::open(&first.path, size).map_err(st)?;
-    if check {
-        verify(&base, first, size)?;
-    }
+    let id = file_id(&base);
+    let check_base = check && !is_known(id, &first.blake3);
     let mem = match mode {
-        RestoreMode::Cow => GuestMem::from_file_cow(base, size, true)?,
+        RestoreMode::Cow if check_base && rest.is_empty() && !first.diff => {
+            let dir = first.path.parent().unwrap_or(Path::new("."));
+            match crate::verified_lazy::read_block_hashes(dir, size, &first.blake3) {
+                Some(hashes) => {
+                    // Not remembered as checked afterwards: blocks recorded as zeros are served
+                    // as zeros without reading the file, so the file itself was not checked.
+                    let (mem, lazy) = crate::verified_lazy::start(base, &first.path, size, hashes)?;
+                    return Ok((mem, Some(lazy)));
+                }
+                None => {
+                    verify(&base, first, size)?;
+                    GuestMem::from_file_cow(base, size, true)?
+                }
+            }
+        }
+        RestoreMode::Cow => {
+            if check_base {
+                verify(&base, first, size)?;
+            }
+            GuestMem::from_file_cow(base, size, true)?
+        }
         RestoreMode::Eager => {
             let m = GuestMem::new(size, Backing::Anon, true)?;
-            memory_file::apply(&m, &base, &first.path).map_err(st)?;
+            if first.diff {
+                return Err(Error::State("the base of a restore chain is a diff image".into()));
+            }
+            let (hashes, _) = crate::persist::load_full::load(&m, &base, &first.path, check_base).map_err(st)?;
+            if check_base {
+                let got = image_hash::root_of(&hashes);
+                if got != first.blake3 {
+                    return Err(mismatch(first, &got));
+                }
+                remember(&base, id, &first.blake3);
+            }
             m
         }
     };
@@ -232,7 +298,7 @@ fn load_memory(chain: &[ChainImage], size: u64, mode: RestoreMode, check: bool) 
     }
     // What the restore itself wrote is not guest dirt.
     mem.take_host_dirty();
-    Ok(mem)
+    Ok((Arc::new(mem), None))
 }
 
 /// Builds a new KVM VM over `mem` from saved state, with the generation bumped and a fresh seed.

@@ -199,9 +199,12 @@ impl MicroVm {
         let mem = self.memory();
         let mem_path = tmp.join(MEMORY_FILE);
         let mf = |e: memory_file::MemoryFileError| Error::State(e.to_string());
-        let full = |n: u64, linked: bool| {
-            let image = MemoryImage::Full { file: MEMORY_FILE.into(), blake3: image_hash::of_memory_full(mem) };
-            (n, linked, image)
+        let full = |n: u64, linked: bool| -> Result<(u64, bool, MemoryImage), Error> {
+            let hashes = image_hash::full_blocks_of_memory(mem);
+            // The block hashes let a copy-on-write restore check blocks as the guest touches them.
+            write_new(&tmp.join(crate::verified_lazy::BLOCKS_FILE), &hashes.concat())?;
+            let image = MemoryImage::Full { file: MEMORY_FILE.into(), blake3: image_hash::root_of(&hashes) };
+            Ok((n, linked, image))
         };
         Ok(match (kind, base) {
             (SnapshotKind::Diff, Some((base, base_state))) => {
@@ -216,14 +219,14 @@ impl MicroVm {
                 mem.freeze()?;
                 let file = mem.file().ok_or_else(|| Error::State("shared memory has no file".into()))?;
                 match link_fd(file, &mem_path) {
-                    Ok(()) => full(0, true),
+                    Ok(()) => full(0, true)?,
                     Err(e) => {
                         tracing::info!("cannot link guest memory into {} ({e}); writing it", tmp.display());
-                        full(memory_file::write_full(mem, &mem_path).map_err(mf)?, false)
+                        full(memory_file::write_full(mem, &mem_path).map_err(mf)?, false)?
                     }
                 }
             }
-            (SnapshotKind::Full, _) => full(memory_file::write_full(mem, &mem_path).map_err(mf)?, false),
+            (SnapshotKind::Full, _) => full(memory_file::write_full(mem, &mem_path).map_err(mf)?, false)?,
         })
     }
 }

@@ -113,3 +113,97 @@ fn shared_snapshot_linked_does_not_fill_holes() {
     drop(r);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+fn flip(path: &Path, at: u64) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(path).unwrap();
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, at).unwrap();
+    b[0] ^= 0x10;
+    f.write_all_at(&b, at).unwrap();
+}
+
+/// A 256 MiB guest with 8 MiB of data at 32 MiB, snapshotted (full) into a new directory.
+fn snapshot_with_data(name: &str) -> (PathBuf, String) {
+    let vm = boot(256 << 20, Backing::Anon);
+    assert!(vm.memory().fill(32 << 20, 8 << 20, 0x6b));
+    let sum = vm.command("sum 0x2000000 2048", T).unwrap();
+    vm.pause().unwrap();
+    let dir = tmpdir(&std::env::temp_dir(), name);
+    vm.snapshot(&dir, SnapshotKind::Full).unwrap();
+    (dir, sum)
+}
+
+/// A copy-on-write restore checks each 2 MiB block of the image as it is brought in (against
+/// the block hashes beside the image, tied to the state's image hash) instead of hashing the
+/// whole image first; the rest comes in the background, and fork waits for it.
+#[test]
+fn cow_restore_checks_blocks_as_they_come_in() {
+    let (dir, sum) = snapshot_with_data("lazy");
+    assert_eq!(std::fs::metadata(dir.join("memory.blocks")).unwrap().len(), 128 * 32);
+    vmm::restore::forget_checked_images();
+    let mut r = MicroVm::restore(&dir, RestoreMode::Cow, RestoreOptions::default()).unwrap();
+    assert_eq!(r.command("sum 0x2000000 2048", T).unwrap(), sum);
+    let (mut kids, _) = r.fork(1).unwrap();
+    assert_eq!(kids[0].command("sum 0x2000000 2048", T).unwrap(), sum);
+    for k in kids.drain(..) {
+        assert_eq!(k.stop().unwrap(), 0);
+    }
+    r.wait_memory_checked();
+    assert_eq!(r.command("ping", T).unwrap(), "pong");
+    assert!(r.stop().is_some());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A corrupt block the restore itself needs (the generation page's) fails the restore; one the
+/// guest has not touched stops the VM with an error when it is checked, before its pages exist.
+#[test]
+fn cow_restore_never_runs_on_a_corrupt_block() {
+    let (dir, _) = snapshot_with_data("corrupt");
+    let mem = dir.join("memory");
+    flip(&mem, 0x1ff000 + 17);
+    vmm::restore::forget_checked_images();
+    let e = MicroVm::restore(&dir, RestoreMode::Cow, RestoreOptions::default()).map(drop).unwrap_err();
+    assert!(e.to_string().contains("does not match"), "{e}");
+    flip(&mem, 0x1ff000 + 17);
+
+    flip(&mem, (36 << 20) + 5);
+    let r = MicroVm::restore(&dir, RestoreMode::Cow, RestoreOptions::default()).unwrap();
+    r.wait_memory_checked();
+    let why = r.wait_exit(Some(T)).expect("the VM must stop on the corrupt block");
+    assert!(format!("{why:?}").contains("does not match"), "{why:?}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The block hashes are untrusted too: a list that does not hash to the state's image hash is
+/// ignored and the whole image is checked first (a corrupt image with a list rewritten to match
+/// it is still refused).
+#[test]
+fn tampered_block_hashes_fall_back_to_the_whole_image_hash() {
+    let (dir, sum) = snapshot_with_data("tampered");
+    let blocks = dir.join("memory.blocks");
+    let good = std::fs::read(&blocks).unwrap();
+    std::fs::write(&blocks, vec![7u8; good.len()]).unwrap();
+    vmm::restore::forget_checked_images();
+    let r = MicroVm::restore(&dir, RestoreMode::Cow, RestoreOptions::default()).unwrap();
+    assert_eq!(r.command("sum 0x2000000 2048", T).unwrap(), sum);
+    drop(r);
+
+    let mem = dir.join("memory");
+    flip(&mem, (34 << 20) + 3);
+    let mut list = good.clone();
+    let block = {
+        use std::os::unix::fs::FileExt;
+        let mut b = vec![0u8; 2 << 20];
+        std::fs::File::open(&mem).unwrap().read_exact_at(&mut b, 34 << 20).unwrap();
+        blake3::hash(&b)
+    };
+    list[17 * 32..18 * 32].copy_from_slice(block.as_bytes());
+    std::fs::write(&blocks, &list).unwrap();
+    for mode in [RestoreMode::Cow, RestoreMode::Eager] {
+        vmm::restore::forget_checked_images();
+        let e = MicroVm::restore(&dir, mode, RestoreOptions::default()).map(drop).unwrap_err();
+        assert!(e.to_string().contains("does not match"), "{mode:?}: {e}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

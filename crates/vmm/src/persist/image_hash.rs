@@ -27,7 +27,7 @@ pub const THREADS: usize = 2;
 const BITMAP: usize = (BLOCK / PAGE_SIZE / 8) as usize;
 
 /// Image blocks (offset, len) for a guest of `mem_size` bytes.
-fn blocks(mem_size: u64) -> Vec<(u64, u64)> {
+pub(crate) fn blocks(mem_size: u64) -> Vec<(u64, u64)> {
     let mut out = Vec::new();
     let mut image_off = 0;
     for (_, len) in ram_ranges(mem_size) {
@@ -55,7 +55,7 @@ fn root(hashes: &[[u8; 32]]) -> String {
 }
 
 /// Hashes every block with `f` on [`THREADS`] threads, in order.
-fn hash_blocks<E: Send>(
+pub(crate) fn hash_blocks<E: Send>(
     blocks: &[(u64, u64)],
     f: impl Fn(u64, u64, &mut Vec<u8>) -> Result<[u8; 32], E> + Sync,
 ) -> Result<Vec<[u8; 32]>, E> {
@@ -82,7 +82,7 @@ fn hash_blocks<E: Send>(
     })
 }
 
-fn full_block(bytes: &[u8]) -> [u8; 32] {
+pub(crate) fn full_block(bytes: &[u8]) -> [u8; 32] {
     if is_zero(bytes) {
         [0; 32]
     } else {

@@ -3,5 +3,6 @@
 pub mod data_pages;
 pub mod envelope;
 pub mod image_hash;
+pub mod load_full;
 pub mod memory_file;
 pub mod state;
