@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use vmm::{Backing, MicroVm, RestoreMode, RestoreOptions, SnapshotKind, VmConfig};
+use vmm::{Backing, MicroVm, SnapshotKind, VmConfig};
 
 use crate::cli::BenchArgs;
 use crate::hostmem::{mem_available, private_kib};
@@ -117,7 +117,6 @@ fn bench_size(mem: u64, runs: usize) -> Result<(Vec<Samples>, Vec<Samples>), Str
             std::fs::remove_dir_all(&dir).map_err(s)?;
         }
     }
-    let base = scratch.sub(&format!("full{}", heavy - 1));
 
     let mut diff = Samples::new("snapshot diff (16 MiB dirty)", "ms");
     let mut diff_size = Samples::new("  diff snapshot size", "MiB");
@@ -133,21 +132,9 @@ fn bench_size(mem: u64, runs: usize) -> Result<(Vec<Samples>, Vec<Samples>), Str
     let mut rows = vec![pause, resume, full, full_size, diff, diff_size];
     rows.push(shared_snapshot(mem, heavy)?);
 
-    for (mode, skip_verify, name) in [
-        (RestoreMode::Eager, false, "restore eager to first answer"),
-        (RestoreMode::Cow, false, "restore CoW to first answer"),
-        (RestoreMode::Cow, true, "  CoW, image hash not checked (--no-verify)"),
-    ] {
-        let mut r = Samples::new(name, "ms");
-        for _ in 0..heavy {
-            let t = Instant::now();
-            let opts = RestoreOptions { skip_verify, ..Default::default() };
-            let restored = MicroVm::restore(&base, mode, opts).map_err(s)?;
-            ping(&restored)?;
-            r.push_duration(t.elapsed());
-        }
-        rows.push(r);
-    }
+    // Restore rows (eager MB/s, CoW to first answer, checked and not) and the shared-file
+    // snapshot onto another file system, from their own snapshots.
+    rows.extend(crate::bench_restore::rows(mem, &scratch.0, heavy)?);
 
     let (fork_rows, mem_rows) = fork_rows(&vm, runs)?;
     rows.extend(fork_rows);

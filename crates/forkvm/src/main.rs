@@ -7,6 +7,7 @@ mod bench_agent;
 mod bench_api;
 mod bench_clone;
 mod bench_disk;
+mod bench_restore;
 mod bench_store;
 mod claim;
 mod cli;
