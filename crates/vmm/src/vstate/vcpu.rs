@@ -77,6 +77,7 @@ impl Vcpu {
     /// Entry state for a fresh boot: long mode at `entry` (only the boot vCPU runs; the others
     /// wait for INIT/SIPI as on real hardware).
     pub fn configure_boot(&self, entry: u64) -> Result<(), VmError> {
+        self.preset_xcr0()?;
         let msrs = msrs_from(&regs::entry_msrs(), "KVM_SET_MSRS")?;
         self.fd.set_msrs(&msrs).map_err(ioctl("KVM_SET_MSRS"))?;
         let mut lapic = self.fd.get_lapic().map_err(ioctl("KVM_GET_LAPIC"))?;
@@ -87,6 +88,32 @@ impl Vcpu {
             self.fd.set_sregs(&regs::long_mode_sregs(sregs)).map_err(ioctl("KVM_SET_SREGS"))?;
             self.fd.set_regs(&regs::entry_regs(entry)).map_err(ioctl("KVM_SET_REGS"))?;
             self.fd.set_fpu(&regs::entry_fpu()).map_err(ioctl("KVM_SET_FPU"))?;
+        }
+        Ok(())
+    }
+
+    /// Starts the vCPU with XCR0 = every user state component its CPUID 0xd.0 offers (what a
+    /// guest kernel enables), so KVM's CPUID 0xd.0 EBX (the XSAVE size for the current XCR0) is
+    /// right before the guest's first XSETBV. A hypervisor that never sees that XSETBV (KVM nested
+    /// under QEMU TCG, which does not intercept it) would otherwise keep answering the x87-only
+    /// size, and Linux then disables XSAVE ("XSAVE consistency problem"). Without XSAVE: no-op.
+    fn preset_xcr0(&self) -> Result<(), VmError> {
+        let cpuid = self.fd.get_cpuid2(KVM_MAX_CPUID_ENTRIES).map_err(ioctl("KVM_GET_CPUID2"))?;
+        let find = |f: u32, i: u32| cpuid.as_slice().iter().find(|e| e.function == f && e.index == i).copied();
+        if find(1, 0).is_none_or(|e| e.ecx & (1 << 26) == 0) {
+            return Ok(());
+        }
+        let Some(d0) = find(0xd, 0) else { return Ok(()) };
+        let offered = (u64::from(d0.edx) << 32) | u64::from(d0.eax);
+        let mut xcrs = self.fd.get_xcrs().map_err(ioctl("KVM_GET_XCRS"))?;
+        let n = (xcrs.nr_xcrs as usize).min(xcrs.xcrs.len());
+        match xcrs.xcrs[..n].iter_mut().find(|x| x.xcr == 0) {
+            Some(x) => x.value = offered | 1,
+            None => return Ok(()),
+        }
+        // A KVM that refuses it leaves the reset value: the guest boots all the same.
+        if let Err(e) = self.fd.set_xcrs(&xcrs) {
+            tracing::warn!("vCPU {}: KVM_SET_XCRS of XCR0 {:#x} refused: {e}", self.id, offered | 1);
         }
         Ok(())
     }
