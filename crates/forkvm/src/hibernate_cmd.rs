@@ -34,6 +34,8 @@ pub struct WakeArgs {
     /// Internal: this process is the woken VM's VMM.
     #[arg(long, hide = true)]
     pub background: bool,
+    #[command(flatten)]
+    pub remote: crate::net_cmd::RemoteWakeArgs,
 }
 
 /// The default chunk store of this host.
@@ -108,6 +110,9 @@ pub fn hibernate_vm(vm: &MicroVm, dir: &Path, store: Option<&Path>) -> Result<Hi
 }
 
 pub fn wake(args: WakeArgs) -> Result<i32, String> {
+    if args.remote.pages.is_some() {
+        return crate::net_cmd::wake_remote(&args);
+    }
     let hib = VmPaths::for_name(&args.vm)?.hibernated();
     let record = vmm::hibernate::read_record(&hib).map_err(|_| format!("no hibernated VM named {:?}", args.vm))?;
     let store = args.store.clone().unwrap_or_else(|| PathBuf::from(&record.store));

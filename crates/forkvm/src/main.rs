@@ -17,6 +17,7 @@ mod demo;
 mod fork_op;
 mod hibernate_cmd;
 mod hostmem;
+mod net_cmd;
 mod pagesrv_cmd;
 mod pool_cmd;
 mod pool_fork;

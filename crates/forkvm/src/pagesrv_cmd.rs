@@ -19,12 +19,14 @@ use crate::size::parse_size;
 #[derive(Args, Debug)]
 pub struct PagesrvArgs {
     /// Unix socket to listen on (Firecracker's `mem_backend.backend_path`); created 0600.
-    #[arg(long)]
-    pub socket: PathBuf,
+    #[arg(long, required_unless_present = "tcp")]
+    pub socket: Option<PathBuf>,
     /// What to serve: a Firecracker memory file, or the id of an image in the chunk store
     /// (printed by `forkvm store import --firecracker`).
-    #[arg(long)]
-    pub memory: String,
+    #[arg(long, required_unless_present = "hibernated")]
+    pub memory: Option<String>,
+    #[command(flatten)]
+    pub tcp: crate::net_cmd::TcpServeArgs,
     /// Chunk store holding image ids (default: as for `forkvm store import`).
     #[arg(long)]
     pub store: Option<PathBuf>,
@@ -41,8 +43,9 @@ pub struct PagesrvArgs {
 }
 
 /// The memory to serve: a regular file at that path, else an image id in the store.
-fn open_source(a: &PagesrvArgs) -> Result<(Arc<dyn PageSource>, String), String> {
-    let p = PathBuf::from(&a.memory);
+pub(crate) fn open_source(a: &PagesrvArgs) -> Result<(Arc<dyn PageSource>, String), String> {
+    let memory = a.memory.clone().ok_or("--memory is missing")?;
+    let p = PathBuf::from(&memory);
     if p.is_file() {
         let f = std::fs::File::open(&p).map_err(|e| format!("cannot open {}: {e}", p.display()))?;
         let src = FileSource::whole(f).map_err(|e| e.to_string())?;
@@ -50,13 +53,12 @@ fn open_source(a: &PagesrvArgs) -> Result<(Arc<dyn PageSource>, String), String>
         return Ok((Arc::new(src), what));
     }
     let dir = a.store.clone().unwrap_or_else(default_store);
-    let store = Store::open_readonly(&dir).map_err(|e| {
-        format!("{} is not a memory file, and the store {} cannot be opened: {e}", a.memory, dir.display())
-    })?;
-    let m = store.manifest(&a.memory).map_err(|e| {
-        format!("{} is neither a memory file nor an image in the store {}: {e}", a.memory, dir.display())
-    })?;
-    let what = format!("image {} of {} ({} MiB)", a.memory, dir.display(), m.image_len() >> 20);
+    let store = Store::open_readonly(&dir)
+        .map_err(|e| format!("{memory} is not a memory file, and the store {} cannot be opened: {e}", dir.display()))?;
+    let m = store
+        .manifest(&memory)
+        .map_err(|e| format!("{memory} is neither a memory file nor an image in the store {}: {e}", dir.display()))?;
+    let what = format!("image {memory} of {} ({} MiB)", dir.display(), m.image_len() >> 20);
     Ok((Arc::new(ChunkSource::new(Arc::new(store), Arc::new(m))), what))
 }
 
@@ -91,6 +93,7 @@ fn forward_signals(tx: std::sync::mpsc::Sender<Msg>) -> Result<(), String> {
 
 /// Print a line; a closed stdout (the reader went away) is not a reason to stop serving.
 macro_rules! say {
+    // (also used by net_cmd)
     ($($t:tt)*) => {{
         use std::io::Write as _;
         let _ = writeln!(std::io::stdout(), $($t)*);
@@ -128,16 +131,20 @@ fn print_event(e: &Event) {
 }
 
 pub fn pagesrv(a: PagesrvArgs) -> Result<i32, String> {
+    if a.tcp.tcp.is_some() {
+        return crate::net_cmd::pagesrv_tcp(&a);
+    }
+    let socket = a.socket.clone().ok_or("--socket (or --tcp) is missing")?;
     let (src, what) = open_source(&a)?;
     let (tx, rx) = channel();
     forward_signals(tx.clone())?;
     let wset = if a.no_wset {
         None
     } else {
-        Some(a.wset.clone().unwrap_or_else(|| PathBuf::from(format!("{}.wset", a.socket.display()))))
+        Some(a.wset.clone().unwrap_or_else(|| PathBuf::from(format!("{}.wset", socket.display()))))
     };
     let cfg = ListenerConfig { batch: a.batch as usize, wset: wset.clone(), record: !a.no_wset, ..Default::default() };
-    let (listener, events) = Listener::bind(&a.socket, src, cfg).map_err(|e| e.to_string())?;
+    let (listener, events) = Listener::bind(&socket, src, cfg).map_err(|e| e.to_string())?;
     std::thread::spawn(move || {
         for e in events {
             if tx.send(Msg::Ev(e)).is_err() {
@@ -145,7 +152,7 @@ pub fn pagesrv(a: PagesrvArgs) -> Result<i32, String> {
             }
         }
     });
-    say!("forkvm pagesrv: serving {what} on {}", a.socket.display());
+    say!("forkvm pagesrv: serving {what} on {}", socket.display());
     if let Some(w) = &wset {
         let state = if w.exists() { "prefetched into every VM" } else { "recorded from the first VM" };
         say!("working set {}: {state}", w.display());

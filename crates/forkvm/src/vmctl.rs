@@ -81,6 +81,7 @@ pub fn resume(name: &str) -> Result<i32, String> {
             vm: name.to_string(),
             store: None,
             background: false,
+            remote: Default::default(),
         });
     }
     let r = client(name)?.call(vm::Resume {}).map_err(|e| e.to_string())?;

@@ -35,7 +35,8 @@ pub struct NetServerConfig {
     pub push: Option<WorkingSet>,
     /// The VM's state blob (e.g. a hibernated VM's state file), fetched by clients that wake it.
     pub state: Option<Vec<u8>>,
-    /// Without `push`: save the first client's request order (its first `record_for`) here.
+    /// Without `push`: save the first client's request order (its first `record_for`) here, and
+    /// stream it to the clients that connect after that.
     pub record: Option<PathBuf>,
     /// How long a session's requests are recorded.
     pub record_for: Duration,
@@ -92,6 +93,8 @@ struct ServerShared {
     conns: Mutex<Vec<(u64, TcpStream)>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     recorded: AtomicBool,
+    /// The working set streamed to clients: the configured one, or the first client's once saved.
+    push: Mutex<Option<Arc<WorkingSet>>>,
 }
 
 impl NetServer {
@@ -114,6 +117,7 @@ impl NetServer {
         // SAFETY: eventfd just returned this fd; we are its only owner.
         let stop_fd = unsafe { OwnedFd::from_raw_fd(efd) };
         let wake = stop_fd.try_clone().map_err(sys("dup eventfd"))?;
+        let cfg_push = cfg.push.clone().map(Arc::new);
         let shared = Arc::new(ServerShared {
             source,
             cfg,
@@ -122,6 +126,7 @@ impl NetServer {
             conns: Mutex::new(Vec::new()),
             threads: Mutex::new(Vec::new()),
             recorded: AtomicBool::new(false),
+            push: Mutex::new(cfg_push),
         });
         let (tx, rx) = channel();
         let s = shared.clone();
@@ -247,7 +252,7 @@ fn keepalive(s: &TcpStream) {
 }
 
 /// Server side of the handshake; returns the version, session key and whether to push.
-fn handshake(s: &ServerShared, mut c: &TcpStream) -> Result<(u16, SessionKey, bool), String> {
+fn handshake(s: &ServerShared, mut c: &TcpStream) -> Result<(u16, SessionKey, Option<Arc<WorkingSet>>), String> {
     let hello = wire::read_msg(&mut c).map_err(|e| format!("reading Hello: {e}"))?;
     let Msg::Hello { min, max, flags, nonce: cn } = hello else {
         return Err(format!("expected Hello, got {hello:?}"));
@@ -270,8 +275,8 @@ fn handshake(s: &ServerShared, mut c: &TcpStream) -> Result<(u16, SessionKey, bo
     if !net_auth::same(&proof, &s.cfg.secret.client_proof(version, &cn, &sn)) {
         return Err("authentication failed: the client does not know the shared secret".into());
     }
-    let push = flags & wire::FLAG_PUSH != 0 && s.cfg.push.is_some();
-    let push_bytes = if push { s.cfg.push.as_ref().map_or(0, |w| w.bytes().min(s.source.len())) } else { 0 };
+    let push = if flags & wire::FLAG_PUSH != 0 { lock(&s.push).clone() } else { None };
+    let push_bytes = push.as_ref().map_or(0, |w| w.bytes().min(s.source.len()));
     let welcome = Msg::Welcome {
         len: s.source.len(),
         page_size: PAGE as u32,
@@ -310,7 +315,7 @@ fn session(s: &ServerShared, id: u64, stream: TcpStream, events: &Sender<NetEven
             return;
         }
     };
-    let _ = events.send(NetEvent::Served { id, peer, version, push });
+    let _ = events.send(NetEvent::Served { id, peer, version, push: push.is_some() });
     // After the handshake an idle client is fine (a woken VM may not fault for hours); keepalive
     // notices a dead link.
     let _ = stream.set_read_timeout(None);
@@ -325,7 +330,7 @@ fn session(s: &ServerShared, id: u64, stream: TcpStream, events: &Sender<NetEven
         }),
         Err(e) => Err(e),
     };
-    let recording = s.cfg.push.is_none() && s.cfg.record.is_some() && !s.recorded.load(SeqCst);
+    let recording = lock(&s.push).is_none() && s.cfg.record.is_some() && !s.recorded.load(SeqCst);
     let mut conn = Conn {
         s,
         c: &stream,
@@ -351,10 +356,10 @@ fn session(s: &ServerShared, id: u64, stream: TcpStream, events: &Sender<NetEven
 
 impl Conn<'_> {
     /// Answer requests (first) and push the working set (when idle) until the client goes.
-    fn serve(&mut self, rx: &Receiver<Result<Msg, WireError>>, push: bool) -> String {
-        let ranges = if push { self.s.cfg.push.as_ref().map(|w| w.ranges.clone()).unwrap_or_default() } else { vec![] };
+    fn serve(&mut self, rx: &Receiver<Result<Msg, WireError>>, push: Option<Arc<WorkingSet>>) -> String {
+        let ranges = push.as_ref().map(|w| w.ranges.as_slice()).unwrap_or_default();
         let mut cursor = (0usize, 0u64); // (range, bytes into it)
-        let mut pushing = push;
+        let mut pushing = push.is_some();
         loop {
             if self.s.stop.load(SeqCst) {
                 return "the server stopped".into();
@@ -377,7 +382,7 @@ impl Conn<'_> {
                 Some(Ok(m)) => Err(format!("unexpected {m:?} from the client")),
                 Some(Err(WireError::Closed)) => return "the client closed the connection".into(),
                 Some(Err(e)) => Err(format!("bad frame from the client: {e}")),
-                None => match self.push_next(&ranges, &mut cursor) {
+                None => match self.push_next(ranges, &mut cursor) {
                     Ok(true) => Ok(()),
                     Ok(false) => {
                         pushing = false;
@@ -462,6 +467,8 @@ impl Conn<'_> {
             Ok(()) => tracing::info!(bytes = ws.bytes(), "working set recorded to {}", path.display()),
             Err(e) => tracing::warn!("cannot save the working set: {e}"),
         }
+        // Later clients get it streamed.
+        *lock(&self.s.push) = Some(Arc::new(ws));
     }
 
     fn state(&self, id: u32) -> Result<(), String> {

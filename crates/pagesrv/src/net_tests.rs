@@ -371,6 +371,12 @@ fn the_first_clients_requests_become_the_working_set() {
     while !matches!(ev.recv_timeout(Duration::from_secs(10)).unwrap(), NetEvent::Ended { .. }) {}
     let ws = WorkingSet::load(&path).unwrap();
     assert_eq!(ws.ranges, vec![(7 * 4096, 4096), (3 * 4096, 4096), (100 * 4096, 4096)]);
+    // The next client gets it streamed.
+    let next = Arc::new(NetSource::connect(&srv.local_addr().to_string(), &secret(), &client_cfg()).unwrap());
+    assert_eq!(next.push_bytes(), 3 * 4096);
+    let (_map, ps, _) = local(next.clone(), img.len(), 4096);
+    spawn_push_placer(next.clone(), &ps).unwrap().join().unwrap();
+    assert_eq!(ps.stats().pages_prefetched, 3);
 }
 
 #[test]

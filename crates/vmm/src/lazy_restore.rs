@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use chunkstore::Store;
-use pagesrv::{ChunkSource, FailureHook, Monitor, PageServer, Region, ServerConfig, WorkingSet};
+use pagesrv::{ChunkSource, FailureHook, Monitor, PageServer, PageSource, Region, ServerConfig, WorkingSet};
 use serde::{Deserialize, Serialize};
 
 use crate::arch::layout::GEN_PAGE;
@@ -149,6 +149,11 @@ impl WakeHandle {
     /// How the wake went.
     pub fn report(&self) -> &WakeReport {
         &self.report
+    }
+
+    /// A read-only view of the page server.
+    pub fn monitor(&self) -> Monitor {
+        self.monitor.clone()
     }
 
     /// Page server counters now.
@@ -344,7 +349,7 @@ impl MicroVm {
             Record::Never => false,
             Record::Auto => !wset_path.exists(),
         };
-        let mut report = WakeReport {
+        let report = WakeReport {
             image: record.image.clone(),
             mem_size: state.mem_size,
             open_ms: ms(t0.elapsed()),
@@ -352,13 +357,46 @@ impl MicroVm {
             recording,
             ..Default::default()
         };
+        let source = Arc::new(ChunkSource::new(Arc::new(st), Arc::new(manifest)));
+        let what = store.display().to_string();
+        let lazy = LazyMemory { source, what, prefetch, recording, wset_path, disk_dir: Some(dir.to_path_buf()) };
+        wake_lazily(t0, &state, report, lazy, opts, None)
+    }
+}
 
+/// Where a lazily woken VM's memory comes from (see [`wake_lazily`]).
+pub(crate) struct LazyMemory {
+    pub source: Arc<dyn PageSource>,
+    /// Where the memory comes from, for errors (a store directory, a page server address).
+    pub what: String,
+    pub prefetch: Option<WorkingSet>,
+    pub recording: bool,
+    /// Where a recorded working set is saved.
+    pub wset_path: PathBuf,
+    /// The directory holding the saved disk's layers (None: the VM must have no disk).
+    pub disk_dir: Option<PathBuf>,
+}
+
+/// Called with the page server right after it starts, before the VM is built.
+pub(crate) type OnServer = Box<dyn FnOnce(&PageServer) -> Result<(), Error>>;
+
+/// The second half of a wake: guest memory registered with a page server over `lazy.source`,
+/// the VM rebuilt from `state` and resumed (unless `opts.paused`).
+pub(crate) fn wake_lazily(
+    t0: Instant,
+    state: &crate::persist::state::VmState,
+    mut report: WakeReport,
+    lazy: LazyMemory,
+    opts: WakeOptions,
+    on_server: Option<OnServer>,
+) -> Result<(MicroVm, WakeHandle), Error> {
+    let LazyMemory { source, what, prefetch, recording, wset_path, disk_dir } = lazy;
+    {
         let t = Instant::now();
         // No huge pages: the server places 4 KiB pages.
         let mem = Arc::new(GuestMem::new(state.mem_size, Backing::Anon, false)?);
         let regions: Vec<Region> =
             mem.regions().iter().map(|r| Region { base: r.host as u64, len: r.size, offset: r.file_offset }).collect();
-        let source = Arc::new(ChunkSource::new(Arc::new(st), Arc::new(manifest)));
         // Set once the VM exists: a page that cannot be served stops it before the vCPU goes on.
         let vm_ctl: Arc<OnceLock<Weak<Control>>> = Arc::new(OnceLock::new());
         let cell = vm_ctl.clone();
@@ -380,20 +418,24 @@ impl MicroVm {
         let server = PageServer::register(regions, source, cfg)
             .map_err(|e| Error::State(format!("cannot start the page server: {e}")))?;
         let monitor = server.monitor();
+        if let Some(f) = on_server {
+            f(&server)?;
+        }
         // The restore writes the generation page from the host: fetch it safely first.
         probe_page(&mem, GEN_PAGE).map_err(|e| {
-            Error::State(format!(
-                "guest memory cannot be served from {}: {}",
-                store.display(),
-                monitor.error().unwrap_or(e)
-            ))
+            Error::State(format!("guest memory cannot be served from {what}: {}", monitor.error().unwrap_or(e)))
         })?;
         report.server_ms = ms(t.elapsed());
 
         let t = Instant::now();
-        let mut p = parts_from_state(&state, mem, opts.console_mirror, opts.track_dirty)?;
-        p.block =
-            crate::devices::virtio::block::attach::block_from_saved(&p.vm, &p.mem, state.devices.block.as_ref(), dir)?;
+        let mut p = parts_from_state(state, mem, opts.console_mirror, opts.track_dirty)?;
+        p.block = match (&disk_dir, &state.devices.block) {
+            (Some(dir), b) => crate::devices::virtio::block::attach::block_from_saved(&p.vm, &p.mem, b.as_ref(), dir)?,
+            (None, None) => None,
+            (None, Some(_)) => {
+                return Err(Error::State(format!("the VM served by {what} has a disk, which is not served with it")))
+            }
+        };
         p.net = crate::devices::virtio::net::attach::net_for_clone(
             &p.vm,
             &p.mem,

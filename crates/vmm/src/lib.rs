@@ -15,6 +15,7 @@ pub mod microvm;
 pub mod persist;
 pub mod pool;
 pub mod quiesce;
+pub mod remote_wake;
 pub mod restore;
 pub mod snapshot;
 pub mod store_maint;
