@@ -18,6 +18,7 @@ pub fn bench(args: BenchArgs) -> Result<i32, String> {
         BenchKind::StoreFc => crate::bench_store::bench_store_fc(&args),
         BenchKind::Agent => crate::bench_agent::bench_agent(&args),
         BenchKind::Api => crate::bench_api::bench_api(&args),
+        BenchKind::Xhost => crate::bench_xhost::bench_xhost(&args),
     }
 }
 

@@ -266,6 +266,9 @@ pub enum BenchKind {
     Agent,
     /// The daemon's API: create from template, fork, wake, list, idle memory (starts its own daemon).
     Api,
+    /// Clones across hosts: wake over TCP from a page server in another network namespace (veth)
+    /// to first answer, vs a local wake (needs root and iproute2).
+    Xhost,
 }
 
 #[derive(Args, Debug)]

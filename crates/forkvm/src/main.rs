@@ -9,6 +9,7 @@ mod bench_clone;
 mod bench_disk;
 mod bench_restore;
 mod bench_store;
+mod bench_xhost;
 mod claim;
 mod cli;
 mod conn;
