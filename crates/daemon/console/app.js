@@ -317,6 +317,9 @@ async function runPreview(ev) {
 async function openCreate() {
   const sel = $("#create-form select[name=template]");
   sel.replaceChildren(h("option", { value: "" }, "boot the test guest"));
+  // Kernel images the host registered (forkvm serve --image): "image:NAME" values.
+  const images = await api("/v1/images").then((x) => x.images).catch(() => []);
+  for (const name of images) sel.append(h("option", { value: `image:${name}` }, `boot image ${name}`));
   for (const t of app.templates.values()) sel.append(h("option", { value: t.id }, `template ${t.name} (${t.memory_mib} MiB)`));
   const d = $("#create");
   d.returnValue = "";
@@ -326,8 +329,12 @@ async function openCreate() {
     const f = new FormData($("#create-form"));
     const body = { privacy: f.get("privacy") };
     if (f.get("name")) body.name = f.get("name");
-    if (f.get("template")) body.template = f.get("template");
-    else body.memory_mib = Number(f.get("memory_mib")) || 64;
+    const from = f.get("template");
+    if (from && !from.startsWith("image:")) body.template = from;
+    else {
+      if (from) body.image = from.slice("image:".length);
+      body.memory_mib = Number(f.get("memory_mib")) || 64;
+    }
     const r = await act("created", () => api("/v1/sandboxes", { method: "POST", body }));
     if (r) { app.sandboxes.set(r.sandbox ? r.sandbox.id : r.id, r.sandbox || r); scheduleRender(); }
   }, { once: true });
