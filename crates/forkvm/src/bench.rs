@@ -19,6 +19,7 @@ pub fn bench(args: BenchArgs) -> Result<i32, String> {
         BenchKind::Agent => crate::bench_agent::bench_agent(&args),
         BenchKind::Api => crate::bench_api::bench_api(&args),
         BenchKind::Xhost => crate::bench_xhost::bench_xhost(&args),
+        BenchKind::Pool => crate::bench_pool::bench_pool(&args),
     }
 }
 

@@ -225,5 +225,5 @@ pub fn bench_clone(args: &BenchArgs) -> Result<i32, String> {
         print!("{}", table(&format!("host memory, {} MiB guest", mem >> 20), &mem_rows));
         println!();
     }
-    Ok(0)
+    crate::bench_pool::bench_pool(args)
 }

@@ -269,6 +269,8 @@ pub enum BenchKind {
     /// Clones across hosts: wake over TCP from a page server in another network namespace (veth)
     /// to first answer, vs a local wake (needs root and iproute2).
     Xhost,
+    /// Only the live-clone rows of `clone`: fork() vs warm pool clone, 100 clones, memory.
+    Pool,
 }
 
 #[derive(Args, Debug)]

@@ -1,0 +1,242 @@
+//! The live-clone rows of `forkvm bench clone` (also alone: `forkvm bench pool`): fork() clone
+//! vs live clone into warm pool VMM processes — clone to first answer (p50/p99), the parent's
+//! pause per clone, 100 clones of one 2 GiB parent until all answer, and the host memory of 100
+//! idle children. Pool members are real processes (`forkvm pool member --stdio`), started and
+//! warm before any clone request; the parent runs in this process.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use vmm::live_clone::{LiveCloneOptions, LiveParent, Target};
+use vmm::{Backing, MicroVm, VmConfig};
+
+use crate::cli::BenchArgs;
+use crate::hostmem::mem_available;
+use crate::stats::{table, Samples};
+
+const T: Duration = Duration::from_secs(120);
+/// Memory the parents hold (written from the host; the PVM guest is too slow to dirty it).
+const DIRTY: u64 = 64 << 20;
+const MANY: usize = 100;
+const MANY_MEM: u64 = 2 << 30;
+
+fn s<E: std::fmt::Display>(e: E) -> String {
+    e.to_string()
+}
+
+/// A warm pool member with its console on pipes.
+struct Member {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    out: BufReader<ChildStdout>,
+    sock: PathBuf,
+}
+
+impl Member {
+    fn start(mem: u64) -> Result<Member, String> {
+        let exe = std::env::current_exe().map_err(s)?;
+        let mut child = Command::new(exe)
+            .args(["pool", "member", "--stdio", "--no-refill", "--mem", &mem.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("cannot start a pool member: {e}"))?;
+        let stdin = child.stdin.take();
+        let mut out = BufReader::new(child.stdout.take().ok_or("no stdout")?);
+        let mut line = String::new();
+        out.read_line(&mut line).map_err(s)?;
+        let sock = line.trim_end().strip_prefix("warm ").ok_or(format!("pool member: {line:?}"))?.into();
+        Ok(Member { child, stdin, out, sock })
+    }
+
+    fn send(&mut self, line: &str) -> Result<(), String> {
+        let w = self.stdin.as_mut().ok_or("stdin closed")?;
+        w.write_all(format!("{line}\n").as_bytes()).and_then(|()| w.flush()).map_err(s)
+    }
+
+    fn wait_line(&mut self, want: &str) -> Result<(), String> {
+        let mut line = String::new();
+        loop {
+            line.clear();
+            if self.out.read_line(&mut line).map_err(s)? == 0 {
+                return Err(format!("the pool clone exited before answering {want:?}"));
+            }
+            if line.trim_end() == want {
+                return Ok(());
+            }
+        }
+    }
+
+    fn stop(mut self) {
+        drop(self.stdin.take());
+        let _ = self.child.wait();
+    }
+}
+
+fn parent(mem: u64, backing: Backing) -> Result<MicroVm, String> {
+    let vm = MicroVm::boot(VmConfig { mem_size: mem, backing, ..Default::default() }).map_err(s)?;
+    vm.wait_for("forkvm-test-guest ready", T).map_err(s)?;
+    if !vm.memory().fill(test_guest::LOW_LIMIT, DIRTY.min(mem - test_guest::LOW_LIMIT), 0x5a) {
+        return Err("cannot fill guest memory".into());
+    }
+    Ok(vm)
+}
+
+fn quantile(v: &[f64], q: f64) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v.get(((v.len() as f64 - 1.0) * q).round() as usize).copied().unwrap_or(f64::NAN)
+}
+
+fn one(name: &str, unit: &'static str, v: f64) -> Samples {
+    let mut r = Samples::new(name, unit);
+    r.values.push(v);
+    r
+}
+
+fn mib(b: u64) -> f64 {
+    b as f64 / f64::from(1u32 << 20)
+}
+
+fn no_prefetch() -> LiveCloneOptions {
+    LiveCloneOptions { prefetch: false, ..Default::default() }
+}
+
+/// Clone to first answer and the parent's pause: fork() vs pool, `runs` times each.
+fn latency_rows(mem: u64, runs: usize) -> Result<Vec<Samples>, String> {
+    let mut rows = Vec::new();
+    {
+        let vm = parent(mem, Backing::Anon)?;
+        let mut first = Samples::new("fork() clone to first answer", "ms");
+        let mut paused = Samples::new("  fork(): parent paused", "ms");
+        for _ in 0..runs {
+            let t = Instant::now();
+            let (mut kids, rep) = vm.fork(1).map_err(s)?;
+            kids[0].command("ping", T).map_err(s)?;
+            first.push_duration(t.elapsed());
+            paused.push_duration(rep.pause + rep.save + rep.fork);
+            for k in kids {
+                k.stop().map_err(s)?;
+            }
+        }
+        rows.push(one("  fork(): first answer p99", "ms", quantile(&first.values, 0.99)));
+        rows.insert(0, first);
+        rows.push(paused);
+    }
+    let vm = parent(mem, Backing::SharedFile)?;
+    let live = LiveParent::attach(&vm).map_err(s)?;
+    let mut members = (0..runs).map(|_| Member::start(mem)).collect::<Result<Vec<_>, _>>()?;
+    let mut first = Samples::new("pool clone to first answer", "ms");
+    let mut paused = Samples::new("  pool: parent paused", "ms");
+    let mut ready = Samples::new("  pool: clone to child ready", "ms");
+    for mut m in members.drain(..) {
+        let t = Instant::now();
+        let conn = UnixStream::connect(&m.sock).map_err(s)?;
+        let (kids, rep) = live.clone_into(&vm, vec![Target { conn, name: None }], &no_prefetch()).map_err(s)?;
+        m.send("ping")?;
+        m.wait_line("pong")?;
+        first.push_duration(t.elapsed());
+        paused.push_duration(rep.paused);
+        ready.push_duration(rep.ready);
+        m.stop();
+        for k in kids {
+            k.wait();
+        }
+    }
+    let p99 = one("  pool: first answer p99", "ms", quantile(&first.values, 0.99));
+    rows.extend([first, p99, paused, ready]);
+    Ok(rows)
+}
+
+/// 100 clones of one 2 GiB parent until all answer, and their host memory.
+fn many_rows() -> Result<Vec<Samples>, String> {
+    let mut rows = Vec::new();
+    {
+        let vm = parent(MANY_MEM, Backing::Anon)?;
+        let before = mem_available()?;
+        let t = Instant::now();
+        let (mut kids, rep) = vm.fork(MANY).map_err(s)?;
+        for k in &mut kids {
+            k.command("ping", T).map_err(s)?;
+        }
+        let all = t.elapsed();
+        let added = before.saturating_sub(mem_available()?);
+        rows.push(one(&format!("{MANY} fork() clones until all answer"), "ms", all.as_secs_f64() * 1e3));
+        rows.push(one("  fork(): parent paused", "ms", (rep.pause + rep.save + rep.fork).as_secs_f64() * 1e3));
+        rows.push(one(&format!("  host memory of {MANY} idle fork() children"), "MiB", mib(added)));
+        for k in kids {
+            k.stop().map_err(s)?;
+        }
+    }
+    let vm = parent(MANY_MEM, Backing::SharedFile)?;
+    let live = LiveParent::attach(&vm).map_err(s)?;
+    let m0 = mem_available()?;
+    let tw = Instant::now();
+    let mut members = (0..MANY).map(|_| Member::start(MANY_MEM)).collect::<Result<Vec<_>, _>>()?;
+    let warm_ms = tw.elapsed().as_secs_f64() * 1e3;
+    let m1 = mem_available()?;
+    let t = Instant::now();
+    let targets = members
+        .iter()
+        .map(|m| UnixStream::connect(&m.sock).map(|conn| Target { conn, name: None }))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(s)?;
+    let (kids, rep) = live.clone_into(&vm, targets, &no_prefetch()).map_err(s)?;
+    for m in &mut members {
+        m.send("ping")?;
+    }
+    for m in &mut members {
+        m.wait_line("pong")?;
+    }
+    let all = t.elapsed();
+    let m2 = mem_available()?;
+    rows.push(one(&format!("{MANY} pool clones until all answer"), "ms", all.as_secs_f64() * 1e3));
+    rows.push(one("  pool: parent paused", "ms", rep.paused.as_secs_f64() * 1e3));
+    rows.push(one(&format!("  host memory of {MANY} idle pool children"), "MiB", mib(m1.saturating_sub(m2))));
+    rows.push(one(&format!("  host memory of the warm pool ({MANY} VMMs)"), "MiB", mib(m0.saturating_sub(m1))));
+    rows.push(one(&format!("  starting {MANY} warm VMMs (before any request)"), "ms", warm_ms));
+    let st = live.stats();
+    rows.push(one("  parent pages preserved (copies held)", "pages", st.pages_held as f64));
+    for m in members {
+        m.stop();
+    }
+    for k in kids {
+        k.wait();
+    }
+    Ok(rows)
+}
+
+fn raise_fd_limit() {
+    let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit with a valid struct we own.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 {
+            r.rlim_cur = r.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+        }
+    }
+}
+
+/// Prints the live-clone tables.
+pub fn bench_pool(args: &BenchArgs) -> Result<i32, String> {
+    raise_fd_limit();
+    let runs = args.runs.max(2);
+    let rows = latency_rows(args.mem, runs)?;
+    let title = format!(
+        "forkvm bench clone (live clone): test guest {} MiB, {} MiB written from the host, 1 vCPU, {runs} runs; \
+         pool children fault pages from the running parent (no prefetch)",
+        args.mem >> 20,
+        DIRTY >> 20
+    );
+    print!("{}", table(&title, &rows));
+    let rows = many_rows()?;
+    let title =
+        format!("forkvm bench clone: {MANY} clones of one {} MiB parent ({} MiB written)", MANY_MEM >> 20, DIRTY >> 20);
+    print!("{}", table(&title, &rows));
+    println!();
+    Ok(0)
+}
