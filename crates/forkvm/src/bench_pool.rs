@@ -212,12 +212,11 @@ fn many_rows() -> Result<Vec<Samples>, String> {
 
 fn raise_fd_limit() {
     let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: getrlimit/setrlimit with a valid struct we own.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 {
-            r.rlim_cur = r.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
-        }
+    // SAFETY: getrlimit writes into a valid struct we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } == 0 {
+        r.rlim_cur = r.rlim_max;
+        // SAFETY: setrlimit reads a valid struct we own.
+        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &r) };
     }
 }
 
