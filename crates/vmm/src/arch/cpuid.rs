@@ -84,3 +84,30 @@ pub fn check_supported(saved: &[kvm_cpuid_entry2], supported: &[kvm_cpuid_entry2
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn entry(function: u32, index: u32, ecx: u32) -> kvm_cpuid_entry2 {
+        kvm_cpuid_entry2 { function, index, ecx, ..Default::default() }
+    }
+
+    #[test]
+    fn bits_that_mirror_the_guests_control_registers_are_not_host_features() {
+        // A Linux guest that enabled XSAVE (CR4.OSXSAVE) and protection keys (CR4.PKE): KVM shows
+        // OSXSAVE (1.ecx bit 27) and OSPKE (7.0.ecx bit 4) in the vCPU's CPUID; the supported set
+        // never has them.
+        let supported = [entry(0, 0, 0), entry(1, 0, 1 << 26), entry(7, 0, 1 << 3)];
+        let mut saved = [entry(0, 0, 0), entry(1, 0, (1 << 26) | (1 << 27)), entry(7, 0, (1 << 3) | (1 << 4))];
+        saved[0].eax = 7;
+        let mut sup = supported;
+        sup[0].eax = 7;
+        check_supported(&saved, &sup).unwrap();
+        // A real feature the host lacks is still refused.
+        saved[1].ecx |= 1 << 28; // AVX
+        let e = check_supported(&saved, &sup).unwrap_err();
+        assert!(e.contains("0x1.0 ecx bits 0x10000000"), "{e}");
+    }
+}
