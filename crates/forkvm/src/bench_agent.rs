@@ -25,14 +25,15 @@ fn addr(name: &str) -> Result<AgentAddr, String> {
     Ok(crate::agent_exec::addr(&vm::vm_dir(name)?))
 }
 
-/// Connects to a new fork child's agent as soon as its vsock socket is there, and pings it.
+/// Connects to a new fork child's agent (its vsock socket listens once the fork answered), pings it.
 fn first_answer(child: &str) -> Result<(), String> {
     let a = addr(child)?;
     let deadline = Instant::now() + T;
     loop {
         match a.connect(T) {
             Ok(mut c) => return c.ping(1, T).map_err(|e| e.to_string()),
-            // The child binds its socket right after it says it is ready.
+            // The fork answers once the child's vsock socket listens; a connection can still
+            // meet the guest resetting its vsock transport (every clone's does), so retry.
             Err(vmm::agent::ClientError::Connect { .. }) if Instant::now() < deadline => {
                 std::thread::sleep(Duration::from_millis(2))
             }

@@ -40,11 +40,13 @@ fn reg(e: &kvm_cpuid_entry2, name: &str) -> u32 {
     }
 }
 
-/// Bits the VMM sets itself (hypervisor, HTT), whatever the host supports.
+/// Bits that are no host feature: the VMM sets them itself (hypervisor, HTT), or KVM mirrors the
+/// guest's own control registers in them (OSXSAVE = CR4.OSXSAVE, OSPKE = CR4.PKE).
 fn ours(function: u32, name: &str) -> u32 {
     match (function, name) {
-        (1, "ecx") => 1 << 31,
+        (1, "ecx") => (1 << 31) | (1 << 27),
         (1, "edx") => 1 << 28,
+        (7, "ecx") => 1 << 4,
         _ => 0,
     }
 }
