@@ -395,3 +395,23 @@ fn secret_files_must_be_private_regular_files() {
     let b = Secret::from_bytes(b"0123456789abcdef0123").unwrap();
     assert_eq!(a.server_proof(1, &[0; 32], &[1; 32]), b.server_proof(1, &[0; 32], &[1; 32]));
 }
+
+/// Found by `forkvm bench xhost`: a broken-link hook that holds the last reference to the
+/// source (a woken VM's hook holds its page server's monitor, which holds the source) drops it
+/// on the reader thread, whose `NetSource::drop` then joined itself: "failed to join thread:
+/// Resource deadlock avoided" panicked the reader.
+#[test]
+fn the_last_reference_dropped_by_the_broken_hook_does_not_panic() {
+    let img = Arc::new(pattern(16));
+    let (srv, _ev) = serve(&img, NetServerConfig::new(secret()));
+    let src = Arc::new(NetSource::connect(&srv.local_addr().to_string(), &secret(), &client_cfg()).unwrap());
+    let held = Mutex::new(Some(src.clone()));
+    let (tx, rx) = channel();
+    src.on_broken(Arc::new(move |_why: &str| {
+        drop(held.lock().unwrap().take()); // the last reference goes here, on the reader thread
+        let _ = tx.send(());
+    }));
+    drop(src);
+    srv.stop();
+    rx.recv_timeout(Duration::from_secs(10)).expect("the hook ran to its end");
+}
