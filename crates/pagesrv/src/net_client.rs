@@ -284,7 +284,11 @@ impl Drop for NetSource {
         self.inner.cv.notify_all();
         let _ = self.inner.stream.shutdown(std::net::Shutdown::Both);
         if let Some(h) = self.reader.lock().unwrap_or_else(|p| p.into_inner()).take() {
-            let _ = h.join();
+            // The last reference may go on the reader thread itself (its broken-link hook held
+            // it): that thread ends right after, on its own.
+            if h.thread().id() != std::thread::current().id() {
+                let _ = h.join();
+            }
         }
     }
 }
@@ -500,6 +504,22 @@ impl PageSource for NetSource {
             }
         }
         Ok(())
+    }
+}
+
+/// A [`Monitor`] that does not keep its page server (and so its source) alive: for hooks the
+/// source itself holds, such as [`NetSource::on_broken`], which would otherwise form a cycle.
+#[derive(Debug, Clone)]
+pub struct WeakMonitor(std::sync::Weak<crate::server::Shared>);
+
+impl WeakMonitor {
+    /// A weak view of `m`.
+    pub fn new(m: &Monitor) -> Self {
+        WeakMonitor(Arc::downgrade(&m.shared))
+    }
+    /// The monitor, while its page server still exists.
+    pub fn upgrade(&self) -> Option<Monitor> {
+        self.0.upgrade().map(|shared| Monitor { shared })
     }
 }
 

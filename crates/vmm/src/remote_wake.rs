@@ -20,7 +20,7 @@ use std::time::Instant;
 
 use chunkstore::Store;
 use pagesrv::net_auth::Secret;
-use pagesrv::net_client::spawn_push_placer;
+use pagesrv::net_client::{spawn_push_placer, WeakMonitor};
 use pagesrv::{ChunkSource, NetClientConfig, NetSource, PageSource, WorkingSet};
 
 use crate::hibernate::{hio, ms, read_record, store_err, WSET_FILE};
@@ -142,10 +142,12 @@ impl MicroVm {
         });
         let (vm, handle) = wake_lazily(t0, &state, report, lazy, opts, Some(on_server))?;
         let ctl: Weak<Control> = Arc::downgrade(vm.control());
-        let mon = handle.monitor();
+        // Weak: the source holds this hook, and the page server (behind the monitor) the source.
+        let mon = WeakMonitor::new(&handle.monitor());
         src.on_broken(Arc::new(move |why: &str| {
-            if mon.resident_pages() == mon.total_pages() {
-                return; // all memory is in: the VM no longer needs the server
+            match mon.upgrade() {
+                Some(m) if m.resident_pages() < m.total_pages() => {}
+                _ => return, // all memory is in, or the VM is gone: the server is not needed
             }
             if let Some(c) = ctl.upgrade().filter(|c| c.exit_reason().is_none()) {
                 let msg = format!("guest memory could not be served: {why}");
