@@ -119,3 +119,37 @@ fn the_disk_follows_snapshot_restore_and_fork_copy_on_write() {
     assert_eq!(read(&mut d, 0), vec![b'B'; 4096]);
     assert!(vm.block().unwrap().state().disk.layers() >= 2);
 }
+
+/// Regression (found by tools/e2e/l2-netdisk.sh): a hibernation whose disk has written layers
+/// linked them into the hibernation directory, then replaced that directory with a fresh one
+/// holding only state and record, so the wake could not open its disk layers.
+#[test]
+fn a_written_disk_survives_hibernate_and_wake() {
+    let dir = tmp("kvm-blk-hib");
+    let vm = boot(&dir);
+    let mut d = attach(&vm);
+    d.init(2, vmm::devices::virtio::block::device::F_FLUSH);
+    write(&mut d, 0, b'H');
+    let (hib, store) = (dir.join("hib"), dir.join("store"));
+    vm.pause().unwrap();
+    vm.hibernate(&hib, &store, &vmm::HibernateOptions::default()).unwrap();
+    let mut saved = d.rebind(vm.block().unwrap().clone(), vm.memory().clone());
+    drop(vm);
+    for round in 0..2u8 {
+        let (w, h) = MicroVm::wake(&hib, &store, vmm::WakeOptions::default())
+            .unwrap_or_else(|e| panic!("wake {round}: {e}"));
+        let mut d = saved.rebind(w.block().unwrap().clone(), w.memory().clone());
+        assert_eq!(read(&mut d, 0), vec![b'H'; 4096], "wake {round}: the written block is back");
+        if round == 1 {
+            assert_eq!(read(&mut d, 8), vec![b'W'; 4096], "the second wake sees the first wake's write");
+        }
+        write(&mut d, 8, b'W');
+        // Hibernating again into the same directory keeps the layers the new state still uses.
+        w.pause().unwrap();
+        w.hibernate(&hib, &store, &vmm::HibernateOptions::default()).unwrap();
+        saved = d.rebind(w.block().unwrap().clone(), w.memory().clone());
+        drop(w);
+        drop(h);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
