@@ -18,6 +18,8 @@ use crate::stats::{table, Samples};
 /// A daemon on a private run dir; stopped (with every VMM) on drop.
 struct Bench {
     run: PathBuf,
+    /// The preview proxy's address.
+    preview: Option<String>,
     child: Child,
     c: Client,
 }
@@ -43,7 +45,8 @@ impl Bench {
         let token = daemon::create_token(&run.join("forkvmd"), "bench")?;
         let exe = std::env::current_exe().map_err(|e| e.to_string())?;
         let mut child = Command::new(exe)
-            .args(["serve", "--policy-tick-ms", "100"])
+            .args(["serve", "--policy-tick-ms", "100", "--preview-listen", "127.0.0.1:0"])
+            .args(["--preview-guest-ip", "192.168.241.1"])
             .env("FORKVM_RUN_DIR", &run)
             .env_remove("FORKVM_STATE_DIR")
             .env_remove("FORKVM_STORE")
@@ -58,7 +61,8 @@ impl Bench {
             return Err(format!("the daemon did not start: {line}"));
         }
         let c = Client::new(run.join("forkvmd.sock"), Some(token))?;
-        Ok(Bench { run, child, c })
+        let preview = line.split_once("previews on ").and_then(|(_, p)| p.split_whitespace().next()).map(String::from);
+        Ok(Bench { run, preview, child, c })
     }
 
     fn post(&self, path: &str, body: Value) -> Result<crate::daemon_client::Answer, String> {
@@ -169,6 +173,12 @@ pub fn bench_api(args: &BenchArgs) -> Result<i32, String> {
         )
     );
     println!("daemon overhead over the per-VM socket (p50): {:.3} ms\n", via_daemon.median() - direct.median());
+    if let Some(proxy) = &b.preview {
+        let id = b.create(json!({"memory_mib": mib, "policy": never, "net": true, "privacy": "public"}))?;
+        let pause = || b.post(&format!("/v1/sandboxes/{id}/pause"), Value::Null).map(|_| ());
+        print!("{}", crate::bench_preview::rows(proxy, &id, &b.run.join(&id), runs, &pause)?);
+        b.delete(&id)?;
+    }
     idle_memory(&b, &tpl)?;
     Ok(0)
 }

@@ -8,6 +8,7 @@ mod bench_api;
 mod bench_clone;
 mod bench_disk;
 mod bench_pool;
+mod bench_preview;
 mod bench_restore;
 mod bench_store;
 mod bench_xhost;

@@ -189,7 +189,17 @@ impl MicroVm {
         let rec = envelope::encode(&RECORD_KIND, &record).map_err(|e| Error::State(e.to_string()))?;
         // The new state and record go into a fresh directory that replaces the old one in one
         // step: a crash or a full disk at any point leaves the previous hibernation or the new.
-        replace_hibernation(&dir, &state_bytes, &rec)?;
+        let disk_files: Vec<String> = state
+            .devices
+            .block
+            .iter()
+            .flat_map(|b| b.disk.layers.iter())
+            .flat_map(|id| {
+                use crate::devices::virtio::block::persist::{layer_file, map_file};
+                [layer_file(id), map_file(id)]
+            })
+            .collect();
+        replace_hibernation(&dir, &state_bytes, &rec, &disk_files)?;
         if let Some(old) = old.filter(|o| o.image != name) {
             // The previous image of this directory is no longer needed (chunks stay, shared).
             let _ = st.remove_image(&old.image);
@@ -214,10 +224,15 @@ impl MicroVm {
 
 /// Writes `state` and `record` (and the recorded working set, still a good prefetch hint) into
 /// a temporary directory beside `dir` and puts it in `dir`'s place atomically.
-fn replace_hibernation(dir: &Path, state: &[u8], record: &[u8]) -> Result<(), Error> {
+/// `disk_files` (the disk layers and maps the state names, linked into `dir` by the disk's
+/// persist) move along, hard-linked: the old directory's unused layers go with it.
+fn replace_hibernation(dir: &Path, state: &[u8], record: &[u8], disk_files: &[String]) -> Result<(), Error> {
     let tmp = chunkstore::private::temp_beside(dir);
     let r = (|| {
         chunkstore::private::create_dir(&tmp).map_err(hio("cannot create", &tmp))?;
+        for f in disk_files {
+            std::fs::hard_link(dir.join(f), tmp.join(f)).map_err(hio("cannot keep disk file", &dir.join(f)))?;
+        }
         write_synced(&tmp.join(STATE_FILE), state)?;
         write_synced(&tmp.join(RECORD_FILE), record)?;
         if let Ok(ws) = std::fs::read(dir.join(WSET_FILE)) {

@@ -136,8 +136,8 @@ fn a_written_disk_survives_hibernate_and_wake() {
     let mut saved = d.rebind(vm.block().unwrap().clone(), vm.memory().clone());
     drop(vm);
     for round in 0..2u8 {
-        let (w, h) = MicroVm::wake(&hib, &store, vmm::WakeOptions::default())
-            .unwrap_or_else(|e| panic!("wake {round}: {e}"));
+        let (w, h) =
+            MicroVm::wake(&hib, &store, vmm::WakeOptions::default()).unwrap_or_else(|e| panic!("wake {round}: {e}"));
         let mut d = saved.rebind(w.block().unwrap().clone(), w.memory().clone());
         assert_eq!(read(&mut d, 0), vec![b'H'; 4096], "wake {round}: the written block is back");
         if round == 1 {
