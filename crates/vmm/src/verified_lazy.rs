@@ -7,20 +7,22 @@
 //! memory with a userfaultfd [`PageServer`] whose source hashes each block as it is read and
 //! serves it only if the hash matches: the guest runs at once and never sees a byte that was not
 //! checked. A block of zero hash is served as zeros whatever the file holds there. A background
-//! thread (niced) then brings in every block the guest did not touch, through the same checks,
+//! thread (SCHED_IDLE) then brings in every block the guest did not touch, through the same checks,
 //! and stops the server; the VM's memory is then private and the process can fork. A block that
 //! fails its check stops the VM with an error before its pages would be handed out (as a lazy
 //! wake does; see [`crate::lazy_restore`]).
 
+use std::collections::VecDeque;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering::SeqCst;
-use std::sync::{Arc, OnceLock, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use pagesrv::{FailureHook, PageServer, PageSource, Region, ServerConfig};
 
 use crate::arch::layout::GEN_PAGE;
+use crate::devices::console::lock;
 use crate::memory_failure;
 use crate::microvm::MicroVm;
 use crate::persist::image_hash::{blocks, full_block};
@@ -69,9 +71,51 @@ struct VerifiedSource {
     size: u64,
     blocks: Vec<(u64, u64)>,
     hashes: Vec<[u8; 32]>,
+    /// Recently checked blocks (index, bytes): the background fill asks for a block in 256 KiB
+    /// pieces, and a fault may ask for the rest of a block the fill began.
+    recent: Mutex<VecDeque<(usize, Arc<Vec<u8>>)>>,
 }
 
+/// Checked blocks kept for the pieces still to come.
+const RECENT: usize = 4;
+
 impl VerifiedSource {
+    /// Reads block `i` ([bo, bo+bl)) into `buf` and checks it against its hash.
+    fn read_checked(&self, i: usize, bo: u64, buf: &mut [u8]) -> pagesrv::Result<()> {
+        let bl = buf.len() as u64;
+        self.file
+            .read_exact_at(buf, bo)
+            .map_err(|e| Self::err(bo, bl, format!("reading {}: {e}", self.path.display())))?;
+        if self.hashes.get(i).is_none_or(|want| full_block(buf) != *want) {
+            return Err(Self::err(
+                bo,
+                bl,
+                format!(
+                    "memory image {} does not match its snapshot state at {bo:#x} (the image is corrupt or belongs \
+                     to another snapshot)",
+                    self.path.display()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Block `i`, checked, from the recent ones or read now.
+    fn checked_block(&self, i: usize, bo: u64, bl: u64) -> pagesrv::Result<Arc<Vec<u8>>> {
+        if let Some(b) = lock(&self.recent).iter().find(|(j, _)| *j == i).map(|(_, b)| b.clone()) {
+            return Ok(b);
+        }
+        let mut v = vec![0u8; bl as usize];
+        self.read_checked(i, bo, &mut v)?;
+        let b = Arc::new(v);
+        let mut r = lock(&self.recent);
+        if r.len() >= RECENT {
+            r.pop_front();
+        }
+        r.push_back((i, b.clone()));
+        Ok(b)
+    }
+
     fn err(offset: u64, len: u64, reason: String) -> pagesrv::Error {
         pagesrv::Error::Source { offset, len, reason }
     }
@@ -93,7 +137,6 @@ impl PageSource for VerifiedSource {
             return Err(Self::err(offset, len, "beyond the end of the image".into()));
         }
         let mut pos = offset;
-        let mut scratch = Vec::new();
         while pos < offset + len {
             let i = self.block_of(pos);
             let (Some(&(bo, bl)), Some(want)) = (self.blocks.get(i), self.hashes.get(i)) else {
@@ -103,33 +146,13 @@ impl PageSource for VerifiedSource {
             let out = &mut buf[(pos - offset) as usize..(end - offset) as usize];
             if *want == [0; 32] {
                 out.fill(0);
+            } else if pos == bo && end == bo + bl {
+                // A whole block: read and checked in place.
+                self.read_checked(i, bo, out)?;
             } else {
-                // The whole block is read and checked; only checked bytes are handed out.
-                let whole = pos == bo && end == bo + bl;
-                let block: &mut [u8] = if whole {
-                    out
-                } else {
-                    scratch.resize(bl as usize, 0);
-                    &mut scratch
-                };
-                self.file
-                    .read_exact_at(block, bo)
-                    .map_err(|e| Self::err(bo, bl, format!("reading {}: {e}", self.path.display())))?;
-                if full_block(block) != *want {
-                    return Err(Self::err(
-                        bo,
-                        bl,
-                        format!(
-                            "memory image {} does not match its snapshot state at {bo:#x} (the image is corrupt or \
-                             belongs to another snapshot)",
-                            self.path.display()
-                        ),
-                    ));
-                }
-                if !whole {
-                    let from = (pos - bo) as usize;
-                    out.copy_from_slice(&scratch[from..from + out.len()]);
-                }
+                let block = self.checked_block(i, bo, bl)?;
+                let from = (pos - bo) as usize;
+                out.copy_from_slice(&block[from..from + out.len()]);
             }
             pos = end;
         }
@@ -165,7 +188,14 @@ pub(crate) fn start(file: File, path: &Path, size: u64, hashes: Vec<[u8; 32]>) -
     let mem = Arc::new(GuestMem::new(size, Backing::Anon, false)?);
     let regions: Vec<Region> =
         mem.regions().iter().map(|r| Region { base: r.host as u64, len: r.size, offset: r.file_offset }).collect();
-    let source = Arc::new(VerifiedSource { file, path: path.to_path_buf(), size, blocks: blocks(size), hashes });
+    let source = Arc::new(VerifiedSource {
+        file,
+        path: path.to_path_buf(),
+        size,
+        blocks: blocks(size),
+        hashes,
+        recent: Mutex::default(),
+    });
     let cell: Arc<OnceLock<Weak<Control>>> = Arc::new(OnceLock::new());
     let c = cell.clone();
     let hook = FailureHook(Arc::new(move |why: &str| {
@@ -204,8 +234,10 @@ impl Lazy {
         let h = std::thread::Builder::new()
             .name("verify-fill".into())
             .spawn(move || {
-                // SAFETY: lowers this thread's own scheduling priority; no memory is involved.
-                unsafe { libc::setpriority(libc::PRIO_PROCESS, memory_failure::gettid() as libc::id_t, 19) };
+                // Runs only when nothing else wants the CPU: the guest and its faults come first.
+                let param = libc::sched_param { sched_priority: 0 };
+                // SAFETY: changes the calling thread's (pid 0) scheduling policy; reads `param`.
+                unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) };
                 match server.fill_remaining() {
                     Ok(_) => {
                         server.stop();
@@ -226,7 +258,7 @@ impl Lazy {
                 lazy_flag.store(false, SeqCst);
             })
             .map_err(Error::Io)?;
-        *crate::devices::console::lock(&vm.background_fill) = Some(h);
+        *lock(&vm.background_fill) = Some(h);
         Ok(())
     }
 }
@@ -235,7 +267,7 @@ impl MicroVm {
     /// Waits until a copy-on-write restore's memory is all in and checked (see
     /// [`crate::verified_lazy`]); returns at once for any other VM.
     pub fn wait_memory_checked(&self) {
-        if let Some(h) = crate::devices::console::lock(&self.background_fill).take() {
+        if let Some(h) = lock(&self.background_fill).take() {
             let _ = h.join();
         }
     }
