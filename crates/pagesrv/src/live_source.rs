@@ -51,6 +51,9 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 #[derive(Debug)]
 struct GenState {
     id: u64,
+    /// Data extents of the file at the clone instant, `[start, end)` sorted: everything else
+    /// was a hole (zero) then, whatever the parent writes there later.
+    data: Vec<(u64, u64)>,
     preserved: Mutex<HashMap<u64, Saved>>,
     /// Why this generation can no longer be served correctly.
     broken: Mutex<Option<String>>,
@@ -160,19 +163,29 @@ impl LiveMemory {
         if let Some(e) = lock(&s.error).clone() {
             return Err(Error::InvalidArgument(format!("write-protect tracking failed earlier: {e}")));
         }
+        let data = data_extents(&s.file, s.len);
         let st = Arc::new(GenState {
             id: s.next_gen.fetch_add(1, Relaxed),
+            data,
             preserved: Mutex::new(HashMap::new()),
             broken: Mutex::new(None),
         });
         let mut gens = lock(&s.gens);
+        // Only data is protected: a hole at the clone instant reads as zero for this generation
+        // whatever the parent writes there later, so such writes need not be caught.
         for r in &s.regions {
-            if let Err(e) = s.uffd.writeprotect(r.base, r.len, true, false) {
-                // Leave nothing half protected behind.
-                if gens.is_empty() {
-                    unprotect_all(s);
+            for &(a, b) in &st.data {
+                let (lo, hi) = (a.max(r.offset), b.min(r.offset + r.len));
+                if lo >= hi {
+                    continue;
                 }
-                return Err(sys("UFFDIO_WRITEPROTECT")(e));
+                if let Err(e) = s.uffd.writeprotect(r.base + (lo - r.offset), hi - lo, true, false) {
+                    // Leave nothing half protected behind.
+                    if gens.is_empty() {
+                        unprotect_all(s);
+                    }
+                    return Err(sys("UFFDIO_WRITEPROTECT")(e));
+                }
             }
         }
         s.protected.store(true, Relaxed);
@@ -201,7 +214,7 @@ impl LiveMemory {
     /// Byte ranges of the file that hold data (not holes), in 1 MiB pieces: what a child needs
     /// to become independent of the parent (holes read as zero).
     pub fn data_ranges(&self) -> Vec<(u64, u32)> {
-        data_ranges(&self.shared.file, self.shared.len)
+        pieces(&data_extents(&self.shared.file, self.shared.len))
     }
 }
 
@@ -216,9 +229,10 @@ impl Drop for LiveMemory {
     }
 }
 
-fn data_ranges(file: &File, len: u64) -> Vec<(u64, u32)> {
+/// Data extents `[start, end)` of `file` (SEEK_DATA/SEEK_HOLE), merged, page aligned.
+fn data_extents(file: &File, len: u64) -> Vec<(u64, u64)> {
     let fd = file.as_raw_fd();
-    let mut out = Vec::new();
+    let mut out: Vec<(u64, u64)> = Vec::new();
     let mut off = 0u64;
     while off < len {
         // SAFETY: lseek on our own fd with plain integers.
@@ -228,14 +242,28 @@ fn data_ranges(file: &File, len: u64) -> Vec<(u64, u32)> {
         }
         // SAFETY: as above.
         let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
-        let end = if hole < 0 { len } else { (hole as u64).min(len) };
-        let mut o = data as u64;
-        while o < end {
-            let l = (end - o).min(1 << 20);
+        let start = (data as u64) & !(PAGE - 1);
+        let end = if hole < 0 { len } else { (hole as u64).min(len).div_ceil(PAGE) * PAGE }.min(len);
+        match out.last_mut() {
+            Some(last) if last.1 >= start => last.1 = last.1.max(end),
+            _ if end > start => out.push((start, end)),
+            _ => {}
+        }
+        off = end.max(start + PAGE);
+    }
+    out
+}
+
+/// Extents cut into pieces of at most 1 MiB (a working set for the prefetcher).
+fn pieces(extents: &[(u64, u64)]) -> Vec<(u64, u32)> {
+    let mut out = Vec::new();
+    for &(a, b) in extents {
+        let mut o = a;
+        while o < b {
+            let l = (b - o).min(1 << 20);
             out.push((o, l as u32));
             o += l;
         }
-        off = end.max(data as u64 + PAGE);
     }
     out
 }
@@ -323,6 +351,9 @@ fn on_write(s: &LiveShared, addr: u64) {
         let gens: Vec<Arc<GenState>> = lock(&s.gens).clone();
         let mut saved: Option<std::result::Result<Saved, String>> = None;
         for g in &gens {
+            if g.is_hole(off) {
+                continue; // it reads as zero for this generation whatever the parent writes
+            }
             let mut m = lock(&g.preserved);
             if m.contains_key(&page) {
                 continue;
@@ -351,7 +382,21 @@ fn read_page(file: &File, off: u64) -> std::result::Result<Saved, String> {
     Ok(if buf.iter().all(|&b| b == 0) { None } else { Some(buf.into()) })
 }
 
+impl GenState {
+    /// True if the page at file offset `off` was a hole at this generation's instant.
+    fn is_hole(&self, off: u64) -> bool {
+        let i = self.data.partition_point(|&(_, end)| end <= off);
+        self.data.get(i).is_none_or(|&(start, _)| off < start)
+    }
+}
+
 impl Generation {
+    /// The data of the parent's memory at this generation's instant, in pieces of at most
+    /// 1 MiB: what a child needs to become independent (the rest reads as zero).
+    pub fn data_ranges(&self) -> Vec<(u64, u32)> {
+        pieces(&self.st.data)
+    }
+
     /// The generation's number (1, 2, ... per [`LiveMemory`]).
     pub fn id(&self) -> u64 {
         self.st.id
@@ -412,13 +457,16 @@ impl PageSource for Generation {
             })?;
             {
                 let m = lock(&self.st.preserved);
-                if !m.is_empty() {
-                    for (k, page) in chunk.chunks_mut(PAGE as usize).enumerate() {
-                        match m.get(&(first + k as u64)) {
-                            Some(Some(old)) => page.copy_from_slice(old),
-                            Some(None) => page.fill(0),
-                            None => {}
-                        }
+                for (k, page) in chunk.chunks_mut(PAGE as usize).enumerate() {
+                    let p = first + k as u64;
+                    if self.st.is_hole(p * PAGE) {
+                        page.fill(0);
+                        continue;
+                    }
+                    match m.get(&p) {
+                        Some(Some(old)) => page.copy_from_slice(old),
+                        Some(None) => page.fill(0),
+                        None => {}
                     }
                 }
             }
@@ -432,17 +480,9 @@ impl PageSource for Generation {
         if len == 0 || self.check().is_err() {
             return false;
         }
-        {
-            let m = lock(&self.st.preserved);
-            let (a, b) = (offset / PAGE, offset.saturating_add(len).div_ceil(PAGE));
-            if !m.is_empty() && (a..b).any(|p| m.contains_key(&p)) {
-                return false;
-            }
-        }
-        // Holes never appear in guest memory after the clone instant (nothing punches them), and
-        // a page written since is preserved (checked above, before this): a hole now was a hole then.
-        // SAFETY: lseek on our own fd with plain integers.
-        let data = unsafe { libc::lseek(self.live.file.as_raw_fd(), offset as libc::off_t, libc::SEEK_DATA) };
-        data < 0 || data as u64 >= offset.saturating_add(len)
+        // Zero at the clone instant: no data extent of the generation meets the range.
+        let end = offset.saturating_add(len);
+        let i = self.st.data.partition_point(|&(_, e)| e <= offset);
+        self.st.data.get(i).is_none_or(|&(start, _)| start >= end)
     }
 }

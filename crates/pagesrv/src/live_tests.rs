@@ -194,7 +194,7 @@ fn holes_written_after_the_clone_read_as_zero() {
     let mut buf = vec![1u8; PAGE];
     g.fill(hole, &mut buf).unwrap();
     assert!(buf.iter().all(|&b| b == 0), "a hole at the clone instant must read as zero");
-    assert_eq!(live.stats().pages_saved, 1);
+    assert_eq!(live.stats().pages_saved, 0, "holes are not protected: nothing to save");
 }
 
 #[test]
@@ -224,4 +224,25 @@ fn retiring_the_last_generation_drops_protection_and_copies() {
     let g3 = live.begin().unwrap();
     p.write_page(3, 1);
     assert_eq!(g3.pages_held(), 1);
+}
+
+#[test]
+fn a_hole_of_an_older_generation_stays_zero_when_a_newer_one_preserves_it() {
+    let p = Arc::new(Parent::new(4 << 20));
+    p.write_page(0, 1);
+    let live = p.live();
+    let g1 = live.begin().unwrap();
+    p.write_page(7, 11); // a hole at g1's instant
+    let mut x = vec![0u8; PAGE];
+    x.copy_from_slice(&p.snapshot()[7 * PAGE..8 * PAGE]);
+    let g2 = live.begin().unwrap();
+    p.write_page(7, 22); // g2 must keep what it was at its instant
+    let mut buf = vec![0u8; PAGE];
+    g2.fill(7 * PAGE as u64, &mut buf).unwrap();
+    assert_eq!(buf, x, "the newer generation sees the page as it was at its instant");
+    g1.fill(7 * PAGE as u64, &mut buf).unwrap();
+    assert!(buf.iter().all(|&b| b == 0), "the older generation saw a hole there");
+    assert!(g1.is_zero(7 * PAGE as u64, PAGE as u64));
+    assert!(!g2.is_zero(7 * PAGE as u64, PAGE as u64));
+    assert_eq!(g1.pages_held(), 0, "nothing is copied for a generation that saw a hole");
 }

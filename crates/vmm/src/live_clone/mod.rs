@@ -207,7 +207,7 @@ impl LiveParent {
         rep.paused = tp.elapsed();
         let (state, gen) = captured?;
         let bytes = state.to_bytes().map_err(|e| Error::State(e.to_string()))?;
-        let prefetch = opts.prefetch.then(|| WorkingSet { page_size: 4096, ranges: self.live.data_ranges() });
+        let prefetch = opts.prefetch.then(|| WorkingSet { page_size: 4096, ranges: gen.data_ranges() });
         let mut children = Vec::with_capacity(hands.len());
         for (t, uffd, regions) in hands {
             let pid = pagesrv::fc_wire::peer_pid(&t.conn);
