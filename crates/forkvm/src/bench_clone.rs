@@ -225,5 +225,8 @@ pub fn bench_clone(args: &BenchArgs) -> Result<i32, String> {
         print!("{}", table(&format!("host memory, {} MiB guest", mem >> 20), &mem_rows));
         println!();
     }
-    crate::bench_pool::bench_pool(args)
+    crate::bench_pool::bench_pool(args)?;
+    println!();
+    // The cross-namespace clone rows (clones across hosts, also `forkvm bench xhost`).
+    crate::bench_xhost::bench_xhost(args)
 }

@@ -1,8 +1,9 @@
-//! `forkvm bench xhost`: clones across hosts. A test guest (`--mem`, 64 MiB of it dirtied from the
-//! host) is hibernated; two network namespaces joined by veth play host A (the page server,
-//! `pagesrv --tcp`) and host B (the waking VMM). Measured: wake → first answer, local (chunk
-//! store) vs across the veth (cold, and with the recorded working set streamed first), and how
-//! fast the rest of the memory follows over the link. Needs root and `ip` (iproute2).
+//! `forkvm bench xhost` (also the last table of `forkvm bench clone`): clones across hosts. A
+//! test guest (`--mem`, 64 MiB of it dirtied from the host) is hibernated; two network namespaces
+//! joined by veth play host A (the page server, `pagesrv --tcp`) and host B (the waking VMM).
+//! Measured: wake → first answer, local (chunk store) vs across the veth (cold, and with the
+//! recorded working set streamed first), and how fast the rest of the memory follows over the
+//! link. Needs root and `ip` (iproute2).
 
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
