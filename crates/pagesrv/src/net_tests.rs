@@ -415,3 +415,49 @@ fn the_last_reference_dropped_by_the_broken_hook_does_not_panic() {
     srv.stop();
     rx.recv_timeout(Duration::from_secs(10)).expect("the hook ran to its end");
 }
+
+/// The link dies in the middle of the working-set push: what arrived whole and verified is
+/// placed and correct, the frame cut in half is dropped, and a page that never came is poisoned
+/// (never zero, never garbage).
+#[test]
+fn a_push_cut_mid_frame_places_only_verified_pages() {
+    let img = Arc::new(pattern(512));
+    let im = img.clone();
+    let addr = fake_server_push(512 * PAGE as u64, 512 * PAGE as u64, move |mut c, key| {
+        for (i, chunk) in [(0u64, 64usize), (64, 64), (128, 64)].into_iter().enumerate() {
+            let (off, n) = (chunk.0 * PAGE as u64, chunk.1);
+            let data = im[off as usize..off as usize + n * PAGE].to_vec();
+            let macs = data.chunks(PAGE).enumerate().map(|(j, p)| key.page(off + (j * PAGE) as u64, KIND_DATA, p));
+            let f = Msg::Pages { id: 0, offset: off, kinds: vec![KIND_DATA; n], macs: macs.collect(), data }.encode();
+            let cut = if i == 2 { f.len() / 2 } else { f.len() };
+            std::io::Write::write_all(&mut c, &f[..cut]).unwrap();
+        }
+    });
+    let src = Arc::new(NetSource::connect(&addr, &secret(), &client_cfg()).unwrap());
+    let (map, ps, seen) = local(src.clone(), img.len(), 4096);
+    spawn_push_placer(src.clone(), &ps).unwrap().join().unwrap();
+    assert_eq!(ps.stats().pages_prefetched, 128, "{:?}", ps.stats());
+    for p in [0usize, 63, 64, 127] {
+        assert_eq!(kernel_read(&map, p * PAGE).unwrap(), img[p * PAGE..][..16].to_vec(), "page {p}");
+    }
+    assert_eq!(kernel_read(&map, 130 * PAGE), Err(libc::EFAULT));
+    assert!(seen.lock().unwrap().join("\n").contains("middle of a frame"));
+    ps.stop();
+}
+
+/// Like [`fake_server`], announcing `push_bytes` of working set to a client that asked for it.
+fn fake_server_push(len: u64, push_bytes: u64, then: impl FnOnce(TcpStream, SessionKey) + Send + 'static) -> String {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        let (mut c, _) = l.accept().unwrap();
+        let Msg::Hello { nonce: cn, .. } = wire::read_msg(&mut c).unwrap() else { panic!() };
+        let sn = [8u8; 32];
+        let proof = secret().server_proof(1, &cn, &sn);
+        wire::write_msg(&mut c, &Msg::Challenge { version: 1, nonce: sn, proof }).unwrap();
+        let Msg::Auth { .. } = wire::read_msg(&mut c).unwrap() else { panic!() };
+        wire::write_msg(&mut c, &Msg::Welcome { len, page_size: 4096, state_len: 0, push_bytes }).unwrap();
+        then(c, secret().session(1, &cn, &sn));
+    });
+    addr
+}
