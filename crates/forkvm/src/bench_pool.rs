@@ -133,6 +133,9 @@ fn latency_rows(mem: u64, runs: usize) -> Result<Vec<Samples>, String> {
     let mut first = Samples::new("pool clone to first answer", "ms");
     let mut paused = Samples::new("  pool: parent paused", "ms");
     let mut ready = Samples::new("  pool: clone to child ready", "ms");
+    let mut vcpus = Samples::new("    of the pause: parking the vCPUs", "ms");
+    let mut save = Samples::new("    of the pause: state capture", "ms");
+    let mut wp = Samples::new("    of the pause: write-protect", "ms");
     for mut m in members.drain(..) {
         let t = Instant::now();
         let conn = UnixStream::connect(&m.sock).map_err(s)?;
@@ -142,13 +145,16 @@ fn latency_rows(mem: u64, runs: usize) -> Result<Vec<Samples>, String> {
         first.push_duration(t.elapsed());
         paused.push_duration(rep.paused);
         ready.push_duration(rep.ready);
+        vcpus.push_duration(rep.pause);
+        save.push_duration(rep.save);
+        wp.push_duration(rep.protect);
         m.stop();
         for k in kids {
             k.wait();
         }
     }
     let p99 = one("  pool: first answer p99", "ms", quantile(&first.values, 0.99));
-    rows.extend([first, p99, paused, ready]);
+    rows.extend([first, p99, paused, vcpus, save, wp, ready]);
     Ok(rows)
 }
 
@@ -196,6 +202,7 @@ fn many_rows() -> Result<Vec<Samples>, String> {
     let m2 = mem_available()?;
     rows.push(one(&format!("{MANY} pool clones until all answer"), "ms", all.as_secs_f64() * 1e3));
     rows.push(one("  pool: parent paused", "ms", rep.paused.as_secs_f64() * 1e3));
+    rows.push(one("    of the pause: write-protect", "ms", rep.protect.as_secs_f64() * 1e3));
     rows.push(one(&format!("  host memory of {MANY} idle pool children"), "MiB", mib(m1.saturating_sub(m2))));
     rows.push(one(&format!("  host memory of the warm pool ({MANY} VMMs)"), "MiB", mib(m0.saturating_sub(m1))));
     rows.push(one(&format!("  starting {MANY} warm VMMs (before any request)"), "ms", warm_ms));
