@@ -233,8 +233,20 @@ fn live_clone_page_server_dying_stops_the_child_with_an_error() {
     assert_eq!((st.active_generations, st.protected), (0, false), "{st:?}");
 }
 
+/// 100 warm VMs and their page servers in one process need ~1500 descriptors.
+fn raise_fd_limit() {
+    let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes into a valid struct we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } == 0 && r.rlim_cur < 4096 {
+        r.rlim_cur = r.rlim_max.min(8192);
+        // SAFETY: setrlimit reads a valid struct we own.
+        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &r) };
+    }
+}
+
 #[test]
 fn live_clone_a_parent_into_100_children_at_once() {
+    raise_fd_limit();
     let mem = 16 << 20;
     let vm = boot(mem);
     for p in 0..64 {
