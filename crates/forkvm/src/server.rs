@@ -218,8 +218,10 @@ impl Host {
             console_log: self.paths.console_log(),
             reseeded: self.vm.agent_gate().state().reseeded(),
             clone_hook: self.vm.agent_gate().state().detail(),
-            page_server: lock(&self.wake).as_ref().map(|w| {
-                let s = w.stats();
+            // Best effort and never blocking: a fork holds this lock while the page server
+            // finishes (seconds on a big woken VM), and a status must not wait for that (the
+            // worker would stall the fork gate and the API; fork_stress ran out of connections).
+            page_server: self.wake.try_lock().ok().and_then(|g| g.as_ref().map(|w| w.stats())).map(|s| {
                 vm::PageServerStats {
                     faults: s.faults,
                     pages_served: s.pages_served,
