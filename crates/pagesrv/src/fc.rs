@@ -218,6 +218,18 @@ mod tests {
         super::parse(json.as_bytes()).map(|h| h.mappings)
     }
 
+    /// Every region of one handshake spells its page size the same way (one Firecracker wrote
+    /// them all); a mix is refused rather than read with region 0's spelling (found by the
+    /// fc_handshake fuzz target: a re-encoded mixed handshake parsed differently).
+    #[test]
+    fn regions_that_spell_the_page_size_differently_are_refused() {
+        let mixed = r#"[{"base_host_virt_addr":4096,"size":4096,"offset":0},{"base_host_virt_addr":8192,"size":8192,"offset":4096,"page_size":8192}]"#;
+        let e = parse(mixed).unwrap_err().to_string();
+        assert!(e.contains("region 1") && e.contains("spells"), "{e}");
+        let same = r#"[{"base_host_virt_addr":4096,"size":4096,"offset":0,"page_size":4096},{"base_host_virt_addr":8192,"size":8192,"offset":4096,"page_size":4096}]"#;
+        assert_eq!(parse(same).unwrap().len(), 2);
+    }
+
     /// Firecracker 1.7-1.11 send only `page_size_kib`, and it has always carried bytes.
     #[test]
     fn page_size_kib_carries_bytes() {
