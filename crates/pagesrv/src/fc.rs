@@ -135,6 +135,8 @@ pub fn parse(body: &[u8]) -> Result<Handshake> {
         let (m, f) = r.resolve(i)?;
         if i == 0 {
             field = f;
+        } else if f != field {
+            return Err(bad(format!("region {i} spells its page size as {f}, region 0 as {field}")));
         }
         mappings.push(m);
     }
