@@ -80,11 +80,17 @@ pub fn expect(t: &dyn Tty, cmd: &str, needle: &str, timeout: Duration) -> Result
 /// Reads `/proc/sys/kernel/random/uuid` (a fresh random UUID from the kernel's CRNG).
 pub fn uuid(t: &dyn Tty, timeout: Duration) -> Result<String, String> {
     let out = run(t, "cat /proc/sys/kernel/random/uuid", timeout)?;
-    out.iter()
+    find_uuid(&out).ok_or_else(|| format!("no UUID in the output of cat /proc/sys/kernel/random/uuid: {out:?}"))
+}
+
+/// The first UUID in `lines`: a word, or the end of a word (a guest daemon's console message may
+/// land on the same line just before it, e.g. "forkvm-agent: serving on Vsock(52)<uuid>").
+pub fn find_uuid(lines: &[String]) -> Option<String> {
+    lines
+        .iter()
         .flat_map(|l| l.split_whitespace())
-        .find(|w| is_uuid(w))
+        .find_map(|w| w.len().checked_sub(36).and_then(|i| w.get(i..)).filter(|t| is_uuid(t)))
         .map(str::to_string)
-        .ok_or_else(|| format!("no UUID in the output of cat /proc/sys/kernel/random/uuid: {out:?}"))
 }
 
 /// `8-4-4-4-12` lower-case hex digits.
@@ -112,6 +118,14 @@ pub fn tail(t: &dyn Tty, n: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The e2e once read "forkvm-agent: serving on Vsock(52)eebe4a86-..." as no UUID.
+    #[test]
+    fn a_uuid_after_a_console_message_on_the_same_line_is_found() {
+        let out = vec!["forkvm-agent: serving on Vsock(52)eebe4a86-d827-4d9b-871f-1bf542c23b72".to_string()];
+        assert_eq!(find_uuid(&out).as_deref(), Some("eebe4a86-d827-4d9b-871f-1bf542c23b72"));
+        assert_eq!(find_uuid(&["no uuid here".to_string()]), None);
+    }
 
     #[test]
     fn uuid_shape() {
