@@ -135,8 +135,9 @@ const CHILD_ENV: &str = "FORKVM_TEST_FC_CHILD";
 /// A stand-in Firecracker in its own process, as a real one is: connects, checks every page
 /// against the memory file, says "verified", and exits when told to (or when stdin closes).
 #[test]
+#[ignore = "re-exec helper: run by its parent test with --ignored"]
 fn fc_vm_child() {
-    let Ok(spec) = std::env::var(CHILD_ENV) else { return };
+    let spec = std::env::var(CHILD_ENV).expect("fc_vm_child runs only as a child of the pagesrv tests");
     let mut it = spec.splitn(3, '|');
     let (sock, field, mem) = (it.next().unwrap(), it.next().unwrap(), it.next().unwrap());
     let field = match field {
@@ -160,7 +161,7 @@ struct Vm(Child);
 impl Vm {
     fn start(sock: &Path, field: &str, mem: &Path) -> Vm {
         let mut c = Command::new(std::env::current_exe().unwrap())
-            .args(["fc_vm_child", "--exact", "--test-threads=1", "--nocapture"])
+            .args(["fc_vm_child", "--exact", "--ignored", "--test-threads=1", "--nocapture"])
             .env(CHILD_ENV, format!("{}|{field}|{}", sock.display(), mem.display()))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

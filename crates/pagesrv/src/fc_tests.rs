@@ -224,8 +224,9 @@ const CHILD_ENV: &str = "PAGESRV_FC_CHILD";
 /// A stand-in Firecracker in its own process (run by the tests below): connects, optionally
 /// closes the socket and waits for "go" on stdin, checks every page, and exits.
 #[test]
+#[ignore = "re-exec helper: run by its parent tests with --ignored"]
 fn fc_child() {
-    let Some(mode) = std::env::var_os(CHILD_ENV) else { return };
+    let mode = std::env::var_os(CHILD_ENV).expect("fc_child runs only as a child of the fc tests");
     let sock = PathBuf::from(std::env::var_os("PAGESRV_FC_SOCK").unwrap());
     let img = std::fs::read(std::env::var_os("PAGESRV_FC_MEM").unwrap()).unwrap();
     let mut c = FcClient::connect(&sock, &two_regions(PageSizeField::KibOnly)).unwrap();
@@ -242,7 +243,7 @@ fn fc_child() {
 
 fn child(mode: &str, sock: &Path, mem: &Path) -> std::process::Child {
     Command::new(std::env::current_exe().unwrap())
-        .args(["fc_tests::fc_child", "--exact", "--test-threads=1", "--nocapture"])
+        .args(["fc_tests::fc_child", "--exact", "--ignored", "--test-threads=1", "--nocapture"])
         .env(CHILD_ENV, mode)
         .env("PAGESRV_FC_SOCK", sock)
         .env("PAGESRV_FC_MEM", mem)
