@@ -31,6 +31,7 @@ mod sandbox_cmd;
 mod scenario;
 mod serve_cmd;
 mod server;
+mod signals;
 mod size;
 mod stats;
 mod store_cmd;

@@ -79,23 +79,6 @@ fn print_event(e: &NetEvent) {
     }
 }
 
-/// Blocks SIGINT/SIGTERM in this thread (and threads started after), so one can be waited for.
-fn block_stop_signals() -> Result<libc::sigset_t, String> {
-    // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise it.
-    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `set` is a valid sigset_t we own.
-    unsafe { libc::sigemptyset(&mut set) };
-    for s in [libc::SIGINT, libc::SIGTERM] {
-        // SAFETY: as above.
-        unsafe { libc::sigaddset(&mut set, s) };
-    }
-    // SAFETY: blocks the signals in this thread; `set` is valid, the old mask is not wanted.
-    if unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) } != 0 {
-        return Err("cannot block SIGINT/SIGTERM".into());
-    }
-    Ok(set)
-}
-
 /// `forkvm pagesrv --tcp`: serves until SIGINT or SIGTERM.
 pub fn pagesrv_tcp(a: &PagesrvArgs) -> Result<i32, String> {
     let addr = a.tcp.tcp.clone().ok_or("--tcp is missing")?;
@@ -133,7 +116,7 @@ pub fn pagesrv_tcp(a: &PagesrvArgs) -> Result<i32, String> {
             (src, what)
         }
     };
-    let set = block_stop_signals()?;
+    let set = crate::signals::block_stop_signals()?;
     let push = cfg.push.as_ref().map(WorkingSet::bytes);
     let recording = cfg.record.clone();
     let (server, events) = NetServer::bind(&addr, src, cfg).map_err(|e| e.to_string())?;

@@ -69,18 +69,7 @@ enum Msg {
 
 /// Block SIGINT and SIGTERM in this thread (and the threads it starts), and forward them.
 fn forward_signals(tx: std::sync::mpsc::Sender<Msg>) -> Result<(), String> {
-    // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise it.
-    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `set` is a valid sigset_t we own.
-    unsafe { libc::sigemptyset(&mut set) };
-    for s in [libc::SIGINT, libc::SIGTERM] {
-        // SAFETY: as above.
-        unsafe { libc::sigaddset(&mut set, s) };
-    }
-    // SAFETY: blocks the signals in this thread; `set` is valid, the old mask is not wanted.
-    if unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) } != 0 {
-        return Err("cannot block SIGINT/SIGTERM".into());
-    }
+    let set = crate::signals::block_stop_signals()?;
     std::thread::spawn(move || loop {
         let mut sig = 0;
         // SAFETY: waits for one of the blocked signals in `set`; writes the number into `sig`.
