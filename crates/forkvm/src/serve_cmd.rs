@@ -115,18 +115,19 @@ fn images(
             return Err(format!("--image {name:?} given twice"));
         }
     }
-    for c in cmdlines {
-        let (name, line) = c.split_once('=').ok_or_else(|| format!("--image-cmdline {c:?}: expected NAME=CMDLINE"))?;
-        let image =
-            out.get_mut(name).ok_or_else(|| format!("--image-cmdline {name:?}: no --image {name}=... was given"))?;
-        image.cmdline = Some(line.to_string());
-    }
-    for r in ready_lines {
-        let (name, line) = r.split_once('=').ok_or_else(|| format!("--image-ready-line {r:?}: expected NAME=LINE"))?;
-        let image =
-            out.get_mut(name).ok_or_else(|| format!("--image-ready-line {name:?}: no --image {name}=... was given"))?;
-        image.ready_line = Some(line.to_string());
-    }
+    // `--FLAG NAME=VALUE` for an image given with --image.
+    let mut per_image = |flag: &str, what: &str, specs: &[String], set: fn(&mut daemon::KernelImage, String)| {
+        for spec in specs {
+            let (name, value) =
+                spec.split_once('=').ok_or_else(|| format!("--{flag} {spec:?}: expected NAME={what}"))?;
+            let image =
+                out.get_mut(name).ok_or_else(|| format!("--{flag} {name:?}: no --image {name}=... was given"))?;
+            set(image, value.to_string());
+        }
+        Ok::<(), String>(())
+    };
+    per_image("image-cmdline", "CMDLINE", cmdlines, |i, v| i.cmdline = Some(v))?;
+    per_image("image-ready-line", "LINE", ready_lines, |i, v| i.ready_line = Some(v))?;
     Ok(out)
 }
 
