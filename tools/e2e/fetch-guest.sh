@@ -73,13 +73,16 @@ resolve_kernel_pkg() {
     printf '%s\n' "$dep"
 }
 
-if [[ -s "$CACHE/kernel-package" && -s "$CACHE/vmlinuz" && -s "$CACHE/modules/load-order" \
-      && -z "${FORKVM_REFRESH:-}" ]]; then
-    kpkg="$(cat "$CACHE/kernel-package")"
-    log "kernel already cached ($kpkg); set FORKVM_REFRESH=1 to re-resolve"
-else
-    kpkg="$(resolve_kernel_pkg)" || die "could not resolve linux-image-cloud-amd64 via apt-cache depends (try: apt-get update)"
+# Resolve through apt every time (apt-cache reads local lists, no network), so a cache made
+# when an older kernel was current does not test a different kernel than a fresh machine (CI).
+# Without apt lists the cached kernel is used.
+if kpkg="$(resolve_kernel_pkg)"; then
     log "linux-image-cloud-amd64 -> $kpkg"
+elif [[ -s "$CACHE/kernel-package" && -s "$CACHE/vmlinuz" && -s "$CACHE/modules/load-order" ]]; then
+    kpkg="$(cat "$CACHE/kernel-package")"
+    log "apt-cache cannot resolve linux-image-cloud-amd64; using the cached $kpkg"
+else
+    die "could not resolve linux-image-cloud-amd64 via apt-cache depends (try: apt-get update)"
 fi
 
 download() { # pkg -> prints path of .deb in $CACHE/debs

@@ -38,12 +38,17 @@ fi
 modules="${FORKVM_L2_MODULES:-$CACHE/modules/extra}"
 mkdir -p "$root/lib/modules/forkvm"
 : >"$root/lib/modules/forkvm/load-order"
-for m in virtio virtio_ring virtio_mmio vsock vmw_vsock_virtio_transport_common vmw_vsock_virtio_transport \
-    virtio_blk failover net_failover virtio_net; do
-    [[ -f "$modules/$m.ko" ]] || e2e_die "module $m.ko not in $modules (run tools/e2e/fetch-guest.sh)"
-    install -m 0644 "$modules/$m.ko" "$root/lib/modules/forkvm/"
-    echo "$m.ko" >>"$root/lib/modules/forkvm/load-order"
+# The order comes from each module's depends= (Debian 6.1.0-57's virtio.ko needs virtio_ring; -48's
+# did not, and a fixed list broke every virtio driver in L2).
+order="$("$(dirname "${BASH_SOURCE[0]}")/module-order.sh" "$modules" virtio virtio_mmio \
+    vmw_vsock_virtio_transport virtio_blk virtio_net)" \
+    || e2e_die "could not order the L2 modules in $modules (run tools/e2e/fetch-guest.sh)"
+for ko in $order; do
+    install -m 0644 "$modules/$ko" "$root/lib/modules/forkvm/"
+    echo "$ko" >>"$root/lib/modules/forkvm/load-order"
 done
+"$(dirname "${BASH_SOURCE[0]}")/module-order.sh" --check "$modules" "$root/lib/modules/forkvm/load-order" \
+    || e2e_die "the L2 module load order is wrong"
 
 cat >"$root/init" <<'INIT'
 #!/bin/sh

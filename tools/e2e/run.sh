@@ -107,6 +107,7 @@ stage_qemu() { # dir
 }
 
 t_start=$SECONDS
+"$E2E_DIR/module-order.sh" --self-test >&2
 "$E2E_DIR/fetch-guest.sh" >&2
 build_probe
 extra_args=()
