@@ -49,6 +49,43 @@ pub fn table(title: &str, rows: &[Samples]) -> String {
     out
 }
 
+impl Samples {
+    /// The `q` quantile (0..=1), nearest rank.
+    pub fn quantile(&self, q: f64) -> f64 {
+        let v = self.sorted();
+        if v.is_empty() {
+            return f64::NAN;
+        }
+        let rank = (q * v.len() as f64).ceil() as usize;
+        v[rank.clamp(1, v.len()) - 1]
+    }
+}
+
+/// Renders rows with p50, p99 and [min–max]: name, p50, p99, min, max, unit, samples.
+pub fn table_p99(title: &str, rows: &[Samples]) -> String {
+    let mut out = format!("{title}\n");
+    let w = rows.iter().map(|r| r.name.len()).max().unwrap_or(10).max(10);
+    out += &format!(
+        "{:<w$} {:>10} {:>10} {:>10} {:>10}  {:<5} {:>4}\n",
+        "metric", "p50", "p99", "min", "max", "unit", "n"
+    );
+    for r in rows {
+        let v = r.sorted();
+        let (min, max) = (v.first().copied().unwrap_or(f64::NAN), v.last().copied().unwrap_or(f64::NAN));
+        out += &format!(
+            "{:<w$} {:>10.3} {:>10.3} {:>10.3} {:>10.3}  {:<5} {:>4}\n",
+            r.name,
+            r.quantile(0.5),
+            r.quantile(0.99),
+            min,
+            max,
+            r.unit,
+            v.len()
+        );
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -65,5 +102,9 @@ mod tests {
         let t = table("T", &[s]);
         assert!(t.contains("2.500"));
         assert!(t.contains("4.000"));
+        let mut q = Samples::new("q", "ms");
+        q.values = (1..=200).map(f64::from).collect();
+        assert_eq!((q.quantile(0.5), q.quantile(0.99), q.quantile(1.0)), (100.0, 198.0, 200.0));
+        assert!(table_p99("T", &[q]).contains("198.000"));
     }
 }

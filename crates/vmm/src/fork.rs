@@ -118,7 +118,7 @@ impl MicroVm {
             ));
         }
         let was_paused = self.is_paused();
-        let pause = if was_paused { Duration::ZERO } else { self.pause()? };
+        let pause = if was_paused { Duration::ZERO } else { self.pause_unflushed()? };
         let result = (|| {
             let t0 = Instant::now();
             // The disk as it is now is shared by the children; the parent writes a new overlay.

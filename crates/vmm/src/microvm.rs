@@ -439,14 +439,22 @@ impl MicroVm {
 
     /// Parks all vCPUs at an instruction boundary; returns the pause latency.
     pub fn pause(&self) -> Result<Duration, Error> {
+        let d = self.pause_unflushed()?;
+        if let Some(b) = &self.block {
+            // Everything the guest wrote before the pause is durable while it is paused.
+            b.flush().map_err(|e| Error::State(format!("cannot flush the disk: {e}")))?;
+        }
+        Ok(d)
+    }
+
+    /// [`MicroVm::pause`] without the disk flush (a fork: the children share the frozen layers
+    /// through the page cache; a flush would make nothing more durable, since the layers are
+    /// unnamed files until a snapshot links — and then syncs — them).
+    pub(crate) fn pause_unflushed(&self) -> Result<Duration, Error> {
         let d = self.ctl.pause(Duration::from_secs(10)).map_err(Error::State)?;
         self.vsock.pause();
         if let Some(n) = &self.net {
             n.pause();
-        }
-        if let Some(b) = &self.block {
-            // Everything the guest wrote before the pause is durable while it is paused.
-            b.flush().map_err(|e| Error::State(format!("cannot flush the disk: {e}")))?;
         }
         Ok(d)
     }

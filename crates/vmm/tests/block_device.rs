@@ -355,3 +355,27 @@ fn a_full_host_disk_gives_ioerr_and_keeps_what_was_flushed() {
     assert_eq!(b.request(T_FLUSH, 0, &[], 0).0, S_OK);
     assert_eq!(b.read(0, 4096), vec![0x44; 4096]);
 }
+
+#[test]
+fn a_clone_leaves_layers_unsynced_and_a_snapshot_syncs_every_layer_it_links() {
+    let dir = tmp("blk-sync");
+    let snap = dir.join("snap");
+    std::fs::create_dir_all(&snap).unwrap();
+    let img = image(&dir, 2 * MIB);
+    let mut parent = CowDisk::create(&cfg(&img, &dir)).unwrap();
+    parent.write_at(&[1; 4096], 0).unwrap();
+    parent.freeze().unwrap();
+    let mut child = parent.clone_view(None).unwrap();
+    assert_eq!(parent.unsynced_layers(), 1, "a clone does not fsync (the layer is an unnamed file)");
+    child.write_at(&[2; 4096], 4096).unwrap();
+    let st = child.persist(&snap).unwrap();
+    assert_eq!(st.layers.len(), 2);
+    assert_eq!(child.unsynced_layers(), 0, "every layer a snapshot names is synced before it is named");
+    assert_eq!(parent.unsynced_layers(), 0, "the shared layer was synced once, for everyone");
+    let restored = CowDisk::open_saved(&st, &snap, None).unwrap();
+    assert_eq!(restored.unsynced_layers(), 0);
+    let mut buf = vec![0u8; 8192];
+    restored.read_at(&mut buf, 0).unwrap();
+    assert_eq!(&buf[..4096], &[1; 4096][..]);
+    assert_eq!(&buf[4096..], &[2; 4096][..]);
+}

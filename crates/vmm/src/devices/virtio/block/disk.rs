@@ -213,12 +213,14 @@ impl CowDisk {
                 "the disk already stacks {MAX_LAYERS} copy-on-write layers: cannot clone it again"
             )));
         }
-        self.live.sync_data()?;
+        // No fsync here (it was most of a clone's time): the frozen layer stays an unnamed
+        // file, readable by everyone above it from the page cache; a snapshot that links it
+        // syncs it first (see Layer::sync and CowDisk::persist).
         let fresh = scratch_file(&self.scratch, self.size())?;
         let blocks = self.live_map.blocks();
         let map = std::mem::replace(&mut self.live_map, Bitmap::new(blocks));
         let file = std::mem::replace(&mut self.live, fresh);
-        self.frozen.push(Arc::new(Layer { id: super::layer::random_id(), file, map }));
+        self.frozen.push(Arc::new(Layer::new(super::layer::random_id(), file, map, false)));
         Ok(())
     }
 
@@ -238,6 +240,12 @@ impl CowDisk {
         if let Ok(null) = File::open("/dev/null") {
             self.live = null;
         }
+    }
+
+    /// Frozen layers whose data has not been synced to stable storage yet (a snapshot syncs
+    /// the ones it links).
+    pub fn unsynced_layers(&self) -> usize {
+        self.frozen.iter().filter(|l| !l.is_synced()).count()
     }
 
     /// Bytes the overlays take on the host (allocated blocks of the live and frozen files).

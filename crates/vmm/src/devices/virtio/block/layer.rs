@@ -7,6 +7,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Copy-on-write granularity: the guest filesystem's block size.
 pub const BLOCK: u64 = 4096;
@@ -83,12 +84,38 @@ impl Bitmap {
 }
 
 /// A frozen overlay: never written again; shared by every VM (and fork child) above it.
+///
+/// Freezing does not fsync it: a layer is an unnamed file until a snapshot links it, so no
+/// host crash could leave anything that names it, and an fsync there would buy no durability.
+/// [`Layer::sync`] runs once, when a snapshot first links the layer (before the snapshot's
+/// maps and state name it).
 #[derive(Debug)]
 pub struct Layer {
     /// Random id: names the layer's files in snapshot directories.
     pub id: String,
     pub file: File,
     pub map: Bitmap,
+    /// Its data is known to be on stable storage (synced once, or read from a snapshot).
+    synced: AtomicBool,
+}
+
+impl Layer {
+    pub fn new(id: String, file: File, map: Bitmap, synced: bool) -> Self {
+        Layer { id, file, map, synced: AtomicBool::new(synced) }
+    }
+
+    pub fn is_synced(&self) -> bool {
+        self.synced.load(Ordering::Acquire)
+    }
+
+    /// Puts the layer's data on stable storage (once: a frozen layer never changes).
+    pub fn sync(&self) -> io::Result<()> {
+        if !self.is_synced() {
+            self.file.sync_data()?;
+            self.synced.store(true, Ordering::Release);
+        }
+        Ok(())
+    }
 }
 
 /// The raw base image, opened read-only.

@@ -77,6 +77,8 @@ impl CowDisk {
         self.freeze().map_err(|e| format!("cannot freeze the disk: {e}"))?;
         let size = self.size();
         for l in &self.frozen {
+            // Durable before anything names it: the maps and the state are written after this.
+            l.sync().map_err(|e| format!("cannot sync disk layer {}: {e}", l.id))?;
             let data = dir.join(layer_file(&l.id));
             if std::fs::symlink_metadata(&data).is_err() {
                 if let Err(e) = link_fd(&l.file, &data) {
@@ -125,7 +127,7 @@ impl CowDisk {
                 ));
             }
             let map = Bitmap::from_runs(blocks, &m.runs).map_err(|e| format!("disk map {}: {e}", mp.display()))?;
-            frozen.push(Arc::new(Layer { id: id.to_string(), file, map }));
+            frozen.push(Arc::new(Layer::new(id.to_string(), file, map, true)));
         }
         let scratch = scratch.unwrap_or(dir).to_path_buf();
         CowDisk::assemble(Arc::new(base), frozen, st.read_only, scratch)
