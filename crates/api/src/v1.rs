@@ -420,7 +420,8 @@ mod tests {
 pub struct PreviewInfo {
     /// The preview listener's address, if any.
     pub listen: Option<String>,
-    /// Previews are at `http://<sandbox id>-<port>.<domain>:<listen port>/`.
+    /// Previews are at `http://<sandbox id>-<port>.<domain>:<listen port>/`, and at
+    /// `http://<domain>:<listen port>/preview/<sandbox id>/<port>/` (path form).
     pub domain: String,
 }
 
@@ -430,6 +431,11 @@ pub struct PreviewInfo {
 pub struct PreviewLink {
     /// Open this in a browser (the token, if any, becomes a cookie for that host).
     pub url: String,
+    /// The same preview in path form, `http://<domain>:<port>/preview/<id>/<port>/`, for hosts
+    /// without wildcard DNS (all sandboxes then share one origin; the token cookie is scoped to
+    /// `/preview/<id>/`).
+    #[serde(default)]
+    pub path_url: String,
     /// The preview token (private sandboxes), also accepted as the `forkvm_preview_token` header.
     pub token: Option<String>,
 }

@@ -72,6 +72,12 @@ fn answer(mut c: TcpStream, tag: &str) {
             }
         }
     }
+    if head.starts_with("GET /redirect ") {
+        let a = "HTTP/1.1 302 Found\r\nlocation: /login\r\nset-cookie: s=1; Path=/; HttpOnly\r\n\
+                 service-worker-allowed: /\r\ncontent-length: 0\r\n\r\n";
+        let _ = c.write_all(a.as_bytes());
+        return;
+    }
     let len = head
         .lines()
         .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap()));
@@ -291,4 +297,107 @@ fn preview_bad_input_and_bounds() {
     let mut all = Vec::new();
     s.read_to_end(&mut all).unwrap();
     assert!(String::from_utf8_lossy(&all).starts_with("HTTP/1.1 101"), "closed after the 101 when idle");
+}
+
+/// A request in path form (`/preview/<id>/<port>/...`) with the listener's address as Host.
+fn get_path(d: &Daemon, path: &str, extra_headers: &str) -> Reply {
+    let host = d.preview.as_ref().unwrap();
+    raw(d, format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n{extra_headers}\r\n").as_bytes())
+}
+
+#[test]
+fn path_form_previews_strip_the_prefix_rewrite_answers_wake_and_keep_privacy() {
+    let d = start("pv-path", &[]);
+    let t = d.token("ws1");
+    let a = create_net(&d, &t, "public");
+    serve_in_ns(&d, &a, 8080, "app a");
+    let host = d.preview.clone().unwrap();
+    let r = get_path(&d, &format!("/preview/{a}/8080/hello?x=1"), "x-forwarded-prefix: /spoofed\r\n");
+    assert_eq!(r.status, 200, "{}", r.head);
+    assert!(r.body.starts_with("app a\nGET /hello?x=1 HTTP/1.1\r\n"), "{}", r.body);
+    assert!(r.body.contains(&format!("x-forwarded-prefix: /preview/{a}/8080\r\n")), "{}", r.body);
+    assert!(!r.body.contains("/spoofed"), "{}", r.body);
+    // No trailing slash: redirected to the directory so relative links resolve.
+    let r = get_path(&d, &format!("/preview/{a}/8080"), "");
+    assert_eq!(r.status, 308, "{}", r.head);
+    assert!(r.head.contains(&format!("location: /preview/{a}/8080/\r\n")), "{}", r.head);
+    // The guest's redirect and cookie stay under the prefix; it cannot widen a service worker.
+    let r = get_path(&d, &format!("/preview/{a}/8080/redirect"), "");
+    assert_eq!(r.status, 302, "{}", r.head);
+    let head = r.head.to_ascii_lowercase();
+    assert!(head.contains(&format!("location: /preview/{a}/8080/login\r\n")), "{head}");
+    assert!(head.contains(&format!("set-cookie: s=1; path=/preview/{a}/8080/; httponly\r\n")), "{head}");
+    assert!(!head.contains("service-worker-allowed"), "{head}");
+    // An absolute path requested from a path-form page is sent into that page's prefix.
+    let r = get_path(&d, "/app.js", &format!("referer: http://{host}/preview/{a}/8080/index.html\r\n"));
+    assert_eq!(r.status, 307, "{}", r.head);
+    assert!(r.head.contains(&format!("location: /preview/{a}/8080/app.js\r\n")), "{}", r.head);
+    // An upgrade in path form: the 101 goes through the rewriter, then bytes flow both ways.
+    let mut s = TcpStream::connect(&host).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let req = format!(
+        "GET /preview/{a}/8080/ws HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).unwrap();
+    let mut rd = BufReader::new(s.try_clone().unwrap());
+    let mut line = String::new();
+    rd.read_line(&mut line).unwrap();
+    assert!(line.starts_with("HTTP/1.1 101"), "{line}");
+    while line != "\r\n" {
+        line.clear();
+        rd.read_line(&mut line).unwrap();
+    }
+    s.write_all(b"ping\n").unwrap();
+    line.clear();
+    rd.read_line(&mut line).unwrap();
+    assert_eq!(line, "ping\n");
+    drop((s, rd));
+
+    // Wake: a paused sandbox is resumed by a path-form request, once.
+    d.expect(200, "POST", &format!("/v1/sandboxes/{a}/pause"), &t, None);
+    let r = get_path(&d, &format!("/preview/{a}/8080/"), "");
+    assert!(r.status == 200 && r.body.starts_with("app a\n"), "{} {}", r.head, r.body);
+    assert_eq!(d.state(&t, &a), "running");
+
+    // Privacy: the same rules as the host form, the cookie scoped to the sandbox's prefix, and
+    // not honoured on a same-origin request made from another sandbox's page.
+    let p = create_net(&d, &t, "private");
+    serve_in_ns(&d, &p, 8080, "secret app");
+    let link = d.expect(200, "POST", &format!("/v1/sandboxes/{p}/ports/8080/preview"), &t, None);
+    let token = link["token"].as_str().unwrap().to_string();
+    let path_url = link["path_url"].as_str().unwrap();
+    assert!(path_url.starts_with(&format!("http://localhost:{}/preview/{p}/8080/?", host.rsplit(':').next().unwrap())));
+    assert!(path_url.ends_with(&token), "{path_url}");
+    assert_eq!(get_path(&d, &format!("/preview/{p}/8080/"), "").status, 404);
+    let r = get_path(&d, &format!("/preview/{p}/8080/page?a=1&forkvm_preview_token={token}"), "");
+    assert_eq!(r.status, 302, "{}", r.head);
+    let head = r.head.to_ascii_lowercase();
+    assert!(head.contains(&format!("location: /preview/{p}/8080/page?a=1\r\n")), "{head}");
+    assert!(
+        head.contains(&format!("set-cookie: forkvm_preview_token={token}; path=/preview/{p}/; httponly")),
+        "{head}"
+    );
+    let cookie = format!("cookie: forkvm_preview_token={token}\r\n");
+    let r = get_path(&d, &format!("/preview/{p}/8080/page"), &cookie);
+    assert!(r.status == 200 && r.body.starts_with("secret app\n") && !r.body.contains(&token), "{}", r.body);
+    let from = |page: &str| format!("{cookie}sec-fetch-site: same-origin\r\nreferer: http://{host}{page}\r\n");
+    let r = get_path(&d, &format!("/preview/{p}/8080/page"), &from(&format!("/preview/{a}/8080/")));
+    assert_eq!(r.status, 404, "another sandbox's page cannot use the cookie: {}", r.head);
+    let r = get_path(&d, &format!("/preview/{p}/8080/page"), &from(&format!("/preview/{p}/8080/index")));
+    assert_eq!(r.status, 200, "its own page can: {}", r.head);
+    let r = get_path(&d, &format!("/preview/{p}/8080/"), &format!("x-forkvm-preview-token: {token}\r\n"));
+    assert_eq!(r.status, 200, "{}", r.head);
+
+    // Bad input and bounds: the same answers as the host form.
+    for (path, status, says) in [
+        ("/preview/sb_1/80/".to_string(), 400, "bad sandbox id"),
+        (format!("/preview/{a}/0/"), 400, "bad port"),
+        ("/preview/sb-000000000000/80/".to_string(), 404, "no sandbox"),
+        (format!("/preview/{a}/9/"), 502, "cannot reach port 9"),
+        ("/elsewhere".to_string(), 400, "path form"),
+    ] {
+        let r = get_path(&d, &path, "");
+        assert_eq!(r.status, status, "{path}: {}", r.head);
+        assert!(r.body.contains(says), "{path}: {}", r.body);
+    }
 }

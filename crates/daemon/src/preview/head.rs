@@ -144,12 +144,18 @@ pub fn creds(h: &Head) -> Creds {
 /// header/cookie/query), with `X-Forwarded-For`, and `Connection: close` unless it upgrades, so
 /// every proxied connection carries one request (each one routed and checked here).
 pub fn rewrite(h: &Head, client: SocketAddr) -> Vec<u8> {
-    let (path, _) = take_query_token(&h.path);
+    rewrite_to(h, client, &h.path, None)
+}
+
+/// [`rewrite`] for request target `target` (a path-form preview's path without its prefix),
+/// announcing `prefix` in `X-Forwarded-Prefix` when given.
+pub fn rewrite_to(h: &Head, client: SocketAddr, target: &str, prefix: Option<&str>) -> Vec<u8> {
+    let (path, _) = take_query_token(target);
     let mut out = format!("{} {} HTTP/1.{}\r\n", h.method, path, h.minor_version).into_bytes();
     let upgrade = h.is_upgrade();
     for (name, value) in &h.headers {
         let drop = match name.as_str() {
-            TOKEN_HEADER | "x-forwarded-for" => true,
+            TOKEN_HEADER | "x-forwarded-for" | "x-forwarded-prefix" => true,
             "authorization" => creds(h).bearer.is_some(),
             "connection" | "keep-alive" => !upgrade,
             _ => false,
@@ -174,6 +180,9 @@ pub fn rewrite(h: &Head, client: SocketAddr) -> Vec<u8> {
         out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(format!("x-forwarded-for: {}\r\n", client.ip()).as_bytes());
+    if let Some(p) = prefix {
+        out.extend_from_slice(format!("x-forwarded-prefix: {p}\r\n").as_bytes());
+    }
     if !upgrade {
         out.extend_from_slice(b"connection: close\r\n");
     }

@@ -1,5 +1,7 @@
 //! The preview proxy (`forkvm serve --preview-listen ADDR`): `http://<sandbox id>-<port>.<domain>/`
-//! reaches TCP port `<port>` of that sandbox's guest. The proxy reads one request head (bounded),
+//! reaches TCP port `<port>` of that sandbox's guest; so does the path form
+//! `http://<preview host>/preview/<sandbox id>/<port>/` where wildcard DNS is not available
+//! (see [`pathform`]: same privacy, wake and bounds; answers rewritten into the prefix). The proxy reads one request head (bounded),
 //! routes it by its Host header, checks privacy, wakes a paused or hibernated sandbox (once, under
 //! the sandbox's lock, like exec), opens a connection inside the sandbox's network namespace (the
 //! one its VMM names in `<vm dir>/netns`, joined as `forkvm port-forward` does) and then relays
@@ -17,6 +19,7 @@
 
 pub mod guest;
 pub mod head;
+pub mod pathform;
 pub mod relay;
 pub mod token;
 
@@ -213,30 +216,76 @@ fn allowed(app: &Shared, rec: &crate::db::sandboxes::Rec, creds: &head::Creds) -
     })
 }
 
+/// Where a request goes: host form (`<id>-<port>.<domain>`) or path form (`/preview/<id>/<port>/`).
+enum Target {
+    Host(String, u16),
+    Path(pathform::PathRoute),
+}
+
+/// Routes a request head, or gives the answer to send instead (redirect or error).
+fn target(h: &Head, domain: &str) -> Result<Target, (&'static str, Vec<u8>)> {
+    let by_host = h.header("host").map(|host| head::route(host, domain));
+    if let Some(Ok((id, port))) = by_host {
+        return Ok(Target::Host(id, port));
+    }
+    let redirect = |code: u16, loc: &str| {
+        let reason = if code == 307 { "Temporary Redirect" } else { "Permanent Redirect" };
+        let a =
+            format!("HTTP/1.1 {code} {reason}\r\nlocation: {loc}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+        ("redirect", a.into_bytes())
+    };
+    if h.path.starts_with(pathform::PREFIX) {
+        return match pathform::route(&h.path) {
+            Ok(pathform::Routed::Path(r)) => Ok(Target::Path(r)),
+            Ok(pathform::Routed::Redirect(loc)) => Err(redirect(308, &loc)),
+            Err(m) => Err(("bad_request", error_response(400, "bad_request", &m))),
+        };
+    }
+    if let Some(loc) = pathform::referer_fallback(h) {
+        return Err(redirect(307, &loc));
+    }
+    let m = match by_host {
+        None => "no Host header".to_string(),
+        Some(Err(m)) => format!("{m} (or use the path form /preview/<sandbox id>/<port>/)"),
+        Some(Ok(_)) => String::new(),
+    };
+    Err(("bad_request", error_response(400, "bad_request", &m)))
+}
+
 async fn handle(app: &Shared, cfg: &PreviewConfig, mut sock: TcpStream, peer: SocketAddr) {
     let (h, buf) = match read_head(&mut sock).await {
         Ok(v) => v,
         Err((status, code, m)) => return reply(sock, app, "bad_request", &error_response(status, code, &m)).await,
     };
-    let Some(host) = h.header("host") else {
-        return reply(sock, app, "bad_request", &error_response(400, "bad_request", "no Host header")).await;
+    let route = match target(&h, &cfg.domain) {
+        Ok(t) => t,
+        Err((result, answer)) => return reply(sock, app, result, &answer).await,
     };
-    let (id, port) = match head::route(host, &cfg.domain) {
-        Ok(r) => r,
-        Err(m) => return reply(sock, app, "bad_request", &error_response(400, "bad_request", &m)).await,
+    let (id, port, path) = match route {
+        Target::Host(id, port) => (id, port, None),
+        Target::Path(r) => (r.id.clone(), r.port, Some(r)),
     };
-    let creds = head::creds(&h);
+    let mut creds = head::creds(&h);
+    let from_cookie = !creds.from_query && h.header(head::TOKEN_HEADER).is_none();
+    if path.is_some() && from_cookie && !pathform::cookie_allowed(&h, &id) {
+        // Another sandbox's page on this shared origin: its requests do not carry this one's cookie.
+        creds.preview = None;
+    }
     let rec = crate::db::sandboxes::get(&app.db.lock(), &id).ok().flatten();
     if !rec.is_some_and(|r| allowed(app, &r, &creds)) {
         let m = format!("no sandbox {id:?} (a private sandbox needs its preview token or its workspace's token)");
         return reply(sock, app, "not_found", &error_response(404, "not_found", &m)).await;
     };
     if creds.from_query {
-        // Trade the query token for a cookie on this preview host, and drop it from the address bar.
-        let (location, _) = head::take_query_token(&h.path);
+        // Trade the query token for a cookie on this preview host (path form: under the
+        // sandbox's prefix), and drop it from the address bar.
+        let (location, cookie_path) = match &path {
+            None => (head::take_query_token(&h.path).0, "/".to_string()),
+            Some(r) => (format!("{}{}", r.prefix, head::take_query_token(&r.rest).0), pathform::cookie_path(&id)),
+        };
         let t = creds.preview.unwrap_or_default();
         let answer = format!(
-            "HTTP/1.1 302 Found\r\nlocation: {location}\r\nset-cookie: {PREVIEW_TOKEN}={t}; Path=/; HttpOnly; SameSite=Lax\r\n\
+            "HTTP/1.1 302 Found\r\nlocation: {location}\r\nset-cookie: {PREVIEW_TOKEN}={t}; Path={cookie_path}; HttpOnly; SameSite=Lax\r\n\
              content-length: 0\r\nconnection: close\r\n\r\n"
         );
         return reply(sock, app, "redirect", answer.as_bytes()).await;
@@ -255,11 +304,23 @@ async fn handle(app: &Shared, cfg: &PreviewConfig, mut sock: TcpStream, peer: So
         }
     };
     let mut guest_sock = guest_sock;
-    let mut first = head::rewrite(&h, peer);
+    let mut first = match &path {
+        None => head::rewrite(&h, peer),
+        Some(r) => head::rewrite_to(&h, peer, &r.rest, Some(&r.prefix)),
+    };
     first.extend_from_slice(&buf[h.len..]);
     if guest_sock.write_all(&first).await.is_err() {
         let m = format!("sandbox {id}: port {port} closed the connection");
         return reply(sock, app, "unreachable", &error_response(502, "bad_gateway", &m)).await;
+    }
+    if let Some(r) = &path {
+        let host = h.header("host");
+        if let Err(e) =
+            pathform::forward_response_head(&mut guest_sock, &mut sock, &r.prefix, host, cfg.idle_timeout).await
+        {
+            let m = format!("sandbox {id}: port {port}: {e}");
+            return reply(sock, app, "unreachable", &error_response(502, "bad_gateway", &m)).await;
+        }
     }
     app.metrics.observe_preview("relayed");
     let moved = relay::relay(sock, guest_sock, cfg.idle_timeout).await;

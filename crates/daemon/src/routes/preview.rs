@@ -35,11 +35,14 @@ pub async fn link(
         .preview
         .get()
         .ok_or_else(|| ApiError::conflict("this daemon serves no previews (start it with --preview-listen ADDR)"))?;
-    let base = format!("http://{id}-{port}.{}:{}/", run.domain, run.addr.port());
+    let host = format!("{}:{}", run.domain, run.addr.port());
+    let base = format!("http://{id}-{port}.{host}/");
+    let path_base = format!("http://{host}/preview/{id}/{port}/");
     Ok(Json(if rec.sb.privacy == Privacy::Private {
         let t = run.minter.mint(&id);
-        PreviewLink { url: format!("{base}?{PREVIEW_TOKEN}={t}"), token: Some(t) }
+        let q = format!("?{PREVIEW_TOKEN}={t}");
+        PreviewLink { url: format!("{base}{q}"), path_url: format!("{path_base}{q}"), token: Some(t) }
     } else {
-        PreviewLink { url: base, token: None }
+        PreviewLink { url: base, path_url: path_base, token: None }
     }))
 }
