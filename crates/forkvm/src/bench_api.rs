@@ -176,7 +176,8 @@ pub fn bench_api(args: &BenchArgs) -> Result<i32, String> {
     if let Some(proxy) = &b.preview {
         let id = b.create(json!({"memory_mib": mib, "policy": never, "net": true, "privacy": "public"}))?;
         let pause = || b.post(&format!("/v1/sandboxes/{id}/pause"), Value::Null).map(|_| ());
-        print!("{}", crate::bench_preview::rows(proxy, &id, &b.run.join(&id), runs, &pause)?);
+        let hibernate = || b.post(&format!("/v1/sandboxes/{id}/hibernate"), Value::Null).map(|_| ());
+        print!("{}", crate::bench_preview::rows(proxy, &id, &b.run.join(&id), runs, &pause, &hibernate)?);
         b.delete(&id)?;
     }
     idle_memory(&b, &tpl)?;
