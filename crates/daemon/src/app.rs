@@ -82,7 +82,12 @@ pub type Shared = Arc<App>;
 
 impl App {
     pub fn new(cfg: Config, db: Db) -> Self {
-        let vmms = Vmms { exe: cfg.exe.clone(), run_dir: cfg.run_dir.clone(), store: cfg.store.clone() };
+        let vmms = Vmms {
+            exe: cfg.exe.clone(),
+            run_dir: cfg.run_dir.clone(),
+            store: cfg.store.clone(),
+            children: Default::default(),
+        };
         App {
             cfg,
             db,

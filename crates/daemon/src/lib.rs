@@ -12,6 +12,7 @@ pub mod ops;
 pub mod policy;
 pub mod preview;
 pub mod readopt;
+pub mod reap;
 pub mod routes;
 pub mod util;
 pub mod vmproc;
@@ -72,6 +73,7 @@ async fn serve_async(cfg: Config) -> Result<(), String> {
     println!("{line}");
     let _ = std::io::stdout().flush();
 
+    tokio::spawn(reap::run(app.vmms.children.clone()));
     tokio::spawn(policy::run(app.clone()));
     if let Some((l, p)) = preview {
         tokio::spawn(preview::serve(app.clone(), p, l));

@@ -76,6 +76,9 @@ async fn crashed(app: &Shared, id: &str) -> crate::error::ApiResult<()> {
     let gone = matches!(rec.sb.state, SandboxState::Running | SandboxState::Paused)
         && rec.sb.pid.is_some_and(|p| !Vmms::alive(p));
     if gone {
+        if let Some(pid) = rec.sb.pid {
+            app.vmms.children.wait_gone(pid, std::time::Duration::from_secs(10)).await;
+        }
         app.transition(&rec, SandboxState::Crashed, None, "crashed", "its VMM exited")?;
     }
     Ok(())

@@ -33,6 +33,8 @@ pub struct Vmms {
     pub exe: PathBuf,
     pub run_dir: PathBuf,
     pub store: PathBuf,
+    /// The VMM processes started here, until they are reaped (see [`crate::reap`]).
+    pub children: crate::reap::Children,
 }
 
 impl Vmms {
@@ -123,6 +125,7 @@ impl Vmms {
             }
             if let Some((p, _)) = self.status(id).await {
                 if p == pid {
+                    self.children.keep(child);
                     return Ok(pid);
                 }
             }
@@ -133,11 +136,9 @@ impl Vmms {
         }
     }
 
-    /// Whether process `pid` exists.
+    /// Whether process `pid` exists and has not exited (a zombie has).
     pub fn alive(pid: u32) -> bool {
-        let Ok(p) = i32::try_from(pid) else { return false };
-        // SAFETY: signal 0 only checks that the process exists; no signal is sent.
-        unsafe { libc::kill(p, 0) == 0 }
+        crate::reap::running(pid)
     }
 }
 

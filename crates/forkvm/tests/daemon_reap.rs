@@ -39,7 +39,7 @@ fn exited_vmms_are_reaped_not_left_as_zombies() {
     assert_eq!(d.line(&t, &a, "ping"), "pong");
     let pa2 = pid(&d, &t, &a);
     let since = d.last_event(&t, &a);
-    let _ = d.exec(&t, &a, "halt");
+    let _ = d.req("POST", &format!("/v1/sandboxes/{a}/exec"), &t, Some(json!({"line": "halt"})));
     d.wait_event(&t, since, |e| e["sandbox"] == a.as_str() && e["kind"] == "crashed");
     assert_eq!(proc_state(pa2), None, "the halted sandbox's VMM {pa2} is left as a zombie");
 }

@@ -196,19 +196,10 @@ pub async fn hibernate_if(app: &App, id: &str, by: &str, cond: impl Fn(&Rec) -> 
     vm_call(app, &rec, vm::Hibernate { store: Some(app.cfg.store.clone()) }, SLOW).await?;
     // The VMM exits after answering; wait for it so nothing of it is left running.
     if let Some(pid) = rec.sb.pid {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while crate::vmproc::Vmms::alive(pid) && !is_zombie(pid) && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
+        app.vmms.children.wait_gone(pid, Duration::from_secs(10)).await;
     }
     app.transition(&rec, SandboxState::Hibernated, None, "hibernated", by)?;
     Ok(Some(reload(app, id)?.sb))
-}
-
-fn is_zombie(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| s.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')))
-        .unwrap_or(true)
 }
 
 /// Resumes a paused sandbox or wakes a hibernated one.
@@ -243,10 +234,7 @@ pub async fn delete(app: &App, id: &str, by: &str) -> ApiResult<()> {
     if matches!(rec.sb.state, SandboxState::Running | SandboxState::Paused) {
         let _ = app.vmms.call(id, vm::Stop {}, QUICK).await;
         if let Some(pid) = rec.sb.pid {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while crate::vmproc::Vmms::alive(pid) && !is_zombie(pid) && Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
+            app.vmms.children.wait_gone(pid, Duration::from_secs(10)).await;
         }
     }
     app.vmms.remove_dir(id);

@@ -48,6 +48,10 @@ pub async fn vm_call<O: Op>(app: &App, rec: &Rec, op: O, timeout: Duration) -> A
     match app.vmms.call(&rec.sb.id, op, timeout).await {
         Ok(v) => Ok(v),
         Err(VmError::Gone(why)) => {
+            if let Some(pid) = rec.sb.pid {
+                // Reap it (if ours) before anyone hears that it crashed.
+                app.vmms.children.wait_gone(pid, Duration::from_secs(2)).await;
+            }
             let why = format!("its VMM is gone ({why})");
             app.transition(rec, SandboxState::Crashed, None, "crashed", &why)?;
             Err(ApiError::conflict(format!("sandbox {} crashed: {why}", rec.sb.id)))
