@@ -111,11 +111,8 @@ impl MicroVm {
         // one pass over the image).
         self.wait_memory_checked();
         if self.lazy_memory.load(std::sync::atomic::Ordering::SeqCst) {
-            return Err(Error::State(
-                "this VM's memory is still served lazily (woken from hibernation): a fork child would not inherit \
-                 the page server; fetch it all first (WakeHandle::fetch_all)"
-                    .into(),
-            ));
+            let source = *self.lazy_source.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            return Err(Error::State(lazy_refusal(source)));
         }
         let was_paused = self.is_paused();
         let pause = if was_paused { Duration::ZERO } else { self.pause_unflushed()? };
@@ -258,5 +255,48 @@ impl MicroVm {
                 ctl.stop(ExitReason::Stopped);
             })
             .map_err(Error::Io)
+    }
+}
+
+/// Who still fills a VM's memory through a page server (see `MicroVm::lazy_memory`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LazySource {
+    /// A lazy wake from a local hibernation (chunk store).
+    #[default]
+    Hibernation,
+    /// A wake from another host's page server.
+    RemoteHost,
+    /// A copy-on-write restore whose image is still being checked block by block.
+    CheckedRestore,
+}
+
+/// Why fork refuses a VM whose memory `source` still serves, and what to do about it.
+pub(crate) fn lazy_refusal(source: LazySource) -> String {
+    let (what, fix) = match source {
+        LazySource::Hibernation => ("woken from hibernation", "fetch it all first (WakeHandle::fetch_all)"),
+        LazySource::RemoteHost => {
+            ("woken from another host's page server", "fetch it all first (WakeHandle::fetch_all)")
+        }
+        LazySource::CheckedRestore => (
+            "restored copy-on-write, its image still being checked block by block",
+            "wait until it is checked (MicroVm::wait_memory_checked)",
+        ),
+    };
+    format!(
+        "this VM's memory is still served lazily by a page server ({what}): a fork child would not inherit it; {fix}"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_lazy_refusal_names_what_really_serves_the_memory() {
+        let checked = lazy_refusal(LazySource::CheckedRestore);
+        assert!(!checked.contains("hibernation") && checked.contains("checked"), "{checked}");
+        assert!(lazy_refusal(LazySource::Hibernation).contains("from hibernation"));
+        let remote = lazy_refusal(LazySource::RemoteHost);
+        assert!(remote.contains("another host") && !remote.contains("hibernation"), "{remote}");
     }
 }

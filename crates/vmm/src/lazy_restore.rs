@@ -418,6 +418,7 @@ pub(crate) fn wake_lazily(
         let server = PageServer::register(regions, source, cfg)
             .map_err(|e| Error::State(format!("cannot start the page server: {e}")))?;
         let monitor = server.monitor();
+        let remote = on_server.is_some();
         if let Some(f) = on_server {
             f(&server)?;
         }
@@ -495,6 +496,8 @@ pub(crate) fn wake_lazily(
             lazy_memory: Arc::clone(&vm.lazy_memory),
             _watch: watch,
         };
+        *crate::devices::console::lock(&vm.lazy_source) =
+            if remote { crate::fork::LazySource::RemoteHost } else { crate::fork::LazySource::Hibernation };
         vm.lazy_memory.store(true, SeqCst);
         if !recording {
             saved.store(true, SeqCst);

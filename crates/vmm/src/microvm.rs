@@ -111,6 +111,8 @@ pub struct MicroVm {
     /// Guest memory is still being filled by a page server (a lazy wake): a fork child would
     /// not inherit it, so fork refuses until it is all in.
     pub(crate) lazy_memory: Arc<std::sync::atomic::AtomicBool>,
+    /// Who fills it while `lazy_memory` is set (named in fork's refusal).
+    pub(crate) lazy_source: std::sync::Mutex<crate::fork::LazySource>,
     /// The thread still bringing in (and checking) a verified copy-on-write restore's memory
     /// (see [`crate::verified_lazy`]); fork joins it first.
     pub(crate) background_fill: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -260,6 +262,7 @@ impl MicroVm {
             last_snapshot: std::sync::Mutex::new(None),
             pending_dirty: std::sync::Mutex::new(Vec::new()),
             lazy_memory: Arc::default(),
+            lazy_source: std::sync::Mutex::default(),
             background_fill: std::sync::Mutex::new(None),
             agent: Arc::new(AgentGate::new(if p.generation > 1 { HookState::NotRun } else { HookState::NotAClone })),
         };

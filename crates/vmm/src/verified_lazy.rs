@@ -227,6 +227,7 @@ impl Lazy {
         let monitor = self.server.monitor();
         let watch =
             memory_failure::watch(&tids, vm.control(), Arc::new(move || monitor.error())).map_err(Error::State)?;
+        *lock(&vm.lazy_source) = crate::fork::LazySource::CheckedRestore;
         vm.lazy_memory.store(true, SeqCst);
         let lazy_flag = Arc::clone(&vm.lazy_memory);
         let ctl = Arc::downgrade(vm.control());
@@ -267,7 +268,10 @@ impl MicroVm {
     /// Waits until a copy-on-write restore's memory is all in and checked (see
     /// [`crate::verified_lazy`]); returns at once for any other VM.
     pub fn wait_memory_checked(&self) {
-        if let Some(h) = lock(&self.background_fill).take() {
+        // Joined under the lock: a second caller (e.g. a fork while another thread waits) must
+        // not find the handle gone and return before the memory is checked.
+        let mut fill = lock(&self.background_fill);
+        if let Some(h) = fill.take() {
             let _ = h.join();
         }
     }

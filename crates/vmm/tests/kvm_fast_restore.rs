@@ -207,3 +207,30 @@ fn tampered_block_hashes_fall_back_to_the_whole_image_hash() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A fork of a copy-on-write restore whose image is still being checked waits for the check, even
+/// while another thread waits for it too (it was refused, saying "woken from hibernation").
+#[test]
+fn fork_waits_for_the_check_while_another_thread_waits_too() {
+    let (dir, sum) = snapshot_with_data("fork-wait");
+    vmm::restore::forget_checked_images();
+    let mut r = MicroVm::restore(&dir, RestoreMode::Cow, RestoreOptions::default()).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (mut kids, _) = std::thread::scope(|s| {
+        let waiter = s.spawn(|| {
+            tx.send(()).unwrap();
+            r.wait_memory_checked();
+        });
+        rx.recv().unwrap();
+        let forked = r.fork(1);
+        waiter.join().unwrap();
+        forked
+    })
+    .unwrap_or_else(|e| panic!("fork refused: {e}"));
+    assert_eq!(kids[0].command("sum 0x2000000 2048", T).unwrap(), sum);
+    for k in kids.drain(..) {
+        assert_eq!(k.stop().unwrap(), 0);
+    }
+    assert!(r.stop().is_some());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
