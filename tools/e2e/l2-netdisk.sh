@@ -9,7 +9,9 @@
 #      child serves its own page at its own forwarded port while the parent serves the old one
 #   3. NET-BENCH rows: request latency and throughput host (L1) <-> guest through port-forward
 #   4. hibernate + wake: the page still comes back (disk layers and network restored)
-# Tunables: L2_MEM (256M), L2_VCPUS (2), L2_CMDLINE, L2_BOOT_TIMEOUT (300), FORKVM, L2_DIR, NETDISK_IMG.
+# Tunables: L2_MEM (256M), L2_VCPUS (2), L2_CMDLINE, NETDISK_BOOT_TIMEOUT (120), NETDISK_T_EXEC (45),
+# NETDISK_T_OP (120), NETDISK_T_DIAG (15), FORKVM, L2_DIR, NETDISK_IMG. On failure: the kept
+# vmm.log/console.log of every VM of the test (hard links, and <run dir>/.exited/).
 set -u
 forkvm="${FORKVM:-/forkvm}"
 l2dir="${L2_DIR:-/l2}"
@@ -20,21 +22,42 @@ cmdline="${L2_CMDLINE:-console=ttyS0 reboot=k panic=-1 pci=off quiet initcall_bl
 vm=nd
 log="$FORKVM_RUN_DIR/$vm/console.log"
 pfs=""
+# Every step is bounded (a wedged VM must fail this test with its logs, well inside QEMU's own
+# timeout): T_EXEC for one exec through the agent (the VMM also waits up to 60 s for a pending
+# clone hook), T_OP for run/fork/hibernate/wake/stop, T_DIAG for each diagnostic command.
+t_exec="${NETDISK_T_EXEC:-45}"
+t_op="${NETDISK_T_OP:-120}"
+t_diag="${NETDISK_T_DIAG:-15}"
+keep=/tmp/l2-netdisk-logs
+# A VMM removes its directory when it is stopped: hard links keep a VM's logs for the failure
+# report (a VM that ends unasked moves them to $FORKVM_RUN_DIR/.exited/<name>.<pid>/ itself).
+keep_logs() { for v in "$@"; do for f in vmm.log console.log; do
+    [ -f "$FORKVM_RUN_DIR/$v/$f" ] && ln -f "$FORKVM_RUN_DIR/$v/$f" "$keep/$v.$f" 2>/dev/null; done; done; }
+fv() { # SECONDS ARGS...: forkvm ARGS, killed after SECONDS
+    t="$1"; shift
+    timeout "$t" "$forkvm" "$@"
+}
 
 cleanup() {
     for p in $pfs; do kill "$p" 2>/dev/null; done
-    for v in "$vm-c1" "$vm"; do "$forkvm" stop "$v" >/dev/null 2>&1; done
+    for v in "$vm-c1" "$vm"; do fv "$t_op" stop "$v" >/dev/null 2>&1; done
+}
+show_kept() {
+    for f in "$keep"/* "$FORKVM_RUN_DIR"/.exited/*/*; do
+        [ -f "$f" ] || continue
+        echo "l2-netdisk: kept log $f (last 40 lines):"; tail -n 40 "$f" | sed 's/^/  | /'
+    done
 }
 # What the network looks like from both sides (on failure).
 netdiag() {
     for v in "$vm" "$vm-c1"; do
         [ -d "$FORKVM_RUN_DIR/$v" ] || continue
-        "$forkvm" exec "$v" -- sh -c 'ip addr show eth0; ip route; netstat -ltn; ps | grep -v "\[" ; arp -an' 2>&1 \
+        fv "$t_diag" exec --timeout 10 "$v" -- sh -c 'ip addr show eth0; ip route; netstat -ltn; ps | grep -v "\[" ; arp -an' 2>&1 \
             | sed "s/^/l2-netdisk: diag $v guest| /"
         ns=$(cat "$FORKVM_RUN_DIR/$v/netns" 2>/dev/null)
-        [ -n "$ns" ] && nsenter --net="$ns" sh -c 'ip addr; arp -an; ping -c 1 -W 2 192.168.241.2' 2>&1 \
+        [ -n "$ns" ] && timeout "$t_diag" nsenter --net="$ns" sh -c 'ip addr; arp -an; ping -c 1 -W 2 192.168.241.2' 2>&1 \
             | sed "s/^/l2-netdisk: diag $v netns| /"
-        [ -n "$ns" ] && printf 'GET /index.html HTTP/1.0\r\n\r\n' | nsenter --net="$ns" timeout 30 nc 192.168.241.2 80 2>&1 \
+        [ -n "$ns" ] && printf 'GET /index.html HTTP/1.0\r\n\r\n' | nsenter --net="$ns" timeout "$t_diag" nc 192.168.241.2 80 2>&1 \
             | head -n 3 | sed "s/^/l2-netdisk: diag $v netns GET| /"
         grep -i -E "net|tap|virtio" "$FORKVM_RUN_DIR/$v/vmm.log" 2>/dev/null | tail -n 10 | sed "s/^/l2-netdisk: diag $v vmm.log| /"
     done
@@ -45,11 +68,12 @@ fail() {
     netdiag
     if [ -f "$log" ]; then echo "l2-netdisk: last L2 console lines:"; tail -n 30 "$log" | sed 's/^/  L2| /'; fi
     cleanup
+    show_kept
     exit 1
 }
 now_ms() { read -r u _ </proc/uptime; echo "${u%.*}${u#*.}0" | sed 's/^0*//'; }
-ex() { # VM CMD: run CMD in the guest (sh -c), stdout to ours
-    "$forkvm" exec "$1" -- sh -c "$2"
+ex() { # VM CMD: run CMD in the guest (sh -c), stdout to ours; bounded
+    fv "$t_exec" exec --timeout 30 "$1" -- sh -c "$2"
 }
 # forward VM: starts `forkvm port-forward VM 80` and prints its host address.
 forward() {
@@ -84,21 +108,22 @@ if [ ! -c /dev/net/tun ]; then
 fi
 # L1's init leaves loopback down; port-forward listens on 127.0.0.1.
 ip link set lo up || fail "ip link set lo up"
-rm -rf "$FORKVM_RUN_DIR" "$FORKVM_STORE"
-mkdir -p /tmp/netdisk
+rm -rf "$FORKVM_RUN_DIR" "$FORKVM_STORE" "$keep"
+mkdir -p /tmp/netdisk "$keep"
 img=/tmp/netdisk/disk.ext4
 cp "$img_src" "$img" || fail "copy the disk image to tmpfs"
 t0=$(now_ms)
-"$forkvm" run --kernel "$l2dir/vmlinuz" --initrd "$l2dir/initrd.img" --mem "${L2_MEM:-256M}" \
+fv "$t_op" run --kernel "$l2dir/vmlinuz" --initrd "$l2dir/initrd.img" --mem "${L2_MEM:-256M}" \
     --vcpus "${L2_VCPUS:-2}" --cmdline "$cmdline" --disk "$img" --net --name "$vm" --detach || fail "forkvm run --disk --net"
 i=0
 until grep -q "forkvm-agent: serving" "$log" 2>/dev/null; do
-    i=$((i + 1)); [ "$i" -le "$((${L2_BOOT_TIMEOUT:-300} * 10))" ] || fail "no 'forkvm-agent: serving' line"
+    i=$((i + 1)); [ "$i" -le "$((${NETDISK_BOOT_TIMEOUT:-120} * 10))" ] || fail "no 'forkvm-agent: serving' line"
     grep -q "forkvm-agent: error" "$log" 2>/dev/null && fail "the agent did not start"
     [ -d "$FORKVM_RUN_DIR/$vm" ] || fail "the VM exited before its agent listened"
     sleep 0.1
 done
 echo "l2-netdisk: agent up $(( $(now_ms) - t0 )) ms after forkvm run"
+keep_logs "$vm"
 
 # 1. Disk + network + httpd in the parent.
 ex "$vm" 'ls /sys/block; ip -o link' | sed 's/^/l2-netdisk: guest: /'
@@ -113,8 +138,9 @@ got=$(fetch "$pa" index.html) || fail "GET http://$pa/ (parent)"
 echo "l2-netdisk: parent page through port-forward $pa: '$got'"
 
 # 2. Fork: the child sees the parent's file; its writes stay its own.
-"$forkvm" fork "$vm" || fail "fork"
+fv "$t_op" fork "$vm" || fail "fork"
 c="$vm-c1"
+keep_logs "$c"
 seen=$(ex "$c" 'cat /mnt/parent.txt') || fail "read the parent's file in the child"
 [ "$seen" = from-parent ] || fail "the child reads '$seen' from the parent's file"
 ex "$c" 'echo child page >/mnt/www/index.html && echo mine >/mnt/child.txt && sync && echo 3 >/proc/sys/vm/drop_caches' \
@@ -133,7 +159,7 @@ gc=$(fetch "$ca" index.html) || fail "GET http://$ca/ (child)"
 gp=$(fetch "$pa" index.html) || fail "GET http://$pa/ (parent, after the fork)"
 [ "$gc" = "child page" ] && [ "$gp" = "netdisk page" ] || fail "child serves '$gc', parent serves '$gp'"
 echo "l2-netdisk: child serves '$gc' at $ca, parent '$gp' at $pa (same guest address 192.168.241.2, own namespaces)"
-"$forkvm" stop "$c" >/dev/null 2>&1
+fv "$t_op" stop "$c" >/dev/null 2>&1
 
 # 3. NET-BENCH: L1 <-> L2 through port-forward (tap in the VM's namespace, userspace virtio-net).
 n=20
@@ -153,8 +179,10 @@ echo "NET-BENCH | HTTP GET small page, L1 nc -> port-forward -> tap -> L2 httpd 
 echo "NET-BENCH | HTTP GET 16 MiB file (from the guest's page cache) | $ms ms = $(( 16 * 1024 * 1000 / (ms > 0 ? ms : 1) )) KiB/s"
 
 # 4. Hibernate + wake with disk and network: the page comes back through a new forward.
-"$forkvm" hibernate "$vm" || fail "hibernate"
-"$forkvm" wake "$vm" || fail "wake"
+fv "$t_op" hibernate "$vm" || fail "hibernate"
+fv "$t_op" wake "$vm" || fail "wake"
+for f in "$keep/$vm".*; do [ -f "$f" ] && mv -f "$f" "$f.before-hibernate"; done
+keep_logs "$vm"
 wa=$(forward "$vm") || fail "port-forward after wake"
 t=$(now_ms)
 gw=$(fetch "$wa" index.html) || fail "GET after wake"

@@ -17,6 +17,7 @@ mod cli;
 mod conn;
 mod daemon_client;
 mod demo;
+mod exit_logs;
 mod fork_op;
 mod hibernate_cmd;
 mod hostmem;

@@ -135,6 +135,20 @@ pub(crate) fn serve_then(
     if let (Some(ExitReason::Error(e)), Some(_)) = (&reason, &wake) {
         crate::hibernate_cmd::keep_failed_wake(&host.paths, &host.name, e);
     } else if !host.keep_dir.load(std::sync::atomic::Ordering::SeqCst) {
+        if crate::exit_logs::unasked(&reason) {
+            // Nobody asked for this exit: keep what explains it before the directory goes.
+            let run = host.paths.dir.parent().map_or_else(forkvm_api::vm::run_dir, Path::to_path_buf);
+            match crate::exit_logs::keep(&run, &host.paths, &host.name, &reason) {
+                Ok(d) => eprintln!(
+                    "forkvm: VM {} exited unasked ({reason:?}); its logs are kept in {}",
+                    host.name,
+                    d.display()
+                ),
+                Err(e) => {
+                    eprintln!("forkvm: VM {} exited unasked ({reason:?}); its logs could not be kept: {e}", host.name)
+                }
+            }
+        }
         let _ = std::fs::remove_dir_all(&host.paths.dir);
     }
     drop(wake);

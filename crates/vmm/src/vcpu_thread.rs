@@ -14,6 +14,7 @@ use kvm_ioctls::VcpuExit;
 use crate::devices::console::lock;
 use crate::devices::mmio::MmioBus;
 use crate::devices::pio::{PioAction, PioBus};
+use crate::vstate::diag;
 use crate::vstate::vcpu::Vcpu;
 
 /// Why a VM stopped running.
@@ -280,6 +281,8 @@ impl Control {
 /// Body of a vCPU thread.
 pub fn run_vcpu(mut vcpu: Vcpu, bus: PioBus, mmio: MmioBus, ctl: Arc<Control>) {
     ctl.enter();
+    // Whether this vCPU's own exit ended the VM (its state is logged there).
+    let mut ended_here = false;
     loop {
         match ctl.want() {
             Want::Stop => break,
@@ -300,8 +303,16 @@ pub fn run_vcpu(mut vcpu: Vcpu, bus: PioBus, mmio: MmioBus, ctl: Arc<Control>) {
             Ok(VcpuExit::IoIn(port, data)) => bus.read(port, data),
             Ok(VcpuExit::MmioRead(addr, data)) => mmio.read(addr, data),
             Ok(VcpuExit::MmioWrite(addr, data)) => mmio.write(addr, data),
-            Ok(VcpuExit::Shutdown) => ctl.stop(ExitReason::GuestShutdown),
-            Ok(VcpuExit::Hlt) => ctl.stop(ExitReason::GuestShutdown),
+            Ok(VcpuExit::Shutdown) => {
+                tracing::error!("guest shutdown exit (triple fault): {}", diag::describe(&vcpu));
+                ended_here = true;
+                ctl.stop(ExitReason::GuestShutdown)
+            }
+            Ok(VcpuExit::Hlt) => {
+                tracing::error!("halt exit: {}", diag::describe(&vcpu));
+                ended_here = true;
+                ctl.stop(ExitReason::GuestShutdown)
+            }
             Ok(VcpuExit::Intr) => {}
             Ok(VcpuExit::FailEntry(reason, cpu)) => {
                 ctl.stop(ExitReason::Error(format!("vCPU {} entry failed: reason {reason:#x} on cpu {cpu}", vcpu.id)))
@@ -309,12 +320,18 @@ pub fn run_vcpu(mut vcpu: Vcpu, bus: PioBus, mmio: MmioBus, ctl: Arc<Control>) {
             Ok(VcpuExit::InternalError) => {
                 let rip = vcpu.fd.get_regs().map(|r| r.rip).unwrap_or_default();
                 let msg = format!("vCPU {}: KVM internal error (emulation failure) at rip {rip:#x}", vcpu.id);
+                tracing::error!("{msg}: {}", diag::describe(&vcpu));
+                ended_here = true;
                 ctl.stop(ExitReason::Error(msg))
             }
             Ok(other) => tracing::debug!("vCPU {}: unhandled exit {other:?}", vcpu.id),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
             Err(e) => ctl.stop(ExitReason::Error(format!("vCPU {}: KVM_RUN failed: {e}", vcpu.id))),
         }
+    }
+    if !ended_here && matches!(ctl.exit_reason(), Some(ExitReason::GuestShutdown | ExitReason::Error(_))) {
+        // A sibling of the vCPU that ended the VM unasked: where it was is evidence too.
+        tracing::error!("stopped with the VM: {}", diag::describe(&vcpu));
     }
     ctl.leave();
 }
