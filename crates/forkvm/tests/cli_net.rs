@@ -4,9 +4,10 @@
 //! service here listens inside each VM's namespace on the gateway address.) Needs root.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+
 use std::io::{BufRead, BufReader, Write};
-use std::net::{TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
+use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
@@ -53,15 +54,7 @@ impl Env {
 
     /// A TCP service inside VM `name`'s namespace on 192.168.241.1:`port` answering `tag`.
     fn serve_in_vm_ns(&self, name: &str, port: u16, tag: String) {
-        let ns_path = std::fs::read_to_string(self.run.join(name).join("netns")).unwrap();
-        let ns = std::fs::File::open(ns_path.trim()).unwrap();
-        let listener = std::thread::spawn(move || {
-            // SAFETY: setns changes only this thread's network namespace.
-            assert_eq!(unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
-            TcpListener::bind(("192.168.241.1", port)).unwrap()
-        })
-        .join()
-        .unwrap();
+        let listener = common::netns::listen_in_vm_ns(&self.run.join(name), port);
         std::thread::spawn(move || {
             for c in listener.incoming() {
                 let mut c = c.unwrap();

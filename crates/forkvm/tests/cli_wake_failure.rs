@@ -2,9 +2,11 @@
 //! keeps its hibernation and its logs, and says why (in vmm.log and in `wake-error`).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 struct Env {
     run: PathBuf,
@@ -58,17 +60,8 @@ fn corrupt_chunk_of(dir: &Path, store: &Path, gpa: u64) {
     pack.write_all_at(&b, e.offset).unwrap();
 }
 
-/// Waits (bounded) until process `pid` is gone.
 fn wait_gone(pid: i32) {
-    let t0 = Instant::now();
-    while Path::new(&format!("/proc/{pid}")).exists() {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        if stat.split_whitespace().nth(2) == Some("Z") {
-            return;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(30), "VMM {pid} still running");
-        std::thread::yield_now();
-    }
+    common::procs::wait_gone(pid, Duration::from_secs(30));
 }
 
 #[test]

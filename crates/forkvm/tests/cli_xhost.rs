@@ -151,17 +151,8 @@ fn ns_inode(path: &str) -> u64 {
     std::fs::metadata(path).unwrap().ino()
 }
 
-/// Waits (bounded) until process `pid` is gone.
 fn wait_gone(pid: i32) {
-    let t0 = Instant::now();
-    while Path::new(&format!("/proc/{pid}")).exists() {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        if stat.split_whitespace().nth(2) == Some("Z") {
-            return;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(60), "VMM {pid} still running");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    common::procs::wait_gone(pid, Duration::from_secs(60));
 }
 
 /// Wakes clone `name` on host B from the server on host A.

@@ -5,11 +5,11 @@
 //! path (routing, namespace join, wake, privacy, relay) is the one a real guest gets. Needs root.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
 mod daemon_common;
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
+use std::net::TcpStream;
 use std::time::Duration;
 
 use daemon_common::Daemon;
@@ -33,15 +33,7 @@ fn create_net(d: &Daemon, t: &str, privacy: &str) -> String {
 /// An HTTP server inside sandbox `id`'s namespace on 192.168.241.1:`port`: answers `tag` and the
 /// request head it got; a WebSocket-style upgrade is answered 101 and then echoed.
 fn serve_in_ns(d: &Daemon, id: &str, port: u16, tag: &str) {
-    let ns_path = std::fs::read_to_string(d.run.join(id).join("netns")).unwrap();
-    let ns = std::fs::File::open(ns_path.trim()).unwrap();
-    let listener = std::thread::spawn(move || {
-        // SAFETY: setns changes only this thread's network namespace.
-        assert_eq!(unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
-        TcpListener::bind(("192.168.241.1", port)).unwrap()
-    })
-    .join()
-    .unwrap();
+    let listener = common::netns::listen_in_vm_ns(&d.run.join(id), port);
     let tag = tag.to_string();
     std::thread::spawn(move || {
         for c in listener.incoming() {
@@ -110,6 +102,24 @@ fn get(d: &Daemon, id: &str, port: u16, path: &str, extra_headers: &str) -> Repl
     raw(d, format!("GET {path} HTTP/1.1\r\nHost: {id}-{port}.localhost\r\n{extra_headers}\r\n").as_bytes())
 }
 
+/// Opens a WebSocket-style upgrade through the proxy (`host` header, `path`), reads the 101 and
+/// its headers; returns the connection and its reader.
+fn upgrade(d: &Daemon, host: &str, path: &str) -> (TcpStream, BufReader<TcpStream>) {
+    let mut s = TcpStream::connect(d.preview.as_ref().unwrap()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n");
+    s.write_all(req.as_bytes()).unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    assert!(line.starts_with("HTTP/1.1 101"), "{line}");
+    while line != "\r\n" {
+        line.clear();
+        r.read_line(&mut line).unwrap();
+    }
+    (s, r)
+}
+
 fn kinds(d: &Daemon, t: &str, id: &str) -> Vec<String> {
     let v = d.expect(200, "GET", &format!("/v1/sandboxes/{id}/events"), t, None);
     v["events"].as_array().unwrap().iter().map(|e| e["kind"].as_str().unwrap().to_string()).collect()
@@ -135,20 +145,7 @@ fn preview_routes_by_host_and_relays_requests_and_upgrades() {
     assert_eq!(r.status, 200);
 
     // An upgrade: after 101 the connection is a byte pipe both ways.
-    let mut s = TcpStream::connect(d.preview.as_ref().unwrap()).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    let req =
-        format!("GET /ws HTTP/1.1\r\nHost: {a}-8080.localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n");
-    s.write_all(req.as_bytes()).unwrap();
-    let mut r = BufReader::new(s.try_clone().unwrap());
-    let mut status = String::new();
-    r.read_line(&mut status).unwrap();
-    assert!(status.starts_with("HTTP/1.1 101"), "{status}");
-    let mut line = String::new();
-    while line != "\r\n" {
-        line.clear();
-        r.read_line(&mut line).unwrap();
-    }
+    let (mut s, mut r) = upgrade(&d, &format!("{a}-8080.localhost"), "/ws");
     for msg in ["ping 1\n", "ping 2\n"] {
         s.write_all(msg.as_bytes()).unwrap();
         let mut back = String::new();
@@ -333,20 +330,8 @@ fn path_form_previews_strip_the_prefix_rewrite_answers_wake_and_keep_privacy() {
     assert_eq!(r.status, 307, "{}", r.head);
     assert!(r.head.contains(&format!("location: /preview/{a}/8080/app.js\r\n")), "{}", r.head);
     // An upgrade in path form: the 101 goes through the rewriter, then bytes flow both ways.
-    let mut s = TcpStream::connect(&host).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    let req = format!(
-        "GET /preview/{a}/8080/ws HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
-    );
-    s.write_all(req.as_bytes()).unwrap();
-    let mut rd = BufReader::new(s.try_clone().unwrap());
+    let (mut s, mut rd) = upgrade(&d, &host, &format!("/preview/{a}/8080/ws"));
     let mut line = String::new();
-    rd.read_line(&mut line).unwrap();
-    assert!(line.starts_with("HTTP/1.1 101"), "{line}");
-    while line != "\r\n" {
-        line.clear();
-        rd.read_line(&mut line).unwrap();
-    }
     s.write_all(b"ping\n").unwrap();
     line.clear();
     rd.read_line(&mut line).unwrap();

@@ -191,11 +191,12 @@ pub fn rewrite_to(h: &Head, client: SocketAddr, target: &str, prefix: Option<&st
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     #![allow(clippy::unwrap_used, clippy::panic)]
     use super::*;
 
-    fn head(s: &str) -> Head {
+    /// A complete request head (test input).
+    pub(crate) fn head(s: &str) -> Head {
         match parse(s.as_bytes()) {
             Parsed::Done(h) => h,
             other => panic!("{other:?}"),

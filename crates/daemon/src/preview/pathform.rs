@@ -236,14 +236,7 @@ where
 mod tests {
     #![allow(clippy::unwrap_used, clippy::panic)]
     use super::*;
-    use crate::preview::head::{parse, Parsed};
-
-    fn head(s: &str) -> Head {
-        match parse(s.as_bytes()) {
-            Parsed::Done(h) => h,
-            other => panic!("{other:?}"),
-        }
-    }
+    use crate::preview::head::tests::head;
 
     #[test]
     fn routes_paths() {

@@ -1,6 +1,9 @@
 //! Helpers shared by the CLI tests: a private run directory per test and the forkvm binary.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, dead_code)]
 
+pub mod netns;
+pub mod procs;
+
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
