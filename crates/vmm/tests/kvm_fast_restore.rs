@@ -2,21 +2,13 @@
 //! a shared-file (memfd) VM snapshotted onto another file system copies only the memfd's data.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
-use vmm::{Backing, MicroVm, RestoreMode, RestoreOptions, SnapshotKind, VmConfig};
-
-const T: Duration = Duration::from_secs(60);
-
-fn boot(mem: u64, backing: Backing) -> MicroVm {
-    let cfg = VmConfig { mem_size: mem, backing, ..Default::default() };
-    let vm =
-        MicroVm::boot(cfg).unwrap_or_else(|e| panic!("cannot boot the test guest: {e} (a usable /dev/kvm is needed)"));
-    vm.wait_for("forkvm-test-guest ready", T).expect("guest ready line");
-    vm
-}
+use common::{boot_with as boot, flip, T};
+use vmm::{Backing, MicroVm, RestoreMode, RestoreOptions, SnapshotKind};
 
 fn tmpdir(base: &Path, name: &str) -> PathBuf {
     let d = base.join(format!("forkvm-fastrestore-{}-{name}", std::process::id()));
@@ -112,15 +104,6 @@ fn shared_snapshot_linked_does_not_fill_holes() {
     assert_eq!(r.command("sum 0x2000000 1024", T).unwrap(), sum);
     drop(r);
     std::fs::remove_dir_all(&dir).unwrap();
-}
-
-fn flip(path: &Path, at: u64) {
-    use std::os::unix::fs::FileExt;
-    let f = std::fs::OpenOptions::new().read(true).write(true).open(path).unwrap();
-    let mut b = [0u8; 1];
-    f.read_exact_at(&mut b, at).unwrap();
-    b[0] ^= 0x10;
-    f.write_all_at(&b, at).unwrap();
 }
 
 /// A 256 MiB guest with 8 MiB of data at 32 MiB, snapshotted (full) into a new directory.

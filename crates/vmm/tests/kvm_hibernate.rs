@@ -2,29 +2,16 @@
 //! userfaultfd page server, on this machine's /dev/kvm.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use vmm::{Backing, ExitReason, HibernateOptions, MicroVm, VmConfig, WakeOptions};
-
-const T: Duration = Duration::from_secs(60);
-
-fn boot(mem: u64) -> MicroVm {
-    let cfg = VmConfig { mem_size: mem, backing: Backing::Anon, ..Default::default() };
-    let vm =
-        MicroVm::boot(cfg).unwrap_or_else(|e| panic!("cannot boot the test guest: {e} (a usable /dev/kvm is needed)"));
-    vm.wait_for("forkvm-test-guest ready", T).expect("guest ready line");
-    vm
-}
+use common::{boot, sum_of, T};
+use vmm::{ExitReason, HibernateOptions, MicroVm, WakeOptions};
 
 fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("forkvm-hib-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
-}
-
-fn sum_of(vm: &MicroVm, gpa: u64, pages: u64) -> String {
-    vm.command(&format!("sum {gpa:#x} {pages}"), T).unwrap()
+    common::tmpdir("hib", name)
 }
 
 fn hibernate(vm: &MicroVm, dir: &Path, store: &Path) -> vmm::HibernateReport {

@@ -2,31 +2,17 @@
 //! test guest, on this machine's /dev/kvm.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::path::PathBuf;
-use std::time::Duration;
+mod common;
 
+use std::path::PathBuf;
+
+use common::{boot_with as boot, sum_of, T};
 use vmm::persist::state::VmState;
 use vmm::snapshot::read_state;
-use vmm::{Backing, MicroVm, RestoreMode, RestoreOptions, SnapshotKind, VmConfig};
-
-const T: Duration = Duration::from_secs(60);
-
-fn boot(mem: u64, backing: Backing) -> MicroVm {
-    let cfg = VmConfig { mem_size: mem, backing, ..Default::default() };
-    let vm =
-        MicroVm::boot(cfg).unwrap_or_else(|e| panic!("cannot boot the test guest: {e} (a usable /dev/kvm is needed)"));
-    vm.wait_for("forkvm-test-guest ready", T).expect("guest ready line");
-    vm
-}
+use vmm::{Backing, MicroVm, RestoreMode, RestoreOptions, SnapshotKind};
 
 fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("forkvm-snap-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
-}
-
-fn sum_of(vm: &MicroVm, gpa: u64, pages: u64) -> String {
-    vm.command(&format!("sum {gpa:#x} {pages}"), T).unwrap()
+    common::tmpdir("snap", name)
 }
 
 /// MSRs that move with time between two saves: the TSC.

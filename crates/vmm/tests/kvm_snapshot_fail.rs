@@ -4,33 +4,19 @@
 //! turns (one lock).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::time::Duration;
 
-use vmm::{Backing, HibernateOptions, MicroVm, RestoreMode, RestoreOptions, SnapshotKind, VmConfig};
+use common::{boot, sum_of, T};
+use vmm::{HibernateOptions, MicroVm, RestoreMode, RestoreOptions, SnapshotKind};
 
-const T: Duration = Duration::from_secs(60);
 static TURN: Mutex<()> = Mutex::new(());
 
-fn boot(mem: u64) -> MicroVm {
-    let cfg = VmConfig { mem_size: mem, backing: Backing::Anon, ..Default::default() };
-    let vm =
-        MicroVm::boot(cfg).unwrap_or_else(|e| panic!("cannot boot the test guest: {e} (a usable /dev/kvm is needed)"));
-    vm.wait_for("forkvm-test-guest ready", T).expect("guest ready line");
-    vm
-}
-
 fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("forkvm-fail-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn sum_of(vm: &MicroVm, gpa: u64, pages: u64) -> String {
-    vm.command(&format!("sum {gpa:#x} {pages}"), T).unwrap()
+    common::fresh_dir("fail", name)
 }
 
 fn restore(dir: &Path) -> MicroVm {

@@ -3,30 +3,15 @@
 //! explicit option.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
-use vmm::{Backing, MicroVm, RestoreMode, RestoreOptions, SnapshotKind, VmConfig};
-
-const T: Duration = Duration::from_secs(60);
-
-fn boot(mem: u64) -> MicroVm {
-    let cfg = VmConfig { mem_size: mem, backing: Backing::Anon, ..Default::default() };
-    let vm =
-        MicroVm::boot(cfg).unwrap_or_else(|e| panic!("cannot boot the test guest: {e} (a usable /dev/kvm is needed)"));
-    vm.wait_for("forkvm-test-guest ready", T).expect("guest ready line");
-    vm
-}
+use common::{boot, flip, sum_of, T};
+use vmm::{MicroVm, RestoreMode, RestoreOptions, SnapshotKind};
 
 fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("forkvm-safe-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn sum_of(vm: &MicroVm, gpa: u64, pages: u64) -> String {
-    vm.command(&format!("sum {gpa:#x} {pages}"), T).unwrap()
+    common::fresh_dir("safe", name)
 }
 
 fn restore(dir: &Path, mode: RestoreMode) -> Result<MicroVm, vmm::Error> {
@@ -65,15 +50,6 @@ fn diff_into_its_base_directory_is_refused() {
 
 fn sum_of_zero_page() -> String {
     format!("sum {:016x}", test_guest::sum_bytes(&[0u8; 4096]))
-}
-
-fn flip(path: &Path, at: u64) {
-    use std::os::unix::fs::FileExt;
-    let f = std::fs::OpenOptions::new().read(true).write(true).open(path).unwrap();
-    let mut b = [0u8; 1];
-    f.read_exact_at(&mut b, at).unwrap();
-    b[0] ^= 0x10;
-    f.write_all_at(&b, at).unwrap();
 }
 
 /// Why restoring `dir` in `mode` was refused: by the restore itself, or (a copy-on-write restore
