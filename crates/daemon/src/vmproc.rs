@@ -125,6 +125,9 @@ impl Vmms {
             }
             if let Some((p, _)) = self.status(id).await {
                 if p == pid {
+                    // Nobody reads its stderr from now on: close our end (as dropping the child
+                    // did), so a VMM that writes there gets EPIPE instead of blocking on a full pipe.
+                    drop(child.stderr.take());
                     self.children.keep(child);
                     return Ok(pid);
                 }
