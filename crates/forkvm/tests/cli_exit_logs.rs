@@ -51,3 +51,23 @@ fn a_vm_that_ends_unasked_keeps_its_logs() {
     env.ok(&["stop", "s"]);
     assert!(!env.run.join(".exited").join(format!("s.{spid}")).exists());
 }
+
+/// A triple fault (KVM_EXIT_SHUTDOWN) leaves what the VMM knew: the faulting vCPU's registers,
+/// control registers and pending events, and its sibling's, in the kept vmm.log.
+#[test]
+fn a_triple_fault_leaves_every_vcpus_registers_in_the_kept_log() {
+    let mut env = Env::new("triple");
+    env.start("t", &["--vcpus", "2"]);
+    let pid: i32 = std::fs::read_to_string(env.run.join("t/pid")).unwrap().trim().parse().unwrap();
+    let _ = env.cmd(&["exec", "t", "triple"]);
+    wait_gone(pid, 30_000);
+    let kept = env.run.join(".exited").join(format!("t.{pid}"));
+    let exit = std::fs::read_to_string(kept.join("exit")).unwrap();
+    assert!(exit.contains("GuestShutdown"), "{exit}");
+    let log = std::fs::read_to_string(kept.join("vmm.log")).unwrap();
+    assert!(log.contains("guest shutdown exit (triple fault): vCPU 0: mp_state"), "{log}");
+    assert!(log.contains("stopped with the VM: vCPU 1: mp_state"), "{log}");
+    for what in ["rip 0x", "cr0 0x", "efer 0x", "exception injected"] {
+        assert!(log.contains(what), "{what} in {log}");
+    }
+}

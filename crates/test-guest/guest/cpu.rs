@@ -104,6 +104,15 @@ pub fn halt_forever() -> ! {
     }
 }
 
+/// Shut the CPU down the way a broken kernel does: an empty IDT, then an exception (#UD, then
+/// #GP and #DF find no gate either: a triple fault).
+pub fn triple_fault() -> ! {
+    let desc = [0u16; 5];
+    // SAFETY: deliberately fatal: loads an IDT of limit 0 and raises #UD; nothing runs after.
+    unsafe { asm!("cli", "lidt [{0}]", "ud2", in(reg) desc.as_ptr(), options(nostack)) };
+    halt_forever()
+}
+
 /// Ask for a reset through the i8042 controller, the way Linux's `reboot=k` does.
 pub fn reset() -> ! {
     outb(0x64, 0xfe);

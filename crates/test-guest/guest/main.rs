@@ -13,6 +13,7 @@
 //!   gen                       -> gen <n>         (the generation counter the VMM bumps on clone/restore)
 //!   mem                       -> mem <bytes>     (end of RAM from the e820 map)
 //!   halt                      -> (i8042 reset: the VMM shuts the VM down)
+//!   triple                    -> (no answer: an exception with an empty IDT, i.e. a triple fault)
 #![no_std]
 #![no_main]
 
@@ -181,6 +182,7 @@ fn handle(st: &mut State, line: &[u8]) {
         b"gen" => answer("gen ", generation(), false),
         b"mem" => answer("mem ", st.ram_end, false),
         b"halt" => cpu::reset(),
+        b"triple" => cpu::triple_fault(),
         _ => serial::write_str("err unknown command\n"),
     }
 }
