@@ -139,10 +139,15 @@ if [ -x /kvm-probe ] && [ "${E2E_NO_PROBE:-0}" != 1 ]; then
     if /kvm-probe; then echo "L1-KVM-PROBE ok uptime=$(up)"; else echo "L1-KVM-PROBE failed"; fi
 fi
 
+# Heartbeat: the host (run-l1.sh) stops QEMU when these lines stop, i.e. when L1's kernel hangs
+# without a word (seen under QEMU TCG nested SVM: no lockup report, both L1 CPUs busy in QEMU).
+( while :; do sleep "${E2E_HEARTBEAT:-10}"; echo "L1-HEARTBEAT uptime=$(up)"; done ) &
+hb=$!
 echo "L1-E2E-START uptime=$(up)"
 cd /
 sh /e2e.sh
 rc=$?
+kill "$hb" 2>/dev/null
 echo "L1-E2E-END uptime=$(up)"
 finish "$rc"
 INIT

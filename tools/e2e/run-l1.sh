@@ -9,10 +9,15 @@
 #      kernel args, e.g. "loglevel=7" or "E2E_NO_PROBE=1"), E2E_VERBOSE=1
 #      (show kernel messages; default boots L1 with "quiet"),
 #      E2E_LOCKUP_KILL (default 60): stop QEMU once L1's kernel reports a CPU
-#      stuck for this many seconds (a QEMU TCG nested-SVM hang never recovers).
+#      stuck for this many seconds (a QEMU TCG nested-SVM hang never recovers),
+#      E2E_HANG_KILL (default 90): stop QEMU once L1 has printed nothing (not
+#      even its L1-HEARTBEAT line, every 10 s) for this many seconds: L1's
+#      kernel hung silently. Before stopping it, QEMU's view of every L1 CPU
+#      (`info registers -a`, twice, through the HMP monitor socket; needs
+#      python3) goes to the log.
 #
 # Exit status: the E2E-EXIT code; 124 on timeout; 125 if QEMU ended without
-# an E2E-EXIT line; 2 for usage errors.
+# an E2E-EXIT line; 126 if L1 hung (lockup report or silence); 2 for usage errors.
 # Also prints host-side timings: L1 init reached, /dev/kvm ready, e2e done.
 set -euo pipefail
 export E2E_TAG=run-l1
@@ -62,7 +67,7 @@ fi
 qemu=(qemu-system-x86_64
     -machine q35 -accel tcg -cpu "$cpu"
     -m "$mem" -smp "$smp"
-    -no-reboot -nodefaults -display none -monitor none
+    -no-reboot -nodefaults -display none -monitor "unix:$CACHE/.qemu-monitor.sock,server=on,wait=off"
     -serial stdio
     -kernel "$kernel" -initrd "$initrd"
     -pidfile "$CACHE/.qemu.pid"
@@ -73,14 +78,72 @@ e2e_log "${qemu[*]}"
 
 start_ns=$(date +%s%N)
 ms_since_start() { echo $((($(date +%s%N) - start_ns) / 1000000)); }
+# Our QEMU only: the pidfile is fresh (removed before start) and names a qemu.
+stop_qemu() {
+    local qpid
+    qpid="$(cat "$CACHE/.qemu.pid" 2>/dev/null || true)"
+    if [[ "$qpid" =~ ^[0-9]+$ && "$(cat "/proc/$qpid/comm" 2>/dev/null)" == qemu* ]]; then
+        kill "$qpid" 2>/dev/null || true
+    fi
+}
+# QEMU's view of the L1 CPUs (HMP `info registers -a`), for a hang report.
+qemu_registers() {
+    command -v python3 >/dev/null 2>&1 || { echo "(python3 not installed: no register dump; apt-get install -y python3)"; return; }
+    python3 - "$CACHE/.qemu-monitor.sock" <<'PY' 2>&1
+import socket, sys, time
+s = socket.socket(socket.AF_UNIX)
+s.settimeout(5)
+s.connect(sys.argv[1])
+def drain():
+    out = b""
+    try:
+        while True:
+            d = s.recv(65536)
+            if not d:
+                break
+            out += d
+            if out.endswith(b"(qemu) "):
+                break
+    except socket.timeout:
+        pass
+    return out.decode(errors="replace")
+drain()
+for i in range(2):
+    s.sendall(b"info registers -a\n")
+    print(f"---- info registers -a (#{i + 1}) ----")
+    print(drain().replace("(qemu) ", ""))
+    time.sleep(1)
+PY
+}
 code=""
 : >"$log"
 rm -f "$CACHE/.qemu.pid"
 
 set +e
 # stdin from /dev/null: never let QEMU put a terminal into raw mode.
+hang_kill="${E2E_HANG_KILL:-90}"
 timeout -k 10 "$timeout_s" "${qemu[@]}" </dev/null 2>&1 \
-| while IFS= read -r line || [[ -n "$line" ]]; do
+| { last_out=$SECONDS; partial=""; while :; do
+    # A 5 s read timeout lets a silent (hung) L1 be noticed; a partial line is kept.
+    if IFS= read -r -t 5 line; then
+        line="$partial$line"; partial=""
+    else
+        st=$?
+        if ((st > 128)); then
+            partial+="$line"
+            if ((SECONDS - last_out >= hang_kill)) && [[ -z "${hung:-}" ]]; then
+                hung=1
+                printf '[run-l1] host: L1 printed nothing for %s s (no L1-HEARTBEAT): its kernel hung silently (QEMU TCG nested SVM); QEMU registers, then stopping QEMU\n' "$((SECONDS - last_out))" | tee -a "$log"
+                qemu_registers | sed 's/^/[run-l1] qemu| /' | tee -a "$log"
+                printf '%s\n' "L1-HANG no output for $((SECONDS - last_out)) s" >>"$log"
+                stop_qemu
+            fi
+            continue
+        fi
+        [[ -n "$partial$line" ]] || break
+        line="$partial$line"; partial=""
+    fi
+    last_out=$SECONDS
     line="${line%$'\r'}"
     printf '%s\n' "$line" >>"$log"
     printf '%s\n' "$line"
@@ -92,14 +155,10 @@ timeout -k 10 "$timeout_s" "${qemu[@]}" </dev/null 2>&1 \
             stuck="${line##* stuck for }"; stuck="${stuck%%s!*}"
             if [[ "$stuck" =~ ^[0-9]+$ ]] && ((stuck >= ${E2E_LOCKUP_KILL:-60})); then
                 printf '[run-l1] host: L1 CPU stuck for %s s (soft lockup); stopping QEMU\n' "$stuck"
-                qpid="$(cat "$CACHE/.qemu.pid" 2>/dev/null || true)"
-                # Only our QEMU: the pidfile is fresh (removed before start) and names a qemu.
-                if [[ "$qpid" =~ ^[0-9]+$ && "$(cat "/proc/$qpid/comm" 2>/dev/null)" == qemu* ]]; then
-                    kill "$qpid" 2>/dev/null || true
-                fi
+                stop_qemu
             fi ;;
     esac
-done
+done; }
 statuses=("${PIPESTATUS[@]}")
 set -e
 qemu_rc="${statuses[0]}"
@@ -109,6 +168,10 @@ code="$(sed -n 's/^.*E2E-EXIT \([0-9][0-9]*\).*$/\1/p' "$log" | tail -n1)"
 if [[ "$qemu_rc" == 124 || "$qemu_rc" == 137 ]]; then
     e2e_log "TIMEOUT: QEMU killed after ${timeout_s}s (elapsed ${elapsed} ms); console log: $log"
     exit 124
+fi
+if [[ -z "$code" ]] && grep -qE '^L1-HANG |soft lockup - CPU#' "$log"; then
+    e2e_log "FAIL: L1's kernel hung ($(grep -m1 -oE '^L1-HANG .*|soft lockup - CPU#.*' "$log")) after ${elapsed} ms, no E2E-EXIT: a QEMU TCG nested-SVM fault in L1, not a test result; console log: $log"
+    exit 126
 fi
 if [[ -z "$code" ]]; then
     e2e_log "FAIL: QEMU exited ($qemu_rc) without an 'E2E-EXIT <code>' line after ${elapsed} ms; console log: $log"

@@ -173,8 +173,10 @@ run_l1
 # L1's own kernel failing (no E2E-EXIT, and its log shows a lockup, BUG or panic) is a QEMU TCG
 # nested-SVM fault in L1, not a test result: retry the L1 boot once. Seen: soft lockups while an
 # L1 KVM VM was torn down, and "stack guard page was hit" in error_entry under KVM_RUN.
-l1_crash='soft lockup|BUG: |Kernel panic|stack guard page|general protection fault'
-if ((rc == 124 || rc == 125)) && grep -qE "$l1_crash" "$l1_log"; then
+# A silent hang of L1's kernel (run-l1.sh: no output, not even its heartbeat, for E2E_HANG_KILL s;
+# exit 126) is the same kind of fault: QEMU's register dump of the L1 CPUs is in the log.
+l1_crash='^L1-HANG |soft lockup|BUG: |Kernel panic|stack guard page|general protection fault'
+if ((rc == 124 || rc == 125 || rc == 126)) && grep -qE "$l1_crash" "$l1_log"; then
     cp -f "$l1_log" "$l1_log.l1-crash"
     e2e_log "L1 kernel failure ($(grep -m1 -oE "($l1_crash).*" "$l1_log")) and no E2E-EXIT: a QEMU TCG nested-SVM fault in L1, not a test result; log kept in $l1_log.l1-crash; retrying the L1 boot once"
     run_l1
