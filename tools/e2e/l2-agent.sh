@@ -96,7 +96,9 @@ keep_logs "$vm" "$vm-c1" "$vm-c2" "$vm-c3"
 : >/tmp/l2-agent.rand
 for v in "$vm" "$vm-c1" "$vm-c2" "$vm-c3"; do
     if [ "$v" != "$vm" ]; then
-        "$forkvm" status "$v" | grep -q '"reseeded": true' || fail "$v was not reseeded: $("$forkvm" status "$v")"
+        # Not `grep -q`: it would close the pipe under forkvm's output (a broken-pipe panic).
+        "$forkvm" status "$v" >/tmp/l2-agent.status || fail "status $v"
+        grep -q '"reseeded": true' /tmp/l2-agent.status || fail "$v was not reseeded: $(cat /tmp/l2-agent.status)"
     fi
     r=$(rand "$v") || fail "exec in $v"
     echo "l2-agent: $v: $(echo "$r" | tr '\n' ' ')"

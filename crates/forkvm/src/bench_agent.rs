@@ -30,11 +30,15 @@ fn first_answer(child: &str) -> Result<(), String> {
     let a = addr(child)?;
     let deadline = Instant::now() + T;
     loop {
-        match a.connect(T) {
-            Ok(mut c) => return c.ping(1, T).map_err(|e| e.to_string()),
+        match a.connect(T).and_then(|mut c| c.ping(1, T)) {
+            Ok(()) => return Ok(()),
             // The fork answers once the child's vsock socket listens; a connection can still
-            // meet the guest resetting its vsock transport (every clone's does), so retry.
-            Err(vmm::agent::ClientError::Connect { .. }) if Instant::now() < deadline => {
+            // meet the guest resetting its vsock transport (every clone's does: the guest drops
+            // the connections it has when it handles the reset event, one made just before
+            // included), so retry, as the VMM's own clone hook does.
+            Err(vmm::agent::ClientError::Connect { .. } | vmm::agent::ClientError::Closed)
+                if Instant::now() < deadline =>
+            {
                 std::thread::sleep(Duration::from_millis(2))
             }
             Err(e) => return Err(e.to_string()),
