@@ -71,6 +71,20 @@ impl Member {
         }
     }
 
+    /// The member's `clone-report` line: apply, probe, restore, assemble, resume (ms).
+    fn report(&mut self) -> Result<Vec<f64>, String> {
+        let mut line = String::new();
+        loop {
+            line.clear();
+            if self.out.read_line(&mut line).map_err(s)? == 0 {
+                return Err("the pool clone exited before its report".into());
+            }
+            if let Some(r) = line.trim_end().strip_prefix("clone-report ") {
+                return Ok(r.split(' ').filter_map(|v| v.parse().ok()).collect());
+            }
+        }
+    }
+
     fn stop(mut self) {
         drop(self.stdin.take());
         let _ = self.child.wait();
@@ -136,13 +150,34 @@ fn latency_rows(mem: u64, runs: usize) -> Result<Vec<Samples>, String> {
     let mut vcpus = Samples::new("    of the pause: parking the vCPUs", "ms");
     let mut save = Samples::new("    of the pause: state capture", "ms");
     let mut wp = Samples::new("    of the pause: write-protect", "ms");
+    let mut hs = Samples::new("    of ready: warm VM handshake (before the pause)", "ms");
+    let mut serve = Samples::new("    of ready: page server start + ticket sent", "ms");
+    let mut wait = Samples::new("    of ready: waiting for the child's ready", "ms");
+    let names = [
+        "      child: ticket to running",
+        "      child: probe of the generation page",
+        "      child: state restore (KVM_SET_*)",
+        "      child: vCPU threads + watch",
+        "      child: resume",
+    ];
+    let mut child: Vec<Samples> = names.iter().map(|n| Samples::new(n, "ms")).collect();
+    let mut answer = Samples::new("  pool: child ready to first answer", "ms");
     for mut m in members.drain(..) {
         let t = Instant::now();
         let conn = UnixStream::connect(&m.sock).map_err(s)?;
         let (kids, rep) = live.clone_into(&vm, vec![Target { conn, name: None }], &no_prefetch()).map_err(s)?;
+        let r = m.report()?;
+        let ta = Instant::now();
         m.send("ping")?;
         m.wait_line("pong")?;
         first.push_duration(t.elapsed());
+        answer.push_duration(ta.elapsed());
+        for (row, v) in child.iter_mut().zip(r) {
+            row.values.push(v);
+        }
+        hs.push_duration(rep.handshake);
+        serve.push_duration(rep.serve);
+        wait.push_duration(rep.wait);
         paused.push_duration(rep.paused);
         ready.push_duration(rep.ready);
         vcpus.push_duration(rep.pause);
@@ -154,7 +189,9 @@ fn latency_rows(mem: u64, runs: usize) -> Result<Vec<Samples>, String> {
         }
     }
     let p99 = one("  pool: first answer p99", "ms", quantile(&first.values, 0.99));
-    rows.extend([first, p99, paused, vcpus, save, wp, ready]);
+    rows.extend([first, p99, paused, vcpus, save, wp, ready, hs, serve, wait]);
+    rows.extend(child);
+    rows.push(answer);
     Ok(rows)
 }
 

@@ -188,8 +188,17 @@ fn member(a: &MemberArgs) -> Result<i32, String> {
         }
     }
     if a.stdio {
-        let (vm, _link, _) =
+        let (vm, _link, rep) =
             warm.accept_offer(offer, Some(Box::new(std::io::stdout()))).map_err(|e| format!("clone: {e}"))?;
+        // For `forkvm bench pool`: where the member's part of a clone went (ms).
+        println!(
+            "clone-report {:.3} {:.3} {:.3} {:.3} {:.3}",
+            rep.apply.as_secs_f64() * 1e3,
+            rep.probe.as_secs_f64() * 1e3,
+            rep.restore.as_secs_f64() * 1e3,
+            rep.assemble.as_secs_f64() * 1e3,
+            rep.resume.as_secs_f64() * 1e3
+        );
         vm.feed_console_from(std::io::stdin()).map_err(|e| e.to_string())?;
         return Ok(match vm.wait_exit(None) {
             Some(vmm::ExitReason::Error(e)) => {

@@ -94,6 +94,12 @@ pub struct LiveCloneReport {
     pub resume: Duration,
     /// From the request until every child answered `ready`.
     pub ready: Duration,
+    /// Of `ready`, before the pause: reading the warm VMs' handshakes.
+    pub handshake: Duration,
+    /// Of `ready`, after the pause: starting the page servers and sending the tickets.
+    pub serve: Duration,
+    /// Of `ready`: waiting for the children's `ready` after the tickets went out.
+    pub wait: Duration,
 }
 
 /// A live clone as seen from the parent: its pid and its page server session.
@@ -185,7 +191,7 @@ impl LiveParent {
             let regions = check_layout(vm, &hs)?;
             hands.push((t, uffd, regions));
         }
-        let mut rep = LiveCloneReport::default();
+        let mut rep = LiveCloneReport { handshake: t0.elapsed(), ..Default::default() };
         let was_paused = vm.is_paused();
         let tp = Instant::now();
         rep.pause = if was_paused { Duration::ZERO } else { vm.pause()? };
@@ -206,6 +212,7 @@ impl LiveParent {
         }
         rep.paused = tp.elapsed();
         let (state, gen) = captured?;
+        let ts = Instant::now();
         let bytes = state.to_bytes().map_err(|e| Error::State(e.to_string()))?;
         let prefetch = opts.prefetch.then(|| WorkingSet { page_size: 4096, ranges: gen.data_ranges() });
         let mut children = Vec::with_capacity(hands.len());
@@ -232,6 +239,8 @@ impl LiveParent {
             children.push((t, server, pid));
         }
         let prefetching = opts_prefetch(&prefetch);
+        rep.serve = ts.elapsed();
+        let tw = Instant::now();
         let mut out = Vec::with_capacity(children.len());
         let mut errors = Vec::new();
         for (t, server, pid) in children {
@@ -254,6 +263,7 @@ impl LiveParent {
             out.push(LiveChild { pid, name: t.name, session: Some(session), conn, monitor });
         }
         drop(gen);
+        rep.wait = tw.elapsed();
         rep.ready = t0.elapsed();
         if !errors.is_empty() {
             for c in out {

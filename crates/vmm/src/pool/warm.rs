@@ -68,6 +68,14 @@ impl Offer {
 pub struct WarmReport {
     /// From the ticket's arrival until the vCPUs run.
     pub apply: Duration,
+    /// Of `apply`: bringing the generation page in from the parent (one page-server round trip).
+    pub probe: Duration,
+    /// Of `apply`: VM, device and vCPU state set (`KVM_SET_*`, CPUID checks).
+    pub restore: Duration,
+    /// Of `apply`: vCPU threads started and parked, memory-failure watch set.
+    pub assemble: Duration,
+    /// Of `apply`: resuming the vCPUs.
+    pub resume: Duration,
 }
 
 /// A pool clone's tie to its parent's page server (member side). While the clone's memory is not
@@ -201,12 +209,14 @@ impl WarmVm {
             thread: Some(thread),
             _watch: None,
         };
-        match self.apply(&state, console, &ctl_cell) {
+        let mut rep = WarmReport::default();
+        match self.apply(&state, console, &ctl_cell, &mut rep) {
             Ok((vm, watch)) => {
                 link._watch = Some(watch);
-                vm.resume()?;
+                rep.resume = vm.resume()?;
                 (&conn).write_all(b"ready\n").map_err(Error::Io)?;
-                Ok((vm, link, WarmReport { apply: t0.elapsed() }))
+                rep.apply = t0.elapsed();
+                Ok((vm, link, rep))
             }
             Err(e) => {
                 let _ = (&conn).write_all(format!("error {}\n", e.to_string().replace('\n', " ")).as_bytes());
@@ -221,6 +231,7 @@ impl WarmVm {
         state: &[u8],
         mirror: Option<Box<dyn Write + Send>>,
         ctl_cell: &OnceLock<Weak<Control>>,
+        rep: &mut WarmReport,
     ) -> Result<(MicroVm, Watch), Error> {
         let state = VmState::from_bytes(state).map_err(|e| Error::State(format!("clone ticket state: {e}")))?;
         if state.mem_size != self.mem.size() {
@@ -243,7 +254,10 @@ impl WarmVm {
         let WarmVm { vm, mem, uffd: _, vcpus, serial_irq } = self;
         // The restore writes the generation page from the host: bring it in through a kernel
         // access first, so a dead page server fails this clone instead of killing the process.
+        let t = Instant::now();
         probe_page(&mem, GEN_PAGE)?;
+        rep.probe = t.elapsed();
+        let t = Instant::now();
         state.vm.restore(&vm)?;
         let console = Console::new(mirror);
         let serial = SerialPort::from_state(&(&state.serial).into(), serial_irq, console).map_err(Error::State)?;
@@ -263,6 +277,8 @@ impl WarmVm {
         let net =
             crate::devices::virtio::net::attach::net_for_clone(&vm, &mem, state.devices.net.as_ref(), generation)?;
         mem.take_host_dirty();
+        rep.restore = t.elapsed();
+        let t = Instant::now();
         let parts = Parts {
             vm,
             mem,
@@ -287,6 +303,7 @@ impl WarmVm {
         let why: memory_failure::Why =
             Arc::new(|| Some("the parent's page server went away before this clone's memory was in".into()));
         let watch = memory_failure::watch(&tids, vm.control(), why).map_err(Error::State)?;
+        rep.assemble = t.elapsed();
         Ok((vm, watch))
     }
 }
