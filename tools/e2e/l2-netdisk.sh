@@ -75,17 +75,20 @@ now_ms() { read -r u _ </proc/uptime; echo "${u%.*}${u#*.}0" | sed 's/^0*//'; }
 ex() { # VM CMD: run CMD in the guest (sh -c), stdout to ours; bounded
     fv "$t_exec" exec --timeout 30 "$1" -- sh -c "$2"
 }
-# forward VM: starts `forkvm port-forward VM 80` and prints its host address.
+# forward VM TAG: starts `forkvm port-forward VM 80` in this shell (its pid kept for cleanup, its
+# output in /tmp/l2-netdisk.pf.TAG: one file per forward, never shared with an earlier one) and
+# sets $fwd to the host address once its complete 'forwarding ADDR -> ...' line is there.
 forward() {
-    out="/tmp/l2-netdisk.pf.$1.$$"
+    out="/tmp/l2-netdisk.pf.$2"
     FORKVM_LOG=info "$forkvm" port-forward "$1" 80 127.0.0.1:0 >"$out" 2>&1 &
     pfs="$pfs $!"
+    fwd=""
     i=0
-    until grep -q '^forwarding ' "$out" 2>/dev/null; do
+    while [ -z "$fwd" ]; do
         i=$((i + 1)); [ "$i" -le 300 ] || { cat "$out" >&2; return 1; }
         sleep 0.1
+        fwd=$(sed -n 's/^forwarding \([^ ]*\) -> .*/\1/p' "$out")
     done
-    sed -n 's/^forwarding \([^ ]*\) .*/\1/p' "$out"
 }
 # get ADDR PATH: the raw HTTP/1.0 answer (busybox nc).
 get() {
@@ -132,7 +135,8 @@ ex "$vm" 'ip addr add 192.168.241.2/24 dev eth0 && ip link set eth0 up && httpd 
     || fail "eth0 up + httpd"
 page=$(ex "$vm" 'cat /mnt/www/index.html') || fail "read index.html"
 [ "$page" = "netdisk page" ] || fail "the disk image's page says '$page'"
-pa=$(forward "$vm") || fail "port-forward $vm"
+forward "$vm" parent || fail "port-forward $vm"
+pa=$fwd
 got=$(fetch "$pa" index.html) || fail "GET http://$pa/ (parent)"
 [ "$got" = "netdisk page" ] || fail "parent page through port-forward: '$got'"
 echo "l2-netdisk: parent page through port-forward $pa: '$got'"
@@ -153,7 +157,8 @@ no-child-file" ] || fail "the parent's disk after the child wrote: '$cp_'"
 [ "$cc" = "child page
 mine" ] || fail "the child's disk after its writes: '$cc'"
 echo "l2-netdisk: fork: child sees the parent's file; child's writes absent from the parent's disk"
-ca=$(forward "$c") || fail "port-forward $c"
+forward "$c" child || fail "port-forward $c"
+ca=$fwd
 [ "$ca" != "$pa" ] || fail "parent and child forwarded at the same address"
 gc=$(fetch "$ca" index.html) || fail "GET http://$ca/ (child)"
 gp=$(fetch "$pa" index.html) || fail "GET http://$pa/ (parent, after the fork)"
@@ -183,7 +188,8 @@ fv "$t_op" hibernate "$vm" || fail "hibernate"
 fv "$t_op" wake "$vm" || fail "wake"
 for f in "$keep/$vm".*; do [ -f "$f" ] && mv -f "$f" "$f.before-hibernate"; done
 keep_logs "$vm"
-wa=$(forward "$vm") || fail "port-forward after wake"
+forward "$vm" woken || fail "port-forward after wake"
+wa=$fwd
 t=$(now_ms)
 gw=$(fetch "$wa" index.html) || fail "GET after wake"
 [ "$gw" = "netdisk page" ] || fail "after wake the page is '$gw'"
