@@ -143,6 +143,7 @@ fn latency_rows(mem: u64, runs: usize) -> Result<Vec<Samples>, String> {
     }
     let vm = parent(mem, Backing::SharedFile)?;
     let live = LiveParent::attach(&vm).map_err(s)?;
+    live.arm().map_err(s)?;
     let mut members = (0..runs).map(|_| Member::start(mem)).collect::<Result<Vec<_>, _>>()?;
     let mut first = Samples::new("pool clone to first answer", "ms");
     let mut paused = Samples::new("  pool: parent paused", "ms");

@@ -57,7 +57,13 @@ impl Host {
         let mut l = lock(live());
         if l.is_none() {
             match LiveParent::attach(&self.vm) {
-                Ok(p) => *l = Some(p),
+                Ok(p) => {
+                    // Protect now, before the pause; later clones re-protect only what changed.
+                    if let Err(e) = p.arm() {
+                        tracing::warn!("no pre-armed write protection ({e}); each clone protects all memory");
+                    }
+                    *l = Some(p)
+                }
                 Err(e) => {
                     tracing::warn!("no live clones for this VM ({e}); using fork()");
                     return None;

@@ -71,7 +71,20 @@ struct LiveShared {
     wp_faults: AtomicU64,
     pages_saved: AtomicU64,
     protected: AtomicBool,
+    /// Set by [`LiveMemory::arm`]: protection is kept between generations, and pages the
+    /// parent un-protects by writing are remembered, so that [`LiveMemory::begin`] re-protects
+    /// only those (the parent's pause no longer pays for write-protecting all its memory).
+    armed: Mutex<Option<Armed>>,
     error: Mutex<Option<String>>,
+}
+
+/// Armed tracking: all tracked memory (holes included) is write-protected except the pages in
+/// `written` (page numbers); `data` (file offsets) covers every page that held data at arm time
+/// or was written since, so a generation can take it as its data without scanning the file.
+#[derive(Debug, Default)]
+struct Armed {
+    data: Vec<(u64, u64)>,
+    written: std::collections::BTreeSet<u64>,
 }
 
 /// Counters of a [`LiveMemory`].
@@ -138,6 +151,7 @@ impl LiveMemory {
             wp_faults: AtomicU64::new(0),
             pages_saved: AtomicU64::new(0),
             protected: AtomicBool::new(false),
+            armed: Mutex::new(None),
             error: Mutex::new(None),
         });
         // SAFETY: eventfd takes plain integers and returns a new fd or -1.
@@ -163,34 +177,70 @@ impl LiveMemory {
         if let Some(e) = lock(&s.error).clone() {
             return Err(Error::InvalidArgument(format!("write-protect tracking failed earlier: {e}")));
         }
-        let data = data_extents(&s.file, s.len);
+        let mut gens = lock(&s.gens);
+        let mut armed = lock(&s.armed);
+        // Unarmed, only data is protected: a hole at the clone instant reads as zero for this
+        // generation whatever the parent writes there later, so such writes need not be caught.
+        // Armed, everything is protected but the pages written since the last generation.
+        let (data, r) = match armed.as_mut() {
+            Some(a) => {
+                let r = reprotect(s, a);
+                (a.data.clone(), r)
+            }
+            None => {
+                let data = data_extents(&s.file, s.len);
+                let r = protect(s, &data);
+                (data, r)
+            }
+        };
         let st = Arc::new(GenState {
             id: s.next_gen.fetch_add(1, Relaxed),
             data,
             preserved: Mutex::new(HashMap::new()),
             broken: Mutex::new(None),
         });
-        let mut gens = lock(&s.gens);
-        // Only data is protected: a hole at the clone instant reads as zero for this generation
-        // whatever the parent writes there later, so such writes need not be caught.
-        for r in &s.regions {
-            for &(a, b) in &st.data {
-                let (lo, hi) = (a.max(r.offset), b.min(r.offset + r.len));
-                if lo >= hi {
-                    continue;
-                }
-                if let Err(e) = s.uffd.writeprotect(r.base + (lo - r.offset), hi - lo, true, false) {
-                    // Leave nothing half protected behind.
-                    if gens.is_empty() {
-                        unprotect_all(s);
-                    }
-                    return Err(sys("UFFDIO_WRITEPROTECT")(e));
-                }
+        if let Err(e) = r {
+            // Leave nothing half protected behind.
+            if gens.is_empty() {
+                *armed = None;
+                unprotect_all(s);
             }
+            return Err(sys("UFFDIO_WRITEPROTECT")(e));
         }
+        drop(armed);
         s.protected.store(true, Relaxed);
         gens.push(st.clone());
         Ok(Arc::new(Generation { live: s.clone(), st }))
+    }
+
+    /// Write-protects the memory's data now (call it outside the parent's pause) and keeps it
+    /// protected between generations: [`LiveMemory::begin`] then only re-protects the pages
+    /// written since, and data that was a hole. The cost moves out of the pause: the parent
+    /// takes one write fault per page it writes after each generation.
+    pub fn arm(&self) -> Result<()> {
+        let s = &self.shared;
+        if let Some(e) = lock(&s.error).clone() {
+            return Err(Error::InvalidArgument(format!("write-protect tracking failed earlier: {e}")));
+        }
+        let gens = lock(&s.gens);
+        let mut armed = lock(&s.armed);
+        if armed.is_some() {
+            return Ok(());
+        }
+        let data = data_extents(&s.file, s.len);
+        let all: Vec<(u64, u64)> = s.regions.iter().map(|r| (r.offset, r.offset + r.len)).collect();
+        // Held while protecting: a page the write-protect thread lets go meanwhile is recorded
+        // once this returns (it waits for the lock), before its write goes on. Holes are
+        // protected too (shmem keeps a marker), so a write that makes new data is caught.
+        if let Err(e) = protect(s, &all) {
+            if gens.is_empty() {
+                unprotect_all(s);
+            }
+            return Err(sys("UFFDIO_WRITEPROTECT")(e));
+        }
+        *armed = Some(Armed { data, written: Default::default() });
+        s.protected.store(true, Relaxed);
+        Ok(())
     }
 
     /// Counters now.
@@ -250,6 +300,49 @@ fn data_extents(file: &File, len: u64) -> Vec<(u64, u64)> {
             _ => {}
         }
         off = end.max(start + PAGE);
+    }
+    out
+}
+
+/// Write-protects file ranges `[lo, hi)` through every region that maps them.
+fn protect(s: &LiveShared, ranges: &[(u64, u64)]) -> std::io::Result<()> {
+    for r in &s.regions {
+        for &(a, b) in ranges {
+            let (lo, hi) = (a.max(r.offset), b.min(r.offset + r.len));
+            if lo < hi {
+                s.uffd.writeprotect(r.base + (lo - r.offset), hi - lo, true, false)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Armed `begin`: re-protects the pages written since the last one; they count as data.
+fn reprotect(s: &LiveShared, a: &mut Armed) -> std::io::Result<()> {
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for &p in &a.written {
+        let off = p * PAGE;
+        match runs.last_mut() {
+            Some(last) if last.1 == off => last.1 += PAGE,
+            _ => runs.push((off, off + PAGE)),
+        }
+    }
+    protect(s, &runs)?;
+    a.data = union(&a.data, &runs);
+    a.written.clear();
+    Ok(())
+}
+
+/// The union of two sets of extents, sorted and merged.
+fn union(a: &[(u64, u64)], b: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let mut all: Vec<(u64, u64)> = a.iter().chain(b).copied().collect();
+    all.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for (lo, hi) in all {
+        match out.last_mut() {
+            Some(last) if last.1 >= lo => last.1 = last.1.max(hi),
+            _ => out.push((lo, hi)),
+        }
     }
     out
 }
@@ -369,6 +462,9 @@ fn on_write(s: &LiveShared, addr: u64) {
                 }
             }
         }
+        if let Some(a) = lock(&s.armed).as_mut() {
+            a.written.insert(page);
+        }
         if let Err(e) = s.uffd.writeprotect(addr, PAGE, false, true) {
             record_error(s, format!("cannot un-protect {addr:#x}: {e}"));
             let _ = s.uffd.wake(addr, PAGE);
@@ -420,7 +516,7 @@ impl Drop for Generation {
         let s = &self.live;
         let mut gens = lock(&s.gens);
         gens.retain(|g| g.id != self.st.id);
-        if gens.is_empty() && s.protected.load(Relaxed) {
+        if gens.is_empty() && s.protected.load(Relaxed) && lock(&s.armed).is_none() {
             unprotect_all(s);
         }
     }

@@ -246,3 +246,34 @@ fn a_hole_of_an_older_generation_stays_zero_when_a_newer_one_preserves_it() {
     assert!(!g2.is_zero(7 * PAGE as u64, PAGE as u64));
     assert_eq!(g1.pages_held(), 0, "nothing is copied for a generation that saw a hole");
 }
+
+/// Armed tracking keeps protection between generations and re-protects at `begin` only what
+/// the parent wrote since (and holes that became data): every generation still reads exactly
+/// the clone instant, including ones begun after earlier generations were retired.
+#[test]
+fn armed_generations_read_the_clone_instant_after_earlier_ones_retired() {
+    let p = Arc::new(Parent::new(8 << 20));
+    for page in 0..(p.len / PAGE / 2) {
+        p.write_page(page, page as u64 + 3);
+    }
+    let live = p.live();
+    live.arm().unwrap();
+    assert!(live.stats().protected);
+    let w = Writer::start(&p, 0x9e37_79b9);
+    for round in 0..4u64 {
+        // Writes between generations (some to holes: they become data) un-protect pages.
+        w.wait_writes(300);
+        let (want, g) = {
+            let _g = w.gate.lock().unwrap();
+            (p.snapshot(), live.begin().unwrap())
+        };
+        w.wait_writes(300);
+        assert_reads(&g, &want, 10 + round);
+        drop(g);
+        let st = live.stats();
+        assert_eq!(st.active_generations, 0);
+        assert!(st.protected, "armed: protection stays after the last generation retired");
+    }
+    drop(w);
+    assert!(live.error().is_none());
+}

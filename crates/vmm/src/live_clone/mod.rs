@@ -158,6 +158,14 @@ impl LiveParent {
         Ok(LiveParent { live })
     }
 
+    /// Write-protects the parent's memory now, outside any pause, and keeps it protected
+    /// between clones: each clone's pause then re-protects only the pages written since the
+    /// last one (see [`pagesrv::LiveMemory::arm`]). The parent pays one write fault per page it
+    /// writes after each clone.
+    pub fn arm(&self) -> Result<(), Error> {
+        self.live.arm().map_err(|e| Error::State(format!("write-protect guest memory: {e}")))
+    }
+
     /// Write-protect tracking counters.
     pub fn stats(&self) -> LiveStats {
         self.live.stats()
