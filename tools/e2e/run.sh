@@ -176,11 +176,16 @@ run_l1
 # A silent hang of L1's kernel (run-l1.sh: no output, not even its heartbeat, for E2E_HANG_KILL s;
 # exit 126) is the same kind of fault: QEMU's register dump of the L1 CPUs is in the log.
 l1_crash='^L1-HANG |soft lockup|BUG: |Kernel panic|stack guard page|general protection fault'
-if ((rc == 124 || rc == 125 || rc == 126)) && grep -qE "$l1_crash" "$l1_log"; then
-    cp -f "$l1_log" "$l1_log.l1-crash"
-    e2e_log "L1 kernel failure ($(grep -m1 -oE "($l1_crash).*" "$l1_log")) and no E2E-EXIT: a QEMU TCG nested-SVM fault in L1, not a test result; log kept in $l1_log.l1-crash; retrying the L1 boot once"
+# Seen twice in one run (an L1 oops, then a silent hang on the retry): up to E2E_L1_RETRIES (2)
+# more L1 boots, each one said and its log kept.
+retries="${E2E_L1_RETRIES:-2}"
+attempt=1
+while ((attempt <= retries)) && ((rc == 124 || rc == 125 || rc == 126)) && grep -qE "$l1_crash" "$l1_log"; do
+    cp -f "$l1_log" "$l1_log.l1-crash.$attempt"
+    e2e_log "L1 kernel failure ($(grep -m1 -oE "($l1_crash).*" "$l1_log")) and no E2E-EXIT: a QEMU TCG nested-SVM fault in L1, not a test result; log kept in $l1_log.l1-crash.$attempt; booting L1 again (retry $attempt of $retries)"
+    attempt=$((attempt + 1))
     run_l1
-fi
+done
 # Trend numbers (L1 wall clock), repeated at the end for CI logs.
 grep -E '^(L2-BOOT-TIME|L2 boot time:|fork time:|fork child first answer:|E2E-TEST )' \
     "$l1_log" 2>/dev/null | sed 's/^/[run] trend: /' >&2 || true
