@@ -104,6 +104,12 @@ fn monitor(read_fd: i32) {
     }
 }
 
+/// Starts the monitor thread and installs the SIGBUS handler now (a warm VM does, so that a
+/// clone's first [`watch`] does not pay for it).
+pub(crate) fn prepare() -> Result<(), String> {
+    install()
+}
+
 fn install() -> Result<(), String> {
     static ONCE: OnceLock<Result<(), String>> = OnceLock::new();
     ONCE.get_or_init(|| {

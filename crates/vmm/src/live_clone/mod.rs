@@ -223,6 +223,7 @@ impl LiveParent {
         let ts = Instant::now();
         let bytes = state.to_bytes().map_err(|e| Error::State(e.to_string()))?;
         let prefetch = opts.prefetch.then(|| WorkingSet { page_size: 4096, ranges: gen.data_ranges() });
+        let hot = hot_offsets(vm, &state);
         let mut children = Vec::with_capacity(hands.len());
         for (t, uffd, regions) in hands {
             let pid = pagesrv::fc_wire::peer_pid(&t.conn);
@@ -233,6 +234,7 @@ impl LiveParent {
                 owner_pid: None,
                 ..Default::default()
             };
+            prefill(&uffd, &regions, &gen, &hot, opts.batch)?;
             let source: Arc<dyn pagesrv::PageSource> = gen.clone();
             let server = PageServer::start(uffd, regions, source, cfg)
                 .map_err(|e| Error::State(format!("cannot start the clone's page server: {e}")))?;
@@ -285,6 +287,61 @@ impl LiveParent {
 
 fn opts_prefetch(p: &Option<WorkingSet>) -> bool {
     p.as_ref().is_some_and(|w| !w.ranges.is_empty())
+}
+
+/// File offsets of the pages a clone touches first: the generation page the child's restore
+/// writes, and where the boot vCPU's instruction pointer, stack pointer and page-table root
+/// point when those are guest-physical (identity-mapped guests; others are skipped).
+fn hot_offsets(vm: &MicroVm, state: &crate::persist::state::VmState) -> Vec<u64> {
+    let mem = vm.memory();
+    let mut gpas = vec![crate::arch::layout::GEN_PAGE];
+    if let Some(v) = state.vcpus.first() {
+        gpas.extend([v.regs.rip, v.regs.rsp, v.sregs.cr3 & !0xfff]);
+    }
+    gpas.iter()
+        .filter_map(|&gpa| {
+            mem.regions()
+                .iter()
+                .find(|r| gpa >= r.guest_base && gpa < r.guest_base + r.size)
+                .map(|r| r.file_offset + (gpa - r.guest_base))
+        })
+        .collect()
+}
+
+/// Places the `batch`-sized blocks around the `hot` file offsets into a child before its
+/// ticket, so its restore and first instructions do not wait on page-server round trips.
+/// A block the kernel refuses is left to the page server.
+fn prefill(
+    uffd: &pagesrv::uffd::Uffd,
+    regions: &[Region],
+    gen: &pagesrv::Generation,
+    hot: &[u64],
+    batch: usize,
+) -> Result<(), Error> {
+    use pagesrv::PageSource;
+    let batch = (batch.max(4096) as u64).next_power_of_two();
+    let mut done: Vec<u64> = Vec::new();
+    for &off in hot {
+        let block = off & !(batch - 1);
+        if done.contains(&block) {
+            continue;
+        }
+        done.push(block);
+        let Some(r) = regions.iter().find(|r| block < r.offset + r.len && block + batch > r.offset) else {
+            continue;
+        };
+        let lo = block.max(r.offset);
+        let hi = (block + batch).min(r.offset + r.len);
+        if gen.is_zero(lo, hi - lo) {
+            continue;
+        }
+        let mut buf = vec![0u8; (hi - lo) as usize];
+        gen.fill(lo, &mut buf).map_err(|e| Error::State(format!("live clone: read the parent's memory: {e}")))?;
+        if let Err(e) = uffd.copy(r.base + (lo - r.offset), &buf) {
+            tracing::debug!("prefill of {lo:#x} left to the page server: {e}");
+        }
+    }
+    Ok(())
 }
 
 /// The warm VM's regions must be exactly the parent's memory layout.

@@ -43,6 +43,8 @@ pub struct WarmVm {
     mem: Arc<GuestMem>,
     uffd: Arc<Uffd>,
     vcpus: Vec<Vcpu>,
+    /// Per vCPU, the CPUID this host offers it (asked before any request).
+    offered: Vec<Vec<kvm_bindings::kvm_cpuid_entry2>>,
     serial_irq: EventFd,
 }
 
@@ -133,8 +135,12 @@ impl WarmVm {
         vm.set_memory(&mem, false)?;
         let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::Io)?;
         vm.register_irqfd(&serial_irq, COM1_IRQ)?;
+        let count = vcpus;
         let vcpus = (0..vcpus).map(|id| Vcpu::new(&vm, id)).collect::<Result<Vec<_>, _>>()?;
-        Ok(WarmVm { vm, mem, uffd: Arc::new(uffd), vcpus, serial_irq })
+        let offered = vcpus.iter().map(|v| v.offered_cpuid(&vm, count)).collect::<Result<Vec<_>, _>>()?;
+        // Process-wide setup a clone would otherwise pay for: the memory-failure monitor.
+        memory_failure::prepare().map_err(Error::State)?;
+        Ok(WarmVm { vm, mem, uffd: Arc::new(uffd), vcpus, offered, serial_irq })
     }
 
     pub fn mem_size(&self) -> u64 {
@@ -251,7 +257,7 @@ impl WarmVm {
         if state.devices.block.is_some() {
             return Err(Error::State("pool clones of a VM with a disk are not supported".into()));
         }
-        let WarmVm { vm, mem, uffd: _, vcpus, serial_irq } = self;
+        let WarmVm { vm, mem, uffd: _, vcpus, offered, serial_irq } = self;
         // The restore writes the generation page from the host: bring it in through a kernel
         // access first, so a dead page server fails this clone instead of killing the process.
         let t = Instant::now();
@@ -262,12 +268,11 @@ impl WarmVm {
         let console = Console::new(mirror);
         let serial = SerialPort::from_state(&(&state.serial).into(), serial_irq, console).map_err(Error::State)?;
         let vsock = Arc::new(vsock_from_state(&vm, &mem, state.devices.vsock.as_ref())?);
-        let count = state.vcpus.len() as u8;
-        for (v, s) in vcpus.iter().zip(&state.vcpus) {
+        for ((v, s), offered) in vcpus.iter().zip(&state.vcpus).zip(&offered) {
             if v.id != s.id {
                 return Err(Error::State(format!("vCPU {} has the state of vCPU {}", v.id, s.id)));
             }
-            v.restore_cpu_model(&vm, s, count)?;
+            v.apply_cpu_model(&vm, s, offered)?;
             v.restore(s)?;
         }
         let generation = state.generation + 1;

@@ -169,13 +169,25 @@ impl Vcpu {
 
     /// Sets the saved CPUID and TSC frequency, after checking this host can provide them.
     pub fn restore_cpu_model(&self, vm: &Vm, s: &VcpuState, count: u8) -> Result<(), VmError> {
-        // What this host offers: KVM's supported set, and what KVM reports back for a vCPU
-        // given it (the same on plain KVM; PVM reports the host CPU's own feature bits).
+        let offered = self.offered_cpuid(vm, count)?;
+        self.apply_cpu_model(vm, s, &offered)
+    }
+
+    /// What this host offers this vCPU (one of `count`): KVM's supported set, and what KVM
+    /// reports back for a vCPU given it (the same on plain KVM; PVM reports the host CPU's own
+    /// feature bits). Sets the vCPU's CPUID to the host's default on the way; a warm VM does
+    /// this before any clone request.
+    pub fn offered_cpuid(&self, vm: &Vm, count: u8) -> Result<Vec<kvm_cpuid_entry2>, VmError> {
         self.set_cpuid(vm, count)?;
         let mut offered = vm.supported_cpuid()?.as_slice().to_vec();
         offered
             .extend_from_slice(self.fd.get_cpuid2(KVM_MAX_CPUID_ENTRIES).map_err(ioctl("KVM_GET_CPUID2"))?.as_slice());
-        cpuid::check_supported(&s.cpuid, &offered).map_err(|why| VmError::Unsupported {
+        Ok(offered)
+    }
+
+    /// [`Vcpu::restore_cpu_model`] given what [`Vcpu::offered_cpuid`] returned.
+    pub fn apply_cpu_model(&self, vm: &Vm, s: &VcpuState, offered: &[kvm_cpuid_entry2]) -> Result<(), VmError> {
+        cpuid::check_supported(&s.cpuid, offered).map_err(|why| VmError::Unsupported {
             what: format!("this host's CPU cannot run vCPU {} of the snapshot: {why}", self.id),
         })?;
         let saved = CpuId::from_entries(&s.cpuid)
