@@ -25,13 +25,14 @@ vm=l2a
 log="$FORKVM_RUN_DIR/$vm/console.log"
 
 keep=/tmp/l2-agent-logs
-# A VMM removes its directory when it exits: hard links keep a VM's logs for the failure report.
+# A VMM removes its directory when it is stopped: hard links keep a VM's logs for the failure
+# report (a VM that ends unasked moves them to $FORKVM_RUN_DIR/.exited/<name>.<pid>/ itself).
 keep_logs() { for v in "$@"; do for f in vmm.log console.log; do
     [ -f "$FORKVM_RUN_DIR/$v/$f" ] && ln -f "$FORKVM_RUN_DIR/$v/$f" "$keep/$v.$f" 2>/dev/null; done; done; }
 fail() {
     echo "l2-agent: FAIL: $*"
     if [ -f "$log" ]; then echo "l2-agent: last L2 console lines:"; tail -n 30 "$log" | sed 's/^/  L2| /'; fi
-    for f in "$keep"/*; do
+    for f in "$keep"/* "$FORKVM_RUN_DIR"/.exited/*/*; do
         [ -f "$f" ] || continue
         echo "l2-agent: kept log $(basename "$f") (last 40 lines):"; tail -n 40 "$f" | sed 's/^/  | /'
     done
