@@ -116,10 +116,10 @@ pub fn read_state_hashed(dir: &Path) -> Result<(VmState, String), Error> {
 }
 
 /// One memory image of a restore chain and the hash its state records.
-struct ChainImage {
-    path: PathBuf,
-    blake3: String,
-    diff: bool,
+pub(crate) struct ChainImage {
+    pub(crate) path: PathBuf,
+    pub(crate) blake3: String,
+    pub(crate) diff: bool,
 }
 
 /// The directories a snapshot builds on: its own, then each base down to the full one.
@@ -129,7 +129,7 @@ pub(crate) fn chain_dirs(dir: &Path, state: &VmState) -> Result<Vec<PathBuf>, Er
 
 /// Memory images from the full base to the newest diff, each base checked to be the very
 /// snapshot its diff was taken on.
-fn memory_chain(dir: &Path, state: &VmState) -> Result<Vec<ChainImage>, Error> {
+pub(crate) fn memory_chain(dir: &Path, state: &VmState) -> Result<Vec<ChainImage>, Error> {
     let mut chain = Vec::new();
     let mut dir = dir.to_path_buf();
     let mut image = state.memory.clone();

@@ -186,6 +186,19 @@ pub(crate) struct Lazy {
 pub(crate) fn start(file: File, path: &Path, size: u64, hashes: Vec<[u8; 32]>) -> Result<(Arc<GuestMem>, Lazy), Error> {
     // 4 KiB pages: the server places them with UFFDIO_COPY.
     let mem = Arc::new(GuestMem::new(size, Backing::Anon, false)?);
+    start_on(mem, None, file, path, hashes)
+}
+
+/// [`start`] over existing anonymous guest memory `mem`, already registered (missing-page mode)
+/// with `uffd` when given (a warm pool VM's).
+pub(crate) fn start_on(
+    mem: Arc<GuestMem>,
+    uffd: Option<pagesrv::uffd::Uffd>,
+    file: File,
+    path: &Path,
+    hashes: Vec<[u8; 32]>,
+) -> Result<(Arc<GuestMem>, Lazy), Error> {
+    let size = mem.size();
     let regions: Vec<Region> =
         mem.regions().iter().map(|r| Region { base: r.host as u64, len: r.size, offset: r.file_offset }).collect();
     let source = Arc::new(VerifiedSource {
@@ -207,8 +220,11 @@ pub(crate) fn start(file: File, path: &Path, size: u64, hashes: Vec<[u8; 32]>) -
     }));
     // One fault brings in the whole (checked) 2 MiB block around it.
     let cfg = ServerConfig { batch: 2 << 20, on_failure: Some(hook), ..Default::default() };
-    let server = PageServer::register(regions, source, cfg)
-        .map_err(|e| Error::State(format!("cannot start the page server: {e}")))?;
+    let server = match uffd {
+        Some(u) => PageServer::start(u, regions, source, cfg),
+        None => PageServer::register(regions, source, cfg),
+    }
+    .map_err(|e| Error::State(format!("cannot start the page server: {e}")))?;
     // The restore writes the generation page from the host: bring it in (and check it) first.
     crate::lazy_restore::probe_page(&mem, GEN_PAGE).map_err(|e| Error::State(server.monitor().error().unwrap_or(e)))?;
     Ok((mem.clone(), Lazy { server, cell, mem }))

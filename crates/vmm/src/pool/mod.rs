@@ -2,6 +2,7 @@
 //! [`crate::live_clone`]). [`WarmVm`] is one such VM; a pool member process creates one, listens
 //! on its socket and serves the first parent that connects.
 
+mod restore;
 mod warm;
 
 pub use warm::{CloneLink, Offer, WarmReport, WarmVm, TICKET_TIMEOUT};

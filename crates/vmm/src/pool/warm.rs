@@ -39,13 +39,13 @@ type Flag = (Mutex<bool>, Condvar);
 /// A pre-created VM waiting for a clone ticket.
 #[derive(Debug)]
 pub struct WarmVm {
-    vm: Vm,
-    mem: Arc<GuestMem>,
-    uffd: Arc<Uffd>,
-    vcpus: Vec<Vcpu>,
+    pub(super) vm: Vm,
+    pub(super) mem: Arc<GuestMem>,
+    pub(super) uffd: Arc<Uffd>,
+    pub(super) vcpus: Vec<Vcpu>,
     /// Per vCPU, the CPUID this host offers it (asked before any request).
-    offered: Vec<Vec<kvm_bindings::kvm_cpuid_entry2>>,
-    serial_irq: EventFd,
+    pub(super) offered: Vec<Vec<kvm_bindings::kvm_cpuid_entry2>>,
+    pub(super) serial_irq: EventFd,
 }
 
 /// A parent's ticket, taken by [`WarmVm::offer`].

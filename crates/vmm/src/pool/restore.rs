@@ -1,0 +1,92 @@
+//! Copy-on-write restore into a warm VM: the KVM VM, irqchip, vCPUs and userfaultfd-registered
+//! memory were made before the request, so a restore only reads the state, sets it
+//! (`KVM_SET_*`) and starts a page server over the warm VM's userfaultfd. The memory comes in
+//! lazily from the image, each 2 MiB block checked against the snapshot's block hash list as it
+//! is read (see [`crate::verified_lazy`]): the guest never sees an unchecked byte.
+
+use std::io::Write;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::warm::WarmVm;
+use crate::devices::console::{lock, Console};
+use crate::devices::serial::SerialPort;
+use crate::microvm::{vsock_from_state, write_generation, MicroVm, Parts};
+use crate::persist::memory_file;
+use crate::snapshot::sio;
+use crate::vcpu_thread::Want;
+use crate::Error;
+
+impl WarmVm {
+    /// Restores the full snapshot in `dir` (with its block hash list, without a disk) into
+    /// this warm VM and resumes it; `console` receives the guest's serial output.
+    pub fn restore_snapshot(self, dir: &Path, console: Option<Box<dyn Write + Send>>) -> Result<MicroVm, Error> {
+        let started = Instant::now();
+        let (state, state_hash) = crate::restore::read_state_hashed(dir)?;
+        if state.mem_size != self.mem.size() || state.vcpus.len() != self.vcpus.len() {
+            return Err(Error::State(format!(
+                "this pool VM has {} MiB and {} vCPUs, the snapshot {} MiB and {}",
+                self.mem.size() >> 20,
+                self.vcpus.len(),
+                state.mem_size >> 20,
+                state.vcpus.len()
+            )));
+        }
+        if state.devices.block.is_some() {
+            return Err(Error::State("pool restores of a VM with a disk are not supported".into()));
+        }
+        let chain = crate::restore::memory_chain(dir, &state)?;
+        let img = match &chain[..] {
+            [img] if !img.diff => img,
+            _ => return Err(Error::State("pool restores take a full snapshot, not a diff chain".into())),
+        };
+        let img_dir = img.path.parent().unwrap_or(Path::new("."));
+        let hashes =
+            crate::verified_lazy::read_block_hashes(img_dir, state.mem_size, &img.blake3).ok_or_else(|| {
+                Error::State(format!(
+                    "snapshot {} has no valid block hash list: restore it without the pool",
+                    dir.display()
+                ))
+            })?;
+        let file = memory_file::open(&img.path, state.mem_size).map_err(|e| Error::State(e.to_string()))?;
+        let WarmVm { vm, mem, uffd, vcpus, offered, serial_irq } = self;
+        let uffd = Arc::try_unwrap(uffd).map_err(|_| Error::State("the warm VM's userfaultfd is in use".into()))?;
+        let (mem, lazy) = crate::verified_lazy::start_on(mem, Some(uffd), file, &img.path, hashes)?;
+        state.vm.restore(&vm)?;
+        let serial =
+            SerialPort::from_state(&(&state.serial).into(), serial_irq, Console::new(console)).map_err(Error::State)?;
+        let vsock = Arc::new(vsock_from_state(&vm, &mem, state.devices.vsock.as_ref())?);
+        for ((v, s), offered) in vcpus.iter().zip(&state.vcpus).zip(&offered) {
+            if v.id != s.id {
+                return Err(Error::State(format!("vCPU {} has the state of vCPU {}", v.id, s.id)));
+            }
+            v.apply_cpu_model(&vm, s, offered)?;
+            v.restore(s)?;
+        }
+        let generation = state.generation + 1;
+        if !write_generation(&mem, generation) {
+            return Err(Error::State("no room for the generation page".into()));
+        }
+        let net =
+            crate::devices::virtio::net::attach::net_for_clone(&vm, &mem, state.devices.net.as_ref(), generation)?;
+        let parts = Parts {
+            vm,
+            mem,
+            serial,
+            vsock,
+            block: None,
+            net,
+            vcpus,
+            generation,
+            track_dirty: false,
+            started,
+            start: Want::Pause,
+        };
+        let vm = MicroVm::assemble(parts)?;
+        lazy.run_in_background(&vm)?;
+        vm.resume()?;
+        *lock(&vm.last_snapshot) = Some((dir.canonicalize().map_err(sio("cannot resolve", dir))?, state_hash));
+        Ok(vm)
+    }
+}
