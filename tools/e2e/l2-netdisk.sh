@@ -54,6 +54,12 @@ netdiag() {
         [ -d "$FORKVM_RUN_DIR/$v" ] || continue
         fv "$t_diag" exec --timeout 10 "$v" -- sh -c 'ip addr show eth0; ip route; netstat -ltn; ps | grep -v "\[" ; arp -an' 2>&1 \
             | sed "s/^/l2-netdisk: diag $v guest| /"
+        # Through the serial shell with builtins only (no fork in the guest: a guest whose forks
+        # hang still answers): per-CPU interrupt counts (IPIs: CAL, TLB, RES) and the load.
+        # shellcheck disable=SC2016  # expanded by the guest's shell
+        fv "$t_diag" exec --timeout 10 --wait-for IRQ-42-END "$v" \
+            'while read -r l; do echo "IRQ $l"; done </proc/interrupts; read -r a </proc/loadavg; echo "IRQ load $a"; echo IRQ-$((40+2))-END' 2>&1 \
+            | grep -E '^IRQ |CPU|CAL|TLB|RES|LOC|load|error' | sed "s/^/l2-netdisk: diag $v serial| /"
         ns=$(cat "$FORKVM_RUN_DIR/$v/netns" 2>/dev/null)
         [ -n "$ns" ] && timeout "$t_diag" nsenter --net="$ns" sh -c 'ip addr; arp -an; ping -c 1 -W 2 192.168.241.2' 2>&1 \
             | sed "s/^/l2-netdisk: diag $v netns| /"
