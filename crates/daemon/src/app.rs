@@ -37,6 +37,10 @@ pub struct Config {
     /// Kernel images sandboxes may boot, by name (`--image`). Only the host names files: an API
     /// request picks a name, never a path.
     pub images: std::collections::BTreeMap<String, KernelImage>,
+    /// Warm VMM processes kept per sandbox size (`--pool N`; 0: none). With a pool, booted
+    /// sandboxes get shared memory and their forks are live clones into the pool (fork() when
+    /// the pool cannot serve one).
+    pub pool: usize,
 }
 
 /// A bootable Linux kernel registered with the daemon.

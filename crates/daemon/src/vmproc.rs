@@ -92,6 +92,42 @@ impl Vmms {
         Some((v.pid, v.state))
     }
 
+    /// Tops the warm pool up to `size` members of `mem_mib` MiB and `vcpus` vCPUs (`forkvm
+    /// pool start`; members replace themselves once used).
+    pub async fn fill_pool(&self, size: usize, mem_mib: u64, vcpus: u8) -> Result<(), String> {
+        let prefix = format!("m{mem_mib}-v{vcpus}-");
+        let have = std::fs::read_dir(self.run_dir.join(".pool"))
+            .map(|rd| {
+                rd.flatten()
+                    .filter(|e| {
+                        let n = e.file_name().to_string_lossy().into_owned();
+                        n.starts_with(&prefix) && n.ends_with(".sock")
+                    })
+                    .count()
+            })
+            .unwrap_or(0);
+        if have >= size {
+            return Ok(());
+        }
+        let mut cmd = tokio::process::Command::new(&self.exe);
+        cmd.args(["pool", "start", "--size", &(size - have).to_string(), "--mem", &format!("{mem_mib}M")])
+            .args(["--vcpus", &vcpus.to_string()])
+            .env("FORKVM_RUN_DIR", &self.run_dir)
+            .env("FORKVM_STORE", &self.store)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let st = tokio::time::timeout(Duration::from_secs(60), cmd.status())
+            .await
+            .map_err(|_| "forkvm pool start did not finish in 60 s".to_string())?
+            .map_err(|e| format!("cannot run forkvm pool start: {e}"))?;
+        if st.success() {
+            Ok(())
+        } else {
+            Err(format!("forkvm pool start failed ({st})"))
+        }
+    }
+
     /// Starts `forkvm <args> --background` serving VM `id`; returns its pid once it answers.
     pub async fn spawn(&self, id: &str, mut args: Vec<OsString>) -> Result<u32, String> {
         args.push("--background".into());

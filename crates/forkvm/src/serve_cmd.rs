@@ -52,6 +52,10 @@ pub struct ServeArgs {
     /// `running`, and takes requests, once its guest printed it).
     #[arg(long, value_name = "NAME=LINE")]
     pub image_ready_line: Vec<String>,
+    /// Keep N warm VMM processes per sandbox size: booted sandboxes get shared memory and fork
+    /// by live clone into them (fork() when the pool cannot serve a fork).
+    #[arg(long, default_value_t = 0)]
+    pub pool: usize,
     /// Print the OpenAPI document and exit.
     #[arg(long)]
     pub openapi: bool,
@@ -141,6 +145,7 @@ pub fn serve(a: ServeArgs) -> Result<i32, String> {
     let images = images(&a.image, &a.image_cmdline, &a.image_ready_line)?;
     let cfg = daemon::Config {
         images,
+        pool: a.pool,
         run_dir: absolute(forkvm_api::vm::run_dir())?,
         state_dir: state,
         store: absolute(store)?,

@@ -77,7 +77,15 @@ pub async fn create_locked(app: &App, ws: &str, id: &str, req: CreateSandbox) ->
                     ))
                 })?),
             };
-            (None, mem, vcpus, crate::vmproc::boot_args(&id, mem, vcpus, req.net.unwrap_or(false), image))
+            let mut args = crate::vmproc::boot_args(&id, mem, vcpus, req.net.unwrap_or(false), image);
+            if app.cfg.pool > 0 {
+                // Shared memory: what a live clone into the pool needs.
+                args.extend(["--backing".into(), "shared".into()]);
+                if let Err(e) = app.vmms.fill_pool(app.cfg.pool, mem, vcpus).await {
+                    tracing::warn!("warm pool of {mem} MiB: {e}; forks of this sandbox use fork()");
+                }
+            }
+            (None, mem, vcpus, args)
         }
     };
     let name = req.name.clone().unwrap_or_else(|| id.clone());

@@ -1,0 +1,66 @@
+//! The daemon with a warm pool (`forkvm serve --pool N`): booted sandboxes get shared memory
+//! and their forks are live clones into the pool's VMM processes; sandboxes the pool cannot
+//! serve (created from a template: copy-on-write file memory) still fork with fork().
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod daemon_common;
+
+use std::path::Path;
+
+use daemon_common::{forkvm, Daemon};
+use serde_json::{json, Value};
+
+/// Pids of the warm members in `run`'s pool.
+fn members(run: &Path) -> Vec<u32> {
+    let Ok(rd) = std::fs::read_dir(run.join(".pool")) else { return Vec::new() };
+    rd.flatten()
+        .filter_map(|e| {
+            let n = e.file_name().to_string_lossy().into_owned();
+            n.strip_suffix(".sock")?.rsplit('-').next()?.parse().ok()
+        })
+        .collect()
+}
+
+/// Stops the pool's members whatever the test's outcome.
+struct PoolGuard(std::path::PathBuf);
+impl Drop for PoolGuard {
+    fn drop(&mut self) {
+        let _ = forkvm(&self.0).args(["pool", "stop"]).output();
+    }
+}
+
+fn kids(f: &Value) -> Vec<(String, u32)> {
+    f["sandboxes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| (s["id"].as_str().unwrap().to_string(), s["pid"].as_u64().unwrap() as u32))
+        .collect()
+}
+
+#[test]
+fn daemon_forks_through_the_warm_pool_and_falls_back_to_fork() {
+    let d = Daemon::start_with("pool", &["--pool", "2"]);
+    let _pool = PoolGuard(d.run.clone());
+    let t = d.token("ws");
+    let id = d.create(&t, json!({"memory_mib": 64}));
+    assert_eq!(d.line(&t, &id, "count"), "count 1");
+    let warm = members(&d.run);
+    assert!(warm.len() >= 2, "the daemon keeps 2 warm VMMs of the sandbox's size: {warm:?}");
+
+    let f = d.expect(201, "POST", &format!("/v1/sandboxes/{id}/fork"), &t, Some(json!({"count": 1})));
+    let k = kids(&f);
+    assert_eq!(k.len(), 1);
+    assert!(warm.contains(&k[0].1), "the child runs in a warm pool VMM (pid {} not in {warm:?})", k[0].1);
+    assert_eq!(d.line(&t, &k[0].0, "count"), "count 2", "the child continues from the parent's memory");
+    assert_eq!(d.line(&t, &id, "count"), "count 2", "the parent runs on");
+
+    // A sandbox from a template has copy-on-write file memory: no live clone, fork() instead.
+    let tpl = d.expect(201, "POST", "/v1/templates", &t, Some(json!({"sandbox": id, "name": "t"})));
+    let c = d.create(&t, json!({"template": tpl["id"].as_str().unwrap()}));
+    let before = members(&d.run);
+    let f = d.expect(201, "POST", &format!("/v1/sandboxes/{c}/fork"), &t, Some(json!({"count": 1})));
+    let k = kids(&f);
+    assert!(!before.contains(&k[0].1), "a fork() child is not a pool member");
+    assert_eq!(d.line(&t, &k[0].0, "count"), "count 3", "the fork() child continues from the template");
+}
