@@ -218,6 +218,7 @@ fn many_rows() -> Result<Vec<Samples>, String> {
     }
     let vm = parent(MANY_MEM, Backing::SharedFile)?;
     let live = LiveParent::attach(&vm).map_err(s)?;
+    live.arm().map_err(s)?;
     let m0 = mem_available()?;
     let tw = Instant::now();
     let mut members = (0..MANY).map(|_| Member::start(MANY_MEM)).collect::<Result<Vec<_>, _>>()?;
