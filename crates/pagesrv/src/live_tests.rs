@@ -277,3 +277,40 @@ fn armed_generations_read_the_clone_instant_after_earlier_ones_retired() {
     drop(w);
     assert!(live.error().is_none());
 }
+
+/// A live parent's generation served over the TCP page protocol (loopback): a remote child
+/// reads exactly the clone instant while the parent keeps writing, armed or not.
+#[test]
+fn a_live_generation_served_over_tcp_reads_the_clone_instant() {
+    use crate::net_auth::Secret;
+    use crate::{NetClientConfig, NetServer, NetServerConfig, NetSource};
+    let p = Arc::new(Parent::new(4 << 20));
+    for page in 0..(p.len / PAGE / 2) {
+        p.write_page(page, page as u64 + 11);
+    }
+    let live = p.live();
+    live.arm().unwrap();
+    let w = Writer::start(&p, 0x51ed_2701);
+    w.wait_writes(200);
+    let (want, g) = {
+        let _g = w.gate.lock().unwrap();
+        (p.snapshot(), live.begin().unwrap())
+    };
+    let secret = Secret::from_bytes(b"0123456789abcdef-live-secret").unwrap();
+    let (srv, _events) = NetServer::bind("127.0.0.1:0", g.clone(), NetServerConfig::new(secret.clone())).unwrap();
+    let cfg = NetClientConfig { request_timeout: std::time::Duration::from_secs(10), ..Default::default() };
+    let remote = NetSource::connect(&srv.local_addr().to_string(), &secret, &cfg).unwrap();
+    assert_eq!(remote.len(), want.len() as u64);
+    // The parent writes on while the remote child reads.
+    w.wait_writes(300);
+    let mut got = vec![0u8; want.len()];
+    for (i, chunk) in got.chunks_mut(64 << 10).enumerate() {
+        remote.fill((i * (64 << 10)) as u64, chunk).unwrap();
+    }
+    if got != want {
+        let bad = (0..want.len() / PAGE).find(|k| got[k * PAGE..(k + 1) * PAGE] != want[k * PAGE..(k + 1) * PAGE]);
+        panic!("page {bad:?} read over TCP differs from the clone instant");
+    }
+    drop(w);
+    assert!(live.error().is_none());
+}
