@@ -128,6 +128,56 @@ impl Vmms {
         }
     }
 
+    /// Restores the snapshot in `dir` as VM `id` in a warm pool member of its size (topping the
+    /// pool up first); returns the VMM's pid once it answers, or None when the pool cannot (the
+    /// caller then starts a VMM of its own).
+    pub async fn restore_from_pool(&self, id: &str, dir: &Path, size: usize, mem_mib: u64, vcpus: u8) -> Option<u32> {
+        if let Err(e) = self.fill_pool(size, mem_mib, vcpus).await {
+            tracing::warn!("warm pool of {mem_mib} MiB: {e}");
+        }
+        let prefix = format!("m{mem_mib}-v{vcpus}-");
+        let socks: Vec<PathBuf> = std::fs::read_dir(self.run_dir.join(".pool"))
+            .ok()?
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                p.file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .is_some_and(|n| n.starts_with(&prefix) && n.ends_with(".sock"))
+            })
+            .collect();
+        let conn = socks.iter().find_map(|p| std::os::unix::net::UnixStream::connect(p).ok())?;
+        let (dir, name) = (dir.to_path_buf(), id.to_string());
+        let r = tokio::task::spawn_blocking(move || {
+            vmm::pool::restore_into(conn, &dir, &name, Duration::from_secs(30)).map_err(|e| e.to_string())
+        })
+        .await;
+        let pid = match r {
+            Ok(Ok(Some(pid))) => u32::try_from(pid).ok()?,
+            Ok(Ok(None)) => return None,
+            Ok(Err(e)) => {
+                tracing::warn!("pool restore of {id}: {e}; starting a VMM instead");
+                self.remove_dir(id);
+                return None;
+            }
+            Err(e) => {
+                tracing::warn!("pool restore of {id}: {e}");
+                return None;
+            }
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while tokio::time::Instant::now() < deadline {
+            if let Some((p, _)) = self.status(id).await {
+                if p == pid {
+                    return Some(pid);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        tracing::warn!("the pool VMM restoring {id} (pid {pid}) never answered");
+        None
+    }
+
     /// Starts `forkvm <args> --background` serving VM `id`; returns its pid once it answers.
     pub async fn spawn(&self, id: &str, mut args: Vec<OsString>) -> Result<u32, String> {
         args.push("--background".into());

@@ -232,8 +232,13 @@ fn member(a: &MemberArgs) -> Result<i32, String> {
     };
     let _ = std::fs::remove_file(member_log);
     let parent = offer.header.parent.clone();
-    match warm.accept_offer(offer, Some(Box::new(console))) {
-        Ok((vm, link, _)) => {
+    let made = if offer.header.restore.is_some() {
+        offer.restore_snapshot(warm, Some(Box::new(console))).map(|vm| (vm, None))
+    } else {
+        warm.accept_offer(offer, Some(Box::new(console))).map(|(vm, link, _)| (vm, Some(link)))
+    };
+    match made {
+        Ok((vm, link)) => {
             let code = serve(claimed, vm, parent, None);
             drop(link);
             Ok(code)

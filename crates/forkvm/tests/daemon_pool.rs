@@ -1,6 +1,6 @@
 //! The daemon with a warm pool (`forkvm serve --pool N`): booted sandboxes get shared memory
-//! and their forks are live clones into the pool's VMM processes; sandboxes the pool cannot
-//! serve (created from a template: copy-on-write file memory) still fork with fork().
+//! and their forks are live clones into the pool's VMM processes; sandboxes created from a
+//! template are restored into pool VMMs; forks the pool cannot serve use fork().
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod daemon_common;
@@ -55,9 +55,14 @@ fn daemon_forks_through_the_warm_pool_and_falls_back_to_fork() {
     assert_eq!(d.line(&t, &k[0].0, "count"), "count 2", "the child continues from the parent's memory");
     assert_eq!(d.line(&t, &id, "count"), "count 2", "the parent runs on");
 
-    // A sandbox from a template has copy-on-write file memory: no live clone, fork() instead.
+    // A sandbox from a template is restored into a warm member (checked as its memory comes
+    // in from the image); its memory is then private, so its forks use fork().
     let tpl = d.expect(201, "POST", "/v1/templates", &t, Some(json!({"sandbox": id, "name": "t"})));
-    let c = d.create(&t, json!({"template": tpl["id"].as_str().unwrap()}));
+    let warm = members(&d.run);
+    let cv = d.expect(201, "POST", "/v1/sandboxes", &t, Some(json!({"template": tpl["id"].as_str().unwrap()})));
+    let c = cv["id"].as_str().unwrap().to_string();
+    let cpid = cv["pid"].as_u64().unwrap() as u32;
+    assert!(warm.contains(&cpid), "created from the template in a warm pool VMM (pid {cpid} not in {warm:?})");
     let before = members(&d.run);
     let f = d.expect(201, "POST", &format!("/v1/sandboxes/{c}/fork"), &t, Some(json!({"count": 1})));
     let k = kids(&f);

@@ -39,6 +39,8 @@ pub async fn create_locked(app: &App, ws: &str, id: &str, req: CreateSandbox) ->
         Some(_) => Some(app.templates_lock.read().await),
         None => None,
     };
+    // A template's snapshot, restored into a warm pool VMM when the daemon has a pool.
+    let mut pool_dir: Option<PathBuf> = None;
     let (template, memory_mib, vcpus, args) = match &req.template {
         Some(tid) => {
             let (t, dir) = db::templates::get(&app.db.lock(), tid)?
@@ -56,6 +58,7 @@ pub async fn create_locked(app: &App, ws: &str, id: &str, req: CreateSandbox) ->
             if req.image.is_some() {
                 return Err(ApiError::bad(format!("template {tid} fixes its own guest; leave image out")));
             }
+            pool_dir = Some(PathBuf::from(&dir));
             (Some(t.id), t.memory_mib, t.vcpus, crate::vmproc::restore_args(&id, &PathBuf::from(dir)))
         }
         None => {
@@ -112,7 +115,15 @@ pub async fn create_locked(app: &App, ws: &str, id: &str, req: CreateSandbox) ->
         sandboxes::insert(&c, &sb)?;
         app.event_in(&c, ws, &id, "creating", None, Some(SandboxState::Creating), "")?;
     }
-    match app.vmms.spawn(&id, args).await {
+    let pooled = match &pool_dir {
+        Some(dir) if app.cfg.pool > 0 => app.vmms.restore_from_pool(&id, dir, app.cfg.pool, memory_mib, vcpus).await,
+        _ => None,
+    };
+    let spawned = match pooled {
+        Some(pid) => Ok(pid),
+        None => app.vmms.spawn(&id, args).await,
+    };
+    match spawned {
         Ok(pid) => {
             let rec = reload(app, &id)?;
             let how = if sb.template.is_some() { "from template" } else { "booted" };

@@ -244,6 +244,7 @@ impl LiveParent {
                 name: t.name.clone(),
                 parent: opts.parent.clone(),
                 prefetch: opts.prefetch,
+                restore: None,
             };
             wire::send_ticket(&t.conn, &header, &bytes)?;
             children.push((t, server, pid));

@@ -36,6 +36,10 @@ pub struct TicketHeader {
     pub parent: Option<String>,
     /// The parent sends `filled` when the child has all its data pages.
     pub prefetch: bool,
+    /// Instead of a clone: restore this snapshot directory into the warm VM (no state bytes
+    /// follow, and no page server: the VM serves its memory from the image itself).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore: Option<String>,
 }
 
 fn proto(msg: impl Into<String>) -> Error {
@@ -71,7 +75,7 @@ pub fn recv_ticket(r: &mut impl BufRead) -> Result<(TicketHeader, Vec<u8>), Erro
     if h.v != VERSION {
         return Err(proto(format!("version {} is not supported (this VMM speaks {VERSION})", h.v)));
     }
-    if h.state_len == 0 || h.state_len > MAX_STATE {
+    if (h.state_len == 0 && h.restore.is_none()) || h.state_len > MAX_STATE {
         return Err(proto(format!("state of {} bytes (at most {MAX_STATE})", h.state_len)));
     }
     let mut state = vec![0u8; h.state_len as usize];
@@ -87,7 +91,14 @@ mod tests {
     #[test]
     fn ticket_round_trip_and_bounds() {
         let (a, b) = UnixStream::pair().unwrap();
-        let h = TicketHeader { v: VERSION, state_len: 3, name: Some("c1".into()), parent: None, prefetch: true };
+        let h = TicketHeader {
+            v: VERSION,
+            state_len: 3,
+            name: Some("c1".into()),
+            parent: None,
+            prefetch: true,
+            restore: None,
+        };
         send_ticket(&a, &h, b"abc").unwrap();
         let mut r = std::io::BufReader::new(&b);
         assert_eq!(recv_ticket(&mut r).unwrap(), (h, b"abc".to_vec()));

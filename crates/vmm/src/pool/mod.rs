@@ -5,4 +5,5 @@
 mod restore;
 mod warm;
 
+pub use restore::restore_into;
 pub use warm::{CloneLink, Offer, WarmReport, WarmVm, TICKET_TIMEOUT};

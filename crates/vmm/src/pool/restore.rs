@@ -9,9 +9,10 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::warm::WarmVm;
+use super::warm::{Offer, WarmVm};
 use crate::devices::console::{lock, Console};
 use crate::devices::serial::SerialPort;
+use crate::live_clone::wire::{self, TicketHeader};
 use crate::microvm::{vsock_from_state, write_generation, MicroVm, Parts};
 use crate::persist::memory_file;
 use crate::snapshot::sio;
@@ -88,5 +89,54 @@ impl WarmVm {
         vm.resume()?;
         *lock(&vm.last_snapshot) = Some((dir.canonicalize().map_err(sio("cannot resolve", dir))?, state_hash));
         Ok(vm)
+    }
+}
+
+impl Offer {
+    /// Serves a restore ticket (`header.restore`): restores that snapshot into `warm` and
+    /// answers `ready` (or `error ...`).
+    pub fn restore_snapshot(self, warm: WarmVm, console: Option<Box<dyn Write + Send>>) -> Result<MicroVm, Error> {
+        let r = match &self.header.restore {
+            Some(dir) => warm.restore_snapshot(Path::new(dir), console),
+            None => Err(Error::State("not a restore ticket".into())),
+        };
+        let reply = match &r {
+            Ok(_) => "ready\n".to_string(),
+            Err(e) => format!("error {}\n", e.to_string().replace('\n', " ")),
+        };
+        (&self.conn).write_all(reply.as_bytes()).map_err(Error::Io)?;
+        r
+    }
+}
+
+/// Asks the warm pool member at the other end of `conn` (just connected) to restore the
+/// snapshot in `dir` as VM `name` and waits (up to `timeout`) for it to run. Returns the
+/// member's pid.
+pub fn restore_into(
+    conn: std::os::unix::net::UnixStream,
+    dir: &Path,
+    name: &str,
+    timeout: std::time::Duration,
+) -> Result<Option<i32>, Error> {
+    let pid = pagesrv::fc_wire::peer_pid(&conn);
+    // The member's userfaultfd is not needed: it serves its memory from the image itself.
+    let _ = pagesrv::fc_wire::recv_handshake(&conn, timeout)
+        .map_err(|e| Error::State(format!("warm VM handshake: {e}")))?;
+    let dir = dir.canonicalize().map_err(sio("cannot resolve", dir))?;
+    let header = TicketHeader {
+        v: wire::VERSION,
+        state_len: 0,
+        name: Some(name.to_string()),
+        parent: None,
+        prefetch: false,
+        restore: Some(dir.to_string_lossy().into_owned()),
+    };
+    wire::send_ticket(&conn, &header, &[])?;
+    conn.set_read_timeout(Some(timeout)).map_err(Error::Io)?;
+    let mut r = std::io::BufReader::new(&conn);
+    match wire::read_line(&mut r)? {
+        Some(l) if l == "ready" => Ok(pid),
+        Some(l) => Err(Error::State(format!("pool restore: {l}"))),
+        None => Err(Error::State("pool restore: the warm VM exited".into())),
     }
 }

@@ -51,7 +51,7 @@ pub struct WarmVm {
 /// A parent's ticket, taken by [`WarmVm::offer`].
 #[derive(Debug)]
 pub struct Offer {
-    conn: UnixStream,
+    pub(super) conn: UnixStream,
     r: BufReader<UnixStream>,
     pub header: TicketHeader,
     state: Vec<u8>,
