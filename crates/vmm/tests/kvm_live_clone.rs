@@ -205,6 +205,42 @@ fn live_clone_child_sees_the_clone_instant_while_the_parent_writes() {
     assert_eq!(vm.command("ping", T).unwrap(), "pong");
 }
 
+/// Armed write protection (what pool forks use): protection stays on between clones and a
+/// clone's pause re-protects only what the parent wrote since; a clone made after earlier ones
+/// retired still sees exactly its clone instant, host and guest writes alike.
+#[test]
+fn armed_live_clones_see_their_instant_after_earlier_clones_retired() {
+    let vm = boot(64 << 20);
+    for p in 0..HOST_PAGES {
+        assert!(vm.memory().write(HOST + p * 4096, &random_page(p + 7)));
+    }
+    let live = LiveParent::attach(&vm).unwrap();
+    live.arm().unwrap();
+    let w = Writer::start(&vm);
+    let opts = LiveCloneOptions { prefetch: false, ..Default::default() };
+    for (round, byte) in [(1u8, 0x41u8), (2, 0x42)] {
+        // Writes between clones, from the host and from the guest.
+        w.wait_writes(200);
+        assert_eq!(vm.command(&format!("touch {GUEST:#x} 16 {byte:#x}"), T).unwrap(), "touched 16");
+        let (reference, kids, clones) = clone_at_instant(&live, &vm, &w, 1, &format!("armed{round}"), &opts);
+        w.wait_writes(200);
+        assert_eq!(vm.command(&format!("touch {GUEST:#x} 16 0x99"), T).unwrap(), "touched 16");
+        let c = &clones[0].0;
+        assert_eq!(c.command(&format!("sum {HOST:#x} {HOST_PAGES}"), T).unwrap(), sum_line(&reference));
+        assert_eq!(c.command(&format!("sum {GUEST:#x} 16"), T).unwrap(), sum_line(&[byte; 16 * 4096]));
+        for (k, (mut c, link)) in kids.into_iter().zip(clones) {
+            c.stop();
+            drop(c);
+            drop(link);
+            assert_eq!(k.wait(), "the child exited");
+        }
+        let st = live.stats();
+        assert_eq!((st.active_generations, st.protected), (0, true), "armed: still protected {st:?}");
+    }
+    drop(w);
+    assert_eq!(vm.command("ping", T).unwrap(), "pong");
+}
+
 #[test]
 fn live_clone_page_server_dying_stops_the_child_with_an_error() {
     let vm = boot(64 << 20);
