@@ -33,6 +33,7 @@ pub struct Metrics {
     host_mem_shared: Gauge,
     vmm_rss: Gauge,
     preview: Family<Labels, Counter>,
+    preview_open: Gauge,
     pagesrv_faults: Counter,
     pagesrv_sandboxes: Gauge,
     pagesrv_latency: Family<Labels, Gauge<f64, AtomicU64>>,
@@ -65,6 +66,12 @@ impl Default for Metrics {
         registry.register("vmm_memory_rss_bytes", "Resident memory of all VMM processes", vmm_rss.clone());
         let preview = Family::<Labels, Counter>::default();
         registry.register("preview_connections", "Preview proxy connections by outcome", preview.clone());
+        let preview_open = Gauge::default();
+        registry.register(
+            "preview_connections_open",
+            "Preview proxy connections holding one of the --preview-max-connections slots",
+            preview_open.clone(),
+        );
         let pagesrv_faults = Counter::default();
         let pagesrv_sandboxes = Gauge::default();
         let pagesrv_latency = Family::<Labels, Gauge<f64, AtomicU64>>::default();
@@ -93,6 +100,7 @@ impl Default for Metrics {
             host_mem_shared,
             vmm_rss,
             preview,
+            preview_open,
             pagesrv_faults,
             pagesrv_sandboxes,
             pagesrv_latency,
@@ -118,6 +126,15 @@ impl Metrics {
     /// One preview connection ended as `result` (relayed, not_found, bad_request, ...).
     pub fn observe_preview(&self, result: &str) {
         self.preview.get_or_create(&vec![("result".into(), result.into())]).inc();
+    }
+
+    /// A preview connection took (`true`) or gave back (`false`) one of the proxy's slots.
+    pub fn preview_slot(&self, taken: bool) {
+        if taken {
+            self.preview_open.inc();
+        } else {
+            self.preview_open.dec();
+        }
     }
 
     /// Takes the page-server counters of the live VMMs (pid, stats): the fault counter grows by

@@ -136,9 +136,11 @@ pub async fn serve(app: Shared, cfg: PreviewConfig, listener: TcpListener) {
         let (app, cfg) = (app.clone(), cfg.clone());
         match slots.clone().try_acquire_owned() {
             Ok(permit) => {
+                app.metrics.preview_slot(true);
                 tokio::spawn(async move {
                     handle(&app, &cfg, sock, peer).await;
                     drop(permit);
+                    app.metrics.preview_slot(false);
                 });
             }
             Err(_) => {
