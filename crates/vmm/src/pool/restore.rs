@@ -9,11 +9,10 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::warm::{Offer, WarmVm};
+use super::warm::{restore_state_into, Offer, Restored, WarmVm};
 use crate::devices::console::{lock, Console};
-use crate::devices::serial::SerialPort;
 use crate::live_clone::wire::{self, TicketHeader};
-use crate::microvm::{vsock_from_state, write_generation, MicroVm, Parts};
+use crate::microvm::{MicroVm, Parts};
 use crate::persist::memory_file;
 use crate::snapshot::sio;
 use crate::vcpu_thread::Want;
@@ -54,23 +53,8 @@ impl WarmVm {
         let WarmVm { vm, mem, uffd, vcpus, offered, serial_irq } = self;
         let uffd = Arc::try_unwrap(uffd).map_err(|_| Error::State("the warm VM's userfaultfd is in use".into()))?;
         let (mem, lazy) = crate::verified_lazy::start_on(mem, Some(uffd), file, &img.path, hashes)?;
-        state.vm.restore(&vm)?;
-        let serial =
-            SerialPort::from_state(&(&state.serial).into(), serial_irq, Console::new(console)).map_err(Error::State)?;
-        let vsock = Arc::new(vsock_from_state(&vm, &mem, state.devices.vsock.as_ref())?);
-        for ((v, s), offered) in vcpus.iter().zip(&state.vcpus).zip(&offered) {
-            if v.id != s.id {
-                return Err(Error::State(format!("vCPU {} has the state of vCPU {}", v.id, s.id)));
-            }
-            v.apply_cpu_model(&vm, s, offered)?;
-            v.restore(s)?;
-        }
-        let generation = state.generation + 1;
-        if !write_generation(&mem, generation) {
-            return Err(Error::State("no room for the generation page".into()));
-        }
-        let net =
-            crate::devices::virtio::net::attach::net_for_clone(&vm, &mem, state.devices.net.as_ref(), generation)?;
+        let Restored { serial, vsock, net, generation } =
+            restore_state_into(&vm, &mem, &vcpus, &offered, serial_irq, &state, Console::new(console))?;
         let parts = Parts {
             vm,
             mem,

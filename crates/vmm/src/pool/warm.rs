@@ -20,6 +20,8 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::arch::layout::GEN_PAGE;
 use crate::devices::console::Console;
 use crate::devices::serial::{SerialPort, COM1_IRQ};
+use crate::devices::virtio::net::Net;
+use crate::devices::virtio::vsock::Vsock;
 use crate::live_clone::wire::{self, TicketHeader};
 use crate::memory_failure::{self, Watch};
 use crate::microvm::{vsock_from_state, write_generation, MicroVm, Parts};
@@ -264,23 +266,8 @@ impl WarmVm {
         probe_page(&mem, GEN_PAGE)?;
         rep.probe = t.elapsed();
         let t = Instant::now();
-        state.vm.restore(&vm)?;
-        let console = Console::new(mirror);
-        let serial = SerialPort::from_state(&(&state.serial).into(), serial_irq, console).map_err(Error::State)?;
-        let vsock = Arc::new(vsock_from_state(&vm, &mem, state.devices.vsock.as_ref())?);
-        for ((v, s), offered) in vcpus.iter().zip(&state.vcpus).zip(&offered) {
-            if v.id != s.id {
-                return Err(Error::State(format!("vCPU {} has the state of vCPU {}", v.id, s.id)));
-            }
-            v.apply_cpu_model(&vm, s, offered)?;
-            v.restore(s)?;
-        }
-        let generation = state.generation + 1;
-        if !write_generation(&mem, generation) {
-            return Err(Error::State("no room for the generation page".into()));
-        }
-        let net =
-            crate::devices::virtio::net::attach::net_for_clone(&vm, &mem, state.devices.net.as_ref(), generation)?;
+        let Restored { serial, vsock, net, generation } =
+            restore_state_into(&vm, &mem, &vcpus, &offered, serial_irq, &state, Console::new(mirror))?;
         mem.take_host_dirty();
         rep.restore = t.elapsed();
         let t = Instant::now();
@@ -393,4 +380,42 @@ fn probe_page(mem: &GuestMem, gpa: u64) -> Result<(), Error> {
         return Err(Error::State(format!("guest page {gpa:#x} could not be served by the parent: {err}")));
     }
     Ok(())
+}
+
+/// What [`restore_state_into`] made from a saved state.
+pub(super) struct Restored {
+    pub serial: SerialPort,
+    pub vsock: Arc<Vsock>,
+    pub net: Option<Arc<Net>>,
+    pub generation: u64,
+}
+
+/// Restores `state` into a warm VM's KVM VM and vCPUs (made before the request): VM-wide
+/// devices, serial, vsock, each vCPU with the CPUID `offered` to it, the next generation written
+/// into the generation page, and the clone's network. Shared by a pool clone and a pool restore.
+pub(super) fn restore_state_into(
+    vm: &Vm,
+    mem: &Arc<GuestMem>,
+    vcpus: &[Vcpu],
+    offered: &[Vec<kvm_bindings::kvm_cpuid_entry2>],
+    serial_irq: EventFd,
+    state: &VmState,
+    console: Arc<Console>,
+) -> Result<Restored, Error> {
+    state.vm.restore(vm)?;
+    let serial = SerialPort::from_state(&(&state.serial).into(), serial_irq, console).map_err(Error::State)?;
+    let vsock = Arc::new(vsock_from_state(vm, mem, state.devices.vsock.as_ref())?);
+    for ((v, s), offered) in vcpus.iter().zip(&state.vcpus).zip(offered) {
+        if v.id != s.id {
+            return Err(Error::State(format!("vCPU {} has the state of vCPU {}", v.id, s.id)));
+        }
+        v.apply_cpu_model(vm, s, offered)?;
+        v.restore(s)?;
+    }
+    let generation = state.generation + 1;
+    if !write_generation(mem, generation) {
+        return Err(Error::State("no room for the generation page".into()));
+    }
+    let net = crate::devices::virtio::net::attach::net_for_clone(vm, mem, state.devices.net.as_ref(), generation)?;
+    Ok(Restored { serial, vsock, net, generation })
 }
