@@ -326,7 +326,15 @@ impl Uffd {
 
     /// `UFFDIO_POISON` over `[dst, dst+len)`: later accesses get SIGBUS
     /// (kernel accesses get EFAULT). Wakes the faulting threads.
+    /// Without `UFFD_FEATURE_POISON` (Linux < 6.6) it fails with `Unsupported` and asks nothing
+    /// of the kernel.
     pub fn poison(&self, dst: u64, len: u64) -> io::Result<Fill> {
+        if self.features & features::POISON == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "this kernel's userfaultfd has no UFFD_FEATURE_POISON (Linux 6.6 or later)",
+            ));
+        }
         let mut p = UffdioPoison { range: UffdioRange { start: dst, len }, mode: 0, updated: 0 };
         let r = self.ioctl(UFFDIO_POISON, &mut p);
         Self::outcome(r, p.updated, len)

@@ -259,7 +259,13 @@ impl Drop for WakeHandle {
                 }
             }
             if let Err(e) = s.poison_unserved() {
-                tracing::warn!("cannot poison unserved guest pages: {e}");
+                // Without poisoning (Linux < 6.6) the VM's stop is what keeps unserved pages unread.
+                match self.vm.upgrade() {
+                    Some(ctl) if ctl.exit_reason().is_none() => {
+                        tracing::warn!("cannot poison unserved guest pages: {e}")
+                    }
+                    _ => tracing::debug!("unserved guest pages not poisoned (the VM has stopped): {e}"),
+                }
             }
             s.stop();
         }
