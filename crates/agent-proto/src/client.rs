@@ -69,8 +69,22 @@ pub struct Client {
     pub agent: String,
 }
 
+/// Connects with the connect itself bounded too: on a Unix socket whose listen backlog is full,
+/// connect(2) waits for as long as SO_SNDTIMEO allows (std's connect cannot set it first).
 fn connect(path: &Path, timeout: Duration) -> Result<UnixStream, ClientError> {
-    let s = UnixStream::connect(path).map_err(|err| ClientError::Connect { path: path.display().to_string(), err })?;
+    use socket2::{Domain, SockAddr, Socket, Type};
+    let failed = |err| ClientError::Connect { path: path.display().to_string(), err };
+    let addr = SockAddr::unix(path).map_err(failed)?;
+    let sock = Socket::new(Domain::UNIX, Type::STREAM, None).map_err(failed)?;
+    sock.set_write_timeout(Some(timeout)).map_err(failed)?;
+    sock.connect(&addr).map_err(|e| match e.kind() {
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => failed(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("it accepted no connection within {timeout:?} (its listen backlog is full)"),
+        )),
+        _ => failed(e),
+    })?;
+    let s = UnixStream::from(std::os::fd::OwnedFd::from(sock));
     s.set_read_timeout(Some(timeout)).map_err(ClientError::Io)?;
     s.set_write_timeout(Some(timeout)).map_err(ClientError::Io)?;
     Ok(s)

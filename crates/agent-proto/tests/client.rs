@@ -107,3 +107,40 @@ fn an_agent_that_hangs_up_mid_stream_or_sends_junk_is_an_error() {
     assert!(matches!(e, ClientError::Protocol(ref m) if m.contains("limit")), "{e}");
     t.join().unwrap();
 }
+
+/// A VM whose vsock socket accepts nothing more (its listen backlog is full: a stuck VMM, or
+/// many clients at once) made connect(2) block without bound; now the connect gives up after
+/// the client's timeout with a clear error.
+#[test]
+fn a_socket_whose_backlog_is_full_is_a_bounded_error() {
+    use socket2::{Domain, SockAddr, Socket, Type};
+    let p = std::env::temp_dir().join(format!("forkvm-proto-{}-full.sock", std::process::id()));
+    let _ = std::fs::remove_file(&p);
+    let addr = SockAddr::unix(&p).unwrap();
+    let l = Socket::new(Domain::UNIX, Type::STREAM, None).unwrap();
+    l.bind(&addr).unwrap();
+    l.listen(0).unwrap();
+    let mut held = Vec::new();
+    for _ in 0..1000 {
+        let s = Socket::new(Domain::UNIX, Type::STREAM, None).unwrap();
+        s.set_nonblocking(true).unwrap();
+        match s.connect(&addr) {
+            Ok(()) => held.push(s),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(!held.is_empty() && held.len() < 1000, "the backlog never filled ({} connections)", held.len());
+    let (tx, rx) = std::sync::mpsc::channel();
+    let path = p.clone();
+    std::thread::spawn(move || {
+        let r = Client::connect_vsock(&path, AGENT_PORT, Duration::from_millis(300));
+        let _ = tx.send(r.err().map(|e| e.to_string()));
+    });
+    // A hang detector, not a timing: the connect must come back at all.
+    let e = rx.recv_timeout(Duration::from_secs(30)).expect("connect blocked on a full backlog");
+    let e = e.expect("connected to a socket that accepts nothing");
+    assert!(e.contains("accepted no connection within"), "{e}");
+    drop((l, held));
+    let _ = std::fs::remove_file(&p);
+}
