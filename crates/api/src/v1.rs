@@ -133,7 +133,8 @@ pub struct CreateSandbox {
     #[serde(default)]
     pub template: Option<String>,
     /// A kernel image the host registered (`forkvm serve --image NAME=KERNEL[,INITRD]`) to boot
-    /// instead of the test guest. Not with `template`.
+    /// instead of the test guest. Not with `template`. An image the host gave a disk
+    /// (`--image-disk`) boots with its own copy-on-write view of it (`/dev/vda` in the guest).
     #[serde(default)]
     pub image: Option<String>,
     /// Guest memory in MiB for a boot (a template fixes its own). Default 64.

@@ -52,6 +52,17 @@ pub struct KernelImage {
     pub cmdline: Option<String>,
     /// The console line that says the guest is up (None: running as soon as the VMM is).
     pub ready_line: Option<String>,
+    /// A raw disk image every sandbox of this image boots with (`--image-disk`): each gets its
+    /// own copy-on-write view (`forkvm run --disk`); the image itself is never written.
+    pub disk: Option<ImageDisk>,
+}
+
+/// The disk of a [`KernelImage`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImageDisk {
+    pub path: PathBuf,
+    /// The guest sees a read-only device.
+    pub read_only: bool,
 }
 
 impl Config {

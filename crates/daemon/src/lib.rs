@@ -24,7 +24,7 @@ use std::io::Write as _;
 use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
 
-pub use app::{Config, KernelImage};
+pub use app::{Config, ImageDisk, KernelImage};
 
 /// Runs the daemon until SIGINT or SIGTERM.
 pub fn serve(cfg: Config) -> Result<(), String> {

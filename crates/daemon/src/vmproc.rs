@@ -254,6 +254,11 @@ pub fn boot_args(
             if let Some(l) = &i.ready_line {
                 v.extend(["--ready-line".into(), l.into()]);
             }
+            if let Some(d) = &i.disk {
+                let mut spec = OsString::from(&d.path);
+                spec.push(if d.read_only { ",ro" } else { ",rw" });
+                v.extend(["--disk".into(), spec]);
+            }
         }
     }
     v.extend(

@@ -75,6 +75,9 @@ pub struct CreateArgs {
     /// private, unlisted or public.
     #[arg(long)]
     pub privacy: Option<String>,
+    /// Boot with a virtio-net device in a private network namespace (previews reach its ports).
+    #[arg(long, conflicts_with = "template")]
+    pub net: bool,
     /// Seconds idle before the policy pauses it (0 = never).
     #[arg(long)]
     pub pause_after: Option<u64>,
@@ -132,6 +135,9 @@ pub fn sandbox(cmd: SandboxCmd) -> Result<i32, String> {
         SandboxCmd::Create(a) => {
             let mut body = json!({"name": a.name, "template": a.template, "image": a.image,
                 "memory_mib": a.memory_mib, "vcpus": a.vcpus, "privacy": a.privacy});
+            if a.net {
+                body["net"] = json!(true);
+            }
             if a.pause_after.is_some() || a.hibernate_after.is_some() {
                 let d = forkvm_api::v1::Policy::default();
                 body["policy"] = json!({"pause_after": a.pause_after.unwrap_or(d.pause_after),

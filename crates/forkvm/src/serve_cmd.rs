@@ -52,6 +52,10 @@ pub struct ServeArgs {
     /// `running`, and takes requests, once its guest printed it).
     #[arg(long, value_name = "NAME=LINE")]
     pub image_ready_line: Vec<String>,
+    /// A raw disk image an image's sandboxes boot with, repeatable: `NAME=PATH[,ro]`. Each
+    /// sandbox gets its own copy-on-write view (as `forkvm run --disk`); PATH is never written.
+    #[arg(long, value_name = "NAME=PATH[,ro]")]
+    pub image_disk: Vec<String>,
     /// Keep N warm VMM processes per sandbox size: booted sandboxes get shared memory and fork
     /// by live clone into them (fork() when the pool cannot serve a fork).
     #[arg(long, default_value_t = 0)]
@@ -88,12 +92,14 @@ fn absolute(p: PathBuf) -> Result<PathBuf, String> {
     std::path::absolute(&p).map_err(|e| format!("bad path {}: {e}", p.display()))
 }
 
-/// `--image NAME=KERNEL[,INITRD]` and `--image-cmdline NAME=CMDLINE`, checked: names are short
+/// `--image NAME=KERNEL[,INITRD]`, `--image-cmdline NAME=CMDLINE`, `--image-ready-line NAME=LINE`
+/// and `--image-disk NAME=PATH[,ro]`, checked: names are short
 /// and plain, files are regular files (absolute paths are kept, so VMMs find them from anywhere).
 fn images(
     specs: &[String],
     cmdlines: &[String],
     ready_lines: &[String],
+    disks: &[String],
 ) -> Result<std::collections::BTreeMap<String, daemon::KernelImage>, String> {
     let file = |what: &str, p: &str| -> Result<PathBuf, String> {
         let p = absolute(PathBuf::from(p))?;
@@ -114,7 +120,7 @@ fn images(
             Some((k, i)) => (file("kernel", k)?, Some(file("initrd", i)?)),
             None => (file("kernel", files)?, None),
         };
-        let image = daemon::KernelImage { kernel, initrd, cmdline: None, ready_line: None };
+        let image = daemon::KernelImage { kernel, initrd, cmdline: None, ready_line: None, disk: None };
         if out.insert(name.to_string(), image).is_some() {
             return Err(format!("--image {name:?} given twice"));
         }
@@ -132,6 +138,21 @@ fn images(
     };
     per_image("image-cmdline", "CMDLINE", cmdlines, |i, v| i.cmdline = Some(v))?;
     per_image("image-ready-line", "LINE", ready_lines, |i, v| i.ready_line = Some(v))?;
+    for spec in disks {
+        let (name, value) =
+            spec.split_once('=').ok_or_else(|| format!("--image-disk {spec:?}: expected NAME=PATH[,ro]"))?;
+        let (path, read_only) = match value.rsplit_once(',') {
+            Some((p, "ro")) => (p, true),
+            Some((p, "rw")) => (p, false),
+            _ => (value, false),
+        };
+        let path = file("disk", path)?;
+        let image =
+            out.get_mut(name).ok_or_else(|| format!("--image-disk {name:?}: no --image {name}=... was given"))?;
+        if image.disk.replace(daemon::ImageDisk { path, read_only }).is_some() {
+            return Err(format!("--image-disk {name:?} given twice"));
+        }
+    }
     Ok(out)
 }
 
@@ -142,7 +163,7 @@ pub fn serve(a: ServeArgs) -> Result<i32, String> {
     }
     let state = absolute(state_dir(a.state_dir))?;
     let store = a.store.or_else(|| std::env::var_os("FORKVM_STORE").map(PathBuf::from)).unwrap_or(state.join("store"));
-    let images = images(&a.image, &a.image_cmdline, &a.image_ready_line)?;
+    let images = images(&a.image, &a.image_cmdline, &a.image_ready_line, &a.image_disk)?;
     let cfg = daemon::Config {
         images,
         pool: a.pool,
