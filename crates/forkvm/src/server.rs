@@ -136,7 +136,11 @@ pub(crate) fn serve_then(
         crate::hibernate_cmd::keep_failed_wake(&host.paths, &host.name, e);
     } else if !host.keep_dir.load(std::sync::atomic::Ordering::SeqCst) {
         if crate::exit_logs::unasked(&reason) {
-            // Nobody asked for this exit: keep what explains it before the directory goes.
+            // Nobody asked for this exit: keep what explains it before the directory goes, once
+            // every vCPU has logged where it was (bounded: a vCPU stuck in KVM is evidence too).
+            if !host.vm.control().wait_vcpus_left(Duration::from_secs(5)) {
+                tracing::error!("a vCPU thread did not leave within 5 s of the VM's end");
+            }
             let run = host.paths.dir.parent().map_or_else(forkvm_api::vm::run_dir, Path::to_path_buf);
             match crate::exit_logs::keep(&run, &host.paths, &host.name, &reason) {
                 Ok(d) => eprintln!(

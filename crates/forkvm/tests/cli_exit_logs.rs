@@ -67,6 +67,8 @@ fn a_triple_fault_leaves_every_vcpus_registers_in_the_kept_log() {
     let log = std::fs::read_to_string(kept.join("vmm.log")).unwrap();
     assert!(log.contains("guest shutdown exit (triple fault): vCPU 0: mp_state"), "{log}");
     assert!(log.contains("stopped with the VM: vCPU 1: mp_state"), "{log}");
+    // A log file, not a terminal: no colour escapes (they garbled every vmm.log).
+    assert!(!log.contains('\x1b'), "ANSI escapes in {log}");
     for what in ["rip 0x", "cr0 0x", "efer 0x", "exception injected"] {
         assert!(log.contains(what), "{what} in {log}");
     }

@@ -171,6 +171,17 @@ impl Control {
         c.exit.clone()
     }
 
+    /// After the VM ended: waits, at most `timeout`, until every vCPU thread has left (each logs
+    /// where it was on its way out of a VM that ended unasked). True if they all left.
+    pub fn wait_vcpus_left(&self, timeout: Duration) -> bool {
+        let c = lock(&self.ctl);
+        let (c, _) = self
+            .cond
+            .wait_timeout_while(c, timeout, |c| c.exit.is_some() && c.running > 0)
+            .unwrap_or_else(|p| p.into_inner());
+        c.running == 0
+    }
+
     /// Kernel thread ids of the running vCPU threads.
     pub fn vcpu_tids(&self) -> Vec<i32> {
         lock(&self.tids).clone()
