@@ -37,6 +37,10 @@ pub enum Command {
     Snapshot(SnapshotArgs),
     /// Fork-clone a running VM into N running children with their own names and sockets.
     Fork(ForkArgs),
+    /// Serve live clones of a running VM (--backing shared) to other hosts over TCP: each
+    /// authenticated `forkvm wake CHILD --pages tcp://ADDR --secret-file F` gets the VM as it is
+    /// at that instant while the VM runs on.
+    CloneServe(crate::clone_serve::CloneServeArgs),
     /// Stop a VM and its VMM process.
     Stop(NameArg),
     /// The main job on defaults: boot the embedded test guest, pause/resume, snapshot, restore, fork.

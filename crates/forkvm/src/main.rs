@@ -14,6 +14,7 @@ mod bench_store;
 mod bench_xhost;
 mod claim;
 mod cli;
+mod clone_serve;
 mod conn;
 mod daemon_client;
 mod demo;
@@ -60,6 +61,7 @@ fn main() {
         cli::Command::Resume(a) => vmctl::resume(&a.name),
         cli::Command::Snapshot(args) => vmctl::snapshot(&args),
         cli::Command::Fork(args) => vmctl::fork(&args),
+        cli::Command::CloneServe(args) => clone_serve::clone_serve(&args),
         cli::Command::Stop(a) => vmctl::stop(&a.name),
         cli::Command::Demo(args) => demo::demo(args),
         cli::Command::Bench(args) => bench::bench(args),

@@ -40,8 +40,9 @@ pub struct TcpServeArgs {
 
 #[derive(Args, Debug, Default)]
 pub struct RemoteWakeArgs {
-    /// Wake, as a new VM of this name on this host, the VM served by `forkvm pagesrv --tcp` on
-    /// another host: tcp://HOST:PORT. Its memory stays there and is served as the guest touches it.
+    /// Wake, as a new VM of this name on this host, the VM served by `forkvm pagesrv --tcp` (a
+    /// hibernated VM) or `forkvm clone-serve` (a live clone of a running VM) on another host:
+    /// tcp://HOST:PORT. Its memory stays there and is served as the guest touches it.
     #[arg(long, requires = "secret_file")]
     pub pages: Option<String>,
     /// The shared secret file of --pages (the server's --secret-file).

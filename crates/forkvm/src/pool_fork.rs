@@ -21,6 +21,7 @@ fn live() -> &'static Mutex<Option<LiveParent>> {
 /// Before a fork(): drops live-clone tracking (its thread would not survive fork, and freezing
 /// the memory ends it anyway). Fails while live clones still depend on this VM's pages.
 pub(crate) fn release_for_fork() -> Result<(), String> {
+    crate::clone_serve::refuse_fork()?;
     let mut l = lock(live());
     if let Some(p) = l.as_ref() {
         let st = p.stats();
@@ -33,6 +34,27 @@ pub(crate) fn release_for_fork() -> Result<(), String> {
     }
     *l = None;
     Ok(())
+}
+
+/// Runs `f` with this process's live-clone tracking of `vm`, made (and armed) first if needed.
+/// Holds its lock meanwhile: one clone instant at a time.
+pub(crate) fn with_live_parent<T>(
+    vm: &vmm::MicroVm,
+    f: impl FnOnce(&LiveParent) -> Result<T, String>,
+) -> Result<T, String> {
+    let mut l = lock(live());
+    if l.is_none() {
+        let p = LiveParent::attach(vm).map_err(|e| e.to_string())?;
+        // Protect now, before any pause; later clones re-protect only what changed.
+        if let Err(e) = p.arm() {
+            tracing::warn!("no pre-armed write protection ({e}); each clone protects all memory");
+        }
+        *l = Some(p);
+    }
+    match l.as_ref() {
+        Some(p) => f(p),
+        None => Err("no live-clone tracking".into()),
+    }
 }
 
 impl Host {
@@ -54,26 +76,16 @@ impl Host {
             }
         }
         let conns = crate::pool_cmd::connect_members(names.len(), mem.size(), self.vm.vcpu_count())?;
-        let mut l = lock(live());
-        if l.is_none() {
-            match LiveParent::attach(&self.vm) {
-                Ok(p) => {
-                    // Protect now, before the pause; later clones re-protect only what changed.
-                    if let Err(e) = p.arm() {
-                        tracing::warn!("no pre-armed write protection ({e}); each clone protects all memory");
-                    }
-                    *l = Some(p)
-                }
-                Err(e) => {
-                    tracing::warn!("no live clones for this VM ({e}); using fork()");
-                    return None;
-                }
-            }
-        }
-        let parent = l.as_ref()?;
         let targets = conns.into_iter().zip(names).map(|(conn, n)| Target { conn, name: Some(n.clone()) }).collect();
         let opts = LiveCloneOptions { parent: Some(self.name.clone()), ..Default::default() };
-        Some(match parent.clone_into(&self.vm, targets, &opts) {
+        let cloned = match with_live_parent(&self.vm, |p| Ok(p.clone_into(&self.vm, targets, &opts))) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!("no live clones for this VM ({e}); using fork()");
+                return None;
+            }
+        };
+        Some(match cloned {
             Ok((kids, rep)) => Ok(ForkResponse {
                 children: kids
                     .into_iter()

@@ -196,6 +196,7 @@ impl Host {
                     }
                     Request::Snapshot(s) => answer(self.snapshot(&s.dir, s.diff)),
                     Request::Fork(f) => answer(self.fork(f.count, f.prefix, busy)),
+                    Request::CloneServe(r) => answer(self.clone_serve(r)),
                     Request::Hibernate(h) => {
                         let dir = self.paths.hibernated();
                         match crate::hibernate_cmd::hibernate_vm(&self.vm, &dir, h.store.as_deref()) {

@@ -314,3 +314,59 @@ fn a_live_generation_served_over_tcp_reads_the_clone_instant() {
     drop(w);
     assert!(live.error().is_none());
 }
+
+/// Each authenticated connection to a server with an [`crate::net_server::Opener`] gets its own
+/// clone instant (a live clone over TCP per connection): two clients connected at different
+/// moments of a parent that keeps writing each read exactly the memory of their own instant.
+#[test]
+fn an_opener_gives_each_tcp_connection_its_own_clone_instant() {
+    use crate::net_auth::Secret;
+    use crate::net_server::{Opened, Opener};
+    use crate::wset::WorkingSet;
+    use crate::{NetClientConfig, NetServer, NetServerConfig, NetSource};
+    let p = Arc::new(Parent::new(4 << 20));
+    for page in 0..(p.len / PAGE / 2) {
+        p.write_page(page, page as u64 + 7);
+    }
+    let live = Arc::new(p.live());
+    live.arm().unwrap();
+    let w = Writer::start(&p, 0x0be2_e401);
+    let instants: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
+    let (l2, g2, p2, i2) = (live.clone(), w.gate.clone(), p.clone(), instants.clone());
+    let opener = Opener(Arc::new(move || {
+        let _g = g2.lock().unwrap();
+        let gen = l2.begin().map_err(|e| e.to_string())?;
+        let n = i2.lock().unwrap().len() as u8;
+        i2.lock().unwrap().push(p2.snapshot());
+        let push = WorkingSet { page_size: PAGE as u32, ranges: gen.data_ranges() };
+        Ok(Opened { source: gen, state: Some(vec![n; 16]), push: Some(push) })
+    }));
+    let secret = Secret::from_bytes(b"0123456789abcdef-opener-secret").unwrap();
+    let mut cfg = NetServerConfig::new(secret.clone());
+    cfg.opener = Some(opener);
+    let base: Arc<dyn PageSource> = Arc::new(crate::source::ZeroSource { len: p.len as u64 });
+    let (srv, _events) = NetServer::bind("127.0.0.1:0", base, cfg).unwrap();
+    let ccfg = NetClientConfig { request_timeout: std::time::Duration::from_secs(10), ..Default::default() };
+    let mut clients = Vec::new();
+    for _ in 0..2 {
+        w.wait_writes(200);
+        let c = NetSource::connect(&srv.local_addr().to_string(), &secret, &ccfg).unwrap();
+        assert!(c.push_bytes() > 0, "the clone instant's data is pushed");
+        clients.push(c);
+    }
+    w.wait_writes(300);
+    let want = instants.lock().unwrap().clone();
+    assert_eq!(want.len(), 2);
+    assert_ne!(want[0], want[1], "the parent wrote between the two clone instants");
+    for (i, c) in clients.iter().enumerate() {
+        assert_eq!(c.fetch_state().unwrap(), vec![i as u8; 16], "each connection gets its own state");
+        let mut got = vec![0u8; p.len];
+        for (k, chunk) in got.chunks_mut(64 << 10).enumerate() {
+            c.fill((k * (64 << 10)) as u64, chunk).unwrap();
+        }
+        assert!(got == want[i], "client {i} does not read its clone instant");
+    }
+    drop(clients);
+    drop(w);
+    assert!(live.error().is_none());
+}

@@ -46,6 +46,31 @@ pub struct NetServerConfig {
     pub write_timeout: Duration,
     /// Most clients served at once; more are refused with an error.
     pub max_sessions: usize,
+    /// Opens what each authenticated connection serves (e.g. a live clone of a running VM taken
+    /// at that instant) instead of the server's one source, `state` and `push`.
+    pub opener: Option<Opener>,
+}
+
+/// What one connection serves, from an [`Opener`]. Dropped when the connection ends.
+#[derive(Debug)]
+pub struct Opened {
+    /// Its memory; its length must be the server's source's.
+    pub source: Arc<dyn PageSource>,
+    /// Its state blob.
+    pub state: Option<Vec<u8>>,
+    /// Streamed to the client when it asks for a push.
+    pub push: Option<WorkingSet>,
+}
+
+/// Called once per authenticated connection, before the Welcome; an error refuses the client
+/// with that reason.
+#[derive(Clone)]
+pub struct Opener(pub Arc<dyn Fn() -> std::result::Result<Opened, String> + Send + Sync>);
+
+impl std::fmt::Debug for Opener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Opener")
+    }
 }
 
 impl NetServerConfig {
@@ -60,6 +85,7 @@ impl NetServerConfig {
             handshake_timeout: Duration::from_secs(5),
             write_timeout: Duration::from_secs(20),
             max_sessions: 128,
+            opener: None,
         }
     }
 }
@@ -251,8 +277,15 @@ fn keepalive(s: &TcpStream) {
     }
 }
 
-/// Server side of the handshake; returns the version, session key and whether to push.
-fn handshake(s: &ServerShared, mut c: &TcpStream) -> Result<(u16, SessionKey, Option<Arc<WorkingSet>>), String> {
+/// What a connection serves: the server's source, state and working set, or an [`Opener`]'s.
+struct Serving {
+    source: Arc<dyn PageSource>,
+    state: Option<Arc<Vec<u8>>>,
+    push: Option<Arc<WorkingSet>>,
+}
+
+/// Server side of the handshake; returns the version, session key and what to serve.
+fn handshake(s: &ServerShared, mut c: &TcpStream) -> Result<(u16, SessionKey, Serving), String> {
     let hello = wire::read_msg(&mut c).map_err(|e| format!("reading Hello: {e}"))?;
     let Msg::Hello { min, max, flags, nonce: cn } = hello else {
         return Err(format!("expected Hello, got {hello:?}"));
@@ -275,21 +308,38 @@ fn handshake(s: &ServerShared, mut c: &TcpStream) -> Result<(u16, SessionKey, Op
     if !net_auth::same(&proof, &s.cfg.secret.client_proof(version, &cn, &sn)) {
         return Err("authentication failed: the client does not know the shared secret".into());
     }
-    let push = if flags & wire::FLAG_PUSH != 0 { lock(&s.push).clone() } else { None };
-    let push_bytes = push.as_ref().map_or(0, |w| w.bytes().min(s.source.len()));
+    let mut serving = match &s.cfg.opener {
+        Some(o) => {
+            let opened = (o.0)()?;
+            if opened.source.len() != s.source.len() || opened.state.as_ref().is_some_and(|b| b.len() > wire::MAX_STATE)
+            {
+                return Err("the opened source does not match the server's size, or its state is over 4 MiB".into());
+            }
+            Serving { source: opened.source, state: opened.state.map(Arc::new), push: opened.push.map(Arc::new) }
+        }
+        None => {
+            Serving { source: s.source.clone(), state: s.cfg.state.clone().map(Arc::new), push: lock(&s.push).clone() }
+        }
+    };
+    if flags & wire::FLAG_PUSH == 0 {
+        serving.push = None;
+    }
+    let push_bytes = serving.push.as_ref().map_or(0, |w| w.bytes().min(serving.source.len()));
     let welcome = Msg::Welcome {
-        len: s.source.len(),
+        len: serving.source.len(),
         page_size: PAGE as u32,
-        state_len: s.cfg.state.as_ref().map_or(0, |b| b.len() as u64),
+        state_len: serving.state.as_ref().map_or(0, |b| b.len() as u64),
         push_bytes,
     };
     wire::write_msg(&mut c, &welcome).map_err(|e| e.to_string())?;
-    Ok((version, s.cfg.secret.session(version, &cn, &sn), push))
+    Ok((version, s.cfg.secret.session(version, &cn, &sn), serving))
 }
 
 struct Conn<'a> {
     s: &'a ServerShared,
     c: &'a TcpStream,
+    source: Arc<dyn PageSource>,
+    state: Option<Arc<Vec<u8>>>,
     key: SessionKey,
     sent: Bitmap,
     pages: u64,
@@ -306,7 +356,7 @@ fn session(s: &ServerShared, id: u64, stream: TcpStream, events: &Sender<NetEven
     let _ = stream.set_nodelay(true);
     let _ = stream.set_read_timeout(Some(s.cfg.handshake_timeout));
     let _ = stream.set_write_timeout(Some(s.cfg.write_timeout));
-    let (version, key, push) = match handshake(s, &stream) {
+    let (version, key, serving) = match handshake(s, &stream) {
         Ok(x) => x,
         Err(error) => {
             tracing::warn!(session = id, ?peer, "refused: {error}");
@@ -315,6 +365,7 @@ fn session(s: &ServerShared, id: u64, stream: TcpStream, events: &Sender<NetEven
             return;
         }
     };
+    let Serving { source, state, push } = serving;
     let _ = events.send(NetEvent::Served { id, peer, version, push: push.is_some() });
     // After the handshake an idle client is fine (a woken VM may not fault for hours); keepalive
     // notices a dead link.
@@ -330,12 +381,15 @@ fn session(s: &ServerShared, id: u64, stream: TcpStream, events: &Sender<NetEven
         }),
         Err(e) => Err(e),
     };
-    let recording = lock(&s.push).is_none() && s.cfg.record.is_some() && !s.recorded.load(SeqCst);
+    let recording =
+        s.cfg.opener.is_none() && lock(&s.push).is_none() && s.cfg.record.is_some() && !s.recorded.load(SeqCst);
     let mut conn = Conn {
         s,
         c: &stream,
+        sent: Bitmap::new((source.len() / PAGE as u64) as usize),
+        source,
+        state,
         key,
-        sent: Bitmap::new((s.source.len() / PAGE as u64) as usize),
         pages: 0,
         pushed: 0,
         requests: 0,
@@ -405,7 +459,7 @@ impl Conn<'_> {
     /// Reads pages `[offset, offset+len)` and frames them with their MACs.
     fn frame(&self, id: u32, offset: u64, len: u32) -> crate::error::Result<Msg> {
         let mut buf = vec![0u8; len as usize];
-        self.s.source.fill(offset, &mut buf)?;
+        self.source.fill(offset, &mut buf)?;
         let n = len as usize / PAGE;
         let (mut kinds, mut macs, mut data) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::new());
         for (i, p) in buf.chunks_exact(PAGE).enumerate() {
@@ -423,8 +477,8 @@ impl Conn<'_> {
     }
 
     fn answer(&mut self, id: u32, offset: u64, len: u32) -> Result<(), String> {
-        if offset.checked_add(u64::from(len)).is_none_or(|e| e > self.s.source.len()) {
-            return Err(format!("request {offset:#x}+{len:#x} is beyond the source ({} bytes)", self.s.source.len()));
+        if offset.checked_add(u64::from(len)).is_none_or(|e| e > self.source.len()) {
+            return Err(format!("request {offset:#x}+{len:#x} is beyond the source ({} bytes)", self.source.len()));
         }
         self.requests += 1;
         let (a, b) = ((offset / PAGE as u64) as usize, ((offset + u64::from(len)) / PAGE as u64) as usize);
@@ -472,15 +526,15 @@ impl Conn<'_> {
     }
 
     fn state(&self, id: u32) -> Result<(), String> {
-        match &self.s.cfg.state {
-            Some(b) => self.send(&Msg::State { id, mac: self.key.state(b), data: b.clone() }),
+        match &self.state {
+            Some(b) => self.send(&Msg::State { id, mac: self.key.state(b), data: b.to_vec() }),
             None => self.send(&Msg::Failed { id, reason: "this server has no VM state to hand out".into() }),
         }
     }
 
     /// Pushes the next run of unsent working-set pages; false when the working set is done.
     fn push_next(&mut self, ranges: &[(u64, u32)], cur: &mut (usize, u64)) -> Result<bool, String> {
-        let total = self.s.source.len();
+        let total = self.source.len();
         while let Some(&(off, len)) = ranges.get(cur.0) {
             let end = off.saturating_add(u64::from(len)).min(total) & !(PAGE as u64 - 1);
             let mut p = (off + cur.1) & !(PAGE as u64 - 1);

@@ -16,9 +16,10 @@ mod response;
 pub use client::{Client, ClientError};
 pub use paths::{check_name, run_dir, vm_dir, VmPaths};
 pub use request::{
-    parse_request, AgentExec, Exec, Fork, Hibernate, Op, Pause, Request, RequestError, Resume, Snapshot, Status, Stop,
+    parse_request, AgentExec, CloneServe, Exec, Fork, Hibernate, Op, Pause, Request, RequestError, Resume, Snapshot,
+    Status, Stop,
 };
 pub use response::{
-    AgentExecResponse, ExecResponse, ForkChild, ForkResponse, HibernateResponse, PageServerStats, PauseResponse, Reply,
-    ResumeResponse, RunState, SnapshotKind, SnapshotResponse, StatusResponse, StopResponse,
+    AgentExecResponse, CloneServeResponse, ExecResponse, ForkChild, ForkResponse, HibernateResponse, PageServerStats,
+    PauseResponse, Reply, ResumeResponse, RunState, SnapshotKind, SnapshotResponse, StatusResponse, StopResponse,
 };

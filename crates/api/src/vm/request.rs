@@ -21,6 +21,7 @@ pub enum Request {
     Fork(Fork),
     Hibernate(Hibernate),
     Stop(Stop),
+    CloneServe(CloneServe),
 }
 
 /// An operation: its request struct and the response struct its answer carries.
@@ -140,6 +141,22 @@ op!(Hibernate => HibernateResponse);
 pub struct Stop {}
 op!(Stop => StopResponse);
 
+/// Serve live clones of this VM (shared-file memory) to other hosts over TCP: every
+/// authenticated connection to `listen` is one clone request (the VM pauses to capture its state
+/// and write-protect its memory, then runs on; the client gets the state and the memory of that
+/// instant). `listen: None` stops serving (clones not yet filled then stop).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CloneServe {
+    /// HOST:PORT to listen on.
+    #[serde(default)]
+    pub listen: Option<String>,
+    /// The shared secret file (absolute path, mode 0600).
+    #[serde(default)]
+    pub secret_file: Option<PathBuf>,
+}
+op!(CloneServe => CloneServeResponse);
+
 /// Why a request line was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RequestError {
@@ -240,6 +257,16 @@ impl Request {
                     })?;
                 }
             }
+            Request::CloneServe(c) => match (&c.listen, &c.secret_file) {
+                (Some(l), Some(f)) => {
+                    if l.is_empty() || l.len() > 256 || l.contains(['\0', '\n', '/']) {
+                        return Err(format!("clone_serve listen must be HOST:PORT, not {l:?}"));
+                    }
+                    check_path("secret file", f)?;
+                }
+                (Some(_), None) => return Err("clone_serve needs secret_file with listen".into()),
+                (None, _) => {}
+            },
             Request::Status(_) | Request::Pause(_) | Request::Resume(_) | Request::Stop(_) => {}
         }
         Ok(())
@@ -257,6 +284,7 @@ impl Request {
             Request::Fork(_) => "fork",
             Request::Hibernate(_) => "hibernate",
             Request::Stop(_) => "stop",
+            Request::CloneServe(_) => "clone_serve",
         }
     }
 }

@@ -183,6 +183,15 @@ pub struct ForkResponse {
     pub via: String,
 }
 
+/// Where clones of the VM are served (`None`: no longer).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CloneServeResponse {
+    /// The address bound (tcp://HOST:PORT).
+    pub listening: Option<String>,
+    /// Clones served since serving began (connections that took a clone instant).
+    pub clones: u64,
+}
+
 /// What a hibernation did (times in ms, sizes in bytes).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HibernateResponse {

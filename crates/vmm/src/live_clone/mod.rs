@@ -102,6 +102,19 @@ pub struct LiveCloneReport {
     pub wait: Duration,
 }
 
+/// One clone instant taken by [`LiveParent::capture`].
+#[derive(Debug)]
+pub struct Captured {
+    /// The VM's state blob (vCPUs and devices) at the instant.
+    pub state: Vec<u8>,
+    /// Its memory at the instant, while this lives.
+    pub generation: Arc<Generation>,
+    /// What a clone needs to become independent, hot blocks first: every data range.
+    pub data: WorkingSet,
+    /// The parent's pause.
+    pub report: LiveCloneReport,
+}
+
 /// A live clone as seen from the parent: its pid and its page server session.
 #[derive(Debug)]
 pub struct LiveChild {
@@ -171,6 +184,59 @@ impl LiveParent {
         self.live.stats()
     }
 
+    /// One clone instant for a page server elsewhere (e.g. over TCP to another host): pauses
+    /// `vm`, captures its state, starts a write-protect generation, resumes. The parent's pages
+    /// as of now are served from the returned generation while it lives.
+    pub fn capture(&self, vm: &MicroVm) -> Result<Captured, Error> {
+        if let Some(r) = vm.control().exit_reason() {
+            return Err(Error::State(format!("cannot clone a stopped VM (it exited: {r:?})")));
+        }
+        if vm.memory().is_frozen() {
+            return Err(Error::State("the VM's memory was frozen (forked or snapshotted): no live clones".into()));
+        }
+        if vm.block().is_some() {
+            return Err(Error::State("live clones of a VM with a disk are not supported yet".into()));
+        }
+        let mut report = LiveCloneReport::default();
+        let (state, generation) = self.capture_into(vm, None, &mut report)?;
+        let bytes = state.to_bytes().map_err(|e| Error::State(e.to_string()))?;
+        // The blocks a clone touches first go first, then all the data of the instant.
+        let mut ranges: Vec<(u64, u32)> = hot_offsets(vm, &state).iter().map(|&o| (o & !0xffff, 0x10000)).collect();
+        ranges.extend(generation.data_ranges());
+        let data = WorkingSet { page_size: 4096, ranges };
+        Ok(Captured { state: bytes, generation, data, report })
+    }
+
+    /// The parent's pause of a clone: state captured and a generation begun, `on_captured`
+    /// called, all while paused (a VM already paused stays so).
+    fn capture_into(
+        &self,
+        vm: &MicroVm,
+        on_captured: Option<&(dyn Fn() + Send + Sync)>,
+        rep: &mut LiveCloneReport,
+    ) -> Result<(crate::persist::state::VmState, Arc<Generation>), Error> {
+        let was_paused = vm.is_paused();
+        let tp = Instant::now();
+        rep.pause = if was_paused { Duration::ZERO } else { vm.pause()? };
+        let captured = (|| {
+            let t = Instant::now();
+            let state = vm.save_state()?;
+            rep.save = t.elapsed();
+            let t = Instant::now();
+            let gen = self.live.begin().map_err(|e| Error::State(format!("write-protect guest memory: {e}")))?;
+            rep.protect = t.elapsed();
+            if let Some(f) = on_captured {
+                f();
+            }
+            Ok::<_, Error>((state, gen))
+        })();
+        if !was_paused {
+            rep.resume = vm.resume()?;
+        }
+        rep.paused = tp.elapsed();
+        captured
+    }
+
     /// Clones the running `vm` into the warm VMs at the other end of `targets`; see the module
     /// docs. Returns when every child answered `ready` (or with the first error).
     pub fn clone_into(
@@ -200,26 +266,7 @@ impl LiveParent {
             hands.push((t, uffd, regions));
         }
         let mut rep = LiveCloneReport { handshake: t0.elapsed(), ..Default::default() };
-        let was_paused = vm.is_paused();
-        let tp = Instant::now();
-        rep.pause = if was_paused { Duration::ZERO } else { vm.pause()? };
-        let captured = (|| {
-            let t = Instant::now();
-            let state = vm.save_state()?;
-            rep.save = t.elapsed();
-            let t = Instant::now();
-            let gen = self.live.begin().map_err(|e| Error::State(format!("write-protect guest memory: {e}")))?;
-            rep.protect = t.elapsed();
-            if let Some(f) = &opts.on_captured {
-                f();
-            }
-            Ok::<_, Error>((state, gen))
-        })();
-        if !was_paused {
-            rep.resume = vm.resume()?;
-        }
-        rep.paused = tp.elapsed();
-        let (state, gen) = captured?;
+        let (state, gen) = self.capture_into(vm, opts.on_captured.as_deref(), &mut rep)?;
         let ts = Instant::now();
         let bytes = state.to_bytes().map_err(|e| Error::State(e.to_string()))?;
         let prefetch = opts.prefetch.then(|| WorkingSet { page_size: 4096, ranges: gen.data_ranges() });
