@@ -69,3 +69,29 @@ fn daemon_forks_through_the_warm_pool_and_falls_back_to_fork() {
     assert!(!before.contains(&k[0].1), "a fork() child is not a pool member");
     assert_eq!(d.line(&t, &k[0].0, "count"), "count 3", "the fork() child continues from the template");
 }
+
+/// Whether `pid` still runs (a zombie does not).
+fn running(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => !s.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X'])),
+        Err(_) => false,
+    }
+}
+
+#[test]
+fn daemon_shutdown_stops_its_warm_pool_but_not_its_sandboxes() {
+    let mut d = Daemon::start_with("poolstop", &["--pool", "2"]);
+    let _pool = PoolGuard(d.run.clone());
+    let t = d.token("ws");
+    let v = d.expect(201, "POST", "/v1/sandboxes", &t, Some(json!({"memory_mib": 64})));
+    let sb = v["pid"].as_u64().unwrap() as u32;
+    let warm = members(&d.run);
+    assert!(warm.len() >= 2, "the daemon keeps 2 warm VMMs: {warm:?}");
+    assert!(warm.iter().all(|&p| running(p)));
+    let st = d.terminate();
+    assert!(st.success(), "the daemon shut down cleanly: {st}");
+    let left: Vec<u32> = warm.iter().copied().filter(|&p| running(p)).collect();
+    assert!(left.is_empty(), "pool VMMs outlived the daemon: {left:?}");
+    assert!(members(&d.run).is_empty(), "no pool sockets left: {:?}", members(&d.run));
+    assert!(running(sb), "sandboxes keep running across a daemon restart");
+}

@@ -72,6 +72,14 @@ impl Daemon {
         self.child = Some(child);
     }
 
+    /// SIGTERM to the daemon, and its exit (a clean shutdown).
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("the daemon runs");
+        // SAFETY: kill with a plain pid and signal number.
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        c.wait().unwrap()
+    }
+
     /// kill -9 of the daemon (its VMMs live on).
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
