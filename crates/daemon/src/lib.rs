@@ -92,6 +92,10 @@ async fn serve_async(cfg: Config) -> Result<(), String> {
     wait_for_signal().await;
     tracing::info!("stopping (sandboxes keep running)");
     let _ = stop_tx.send(true);
+    if cfg.pool > 0 {
+        // Warm members are no sandboxes: nothing would use or stop them after us.
+        app.vmms.stop_pool().await;
+    }
     let _ = std::fs::remove_file(&sock);
     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), unix_task).await;
     if let Some(t) = tcp_task {

@@ -128,6 +128,31 @@ impl Vmms {
         }
     }
 
+    /// Stops the warm pool's members (no sandbox runs in them) and waits, at most 10 s, until
+    /// they are gone: the daemon's exit. Only processes that are pool members are signalled (a
+    /// stale socket's pid may belong to another process by now).
+    pub async fn stop_pool(&self) {
+        let Ok(rd) = std::fs::read_dir(self.run_dir.join(".pool")) else { return };
+        let mut pids = Vec::new();
+        for e in rd.flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            let pid = n.strip_prefix('m').and_then(|r| r.strip_suffix(".sock")).and_then(|r| r.rsplit('-').next());
+            let Some(pid) = pid.and_then(|p| p.parse::<i32>().ok()).filter(|&p| p > 0) else { continue };
+            let member = std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| c.split(|&b| b == 0).any(|a| a == b"member"));
+            if member {
+                // SAFETY: kill with a plain pid and signal number.
+                unsafe { libc::kill(pid, libc::SIGTERM) };
+                pids.push(pid as u32);
+            }
+            let _ = std::fs::remove_file(e.path());
+        }
+        for &pid in &pids {
+            self.children.wait_gone(pid, Duration::from_secs(10)).await;
+        }
+        tracing::info!("stopped {} warm pool VMMs", pids.len());
+    }
+
     /// Restores the snapshot in `dir` as VM `id` in a warm pool member of its size (topping the
     /// pool up first); returns the VMM's pid once it answers, or None when the pool cannot (the
     /// caller then starts a VMM of its own).
