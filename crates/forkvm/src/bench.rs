@@ -20,6 +20,7 @@ pub fn bench(args: BenchArgs) -> Result<i32, String> {
         BenchKind::Api => crate::bench_api::bench_api(&args),
         BenchKind::Xhost => crate::bench_xhost::bench_xhost(&args),
         BenchKind::Pool => crate::bench_pool::bench_pool(&args),
+        BenchKind::Restore => crate::bench_restore::bench_restore(&args),
     }
 }
 

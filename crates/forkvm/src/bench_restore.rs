@@ -158,3 +158,18 @@ pub fn rows(mem: u64, dir: &Path, runs: usize) -> Result<Vec<Samples>, String> {
     out.extend(shared_elsewhere(mem, dir, runs)?);
     Ok(out)
 }
+
+/// `forkvm bench restore`: only these rows, for a guest of `--mem` (at least 2 GiB, so the 1 GiB
+/// row runs), in a scratch directory under $FORKVM_BENCH_DIR (default: the temp dir).
+pub fn bench_restore(args: &crate::cli::BenchArgs) -> Result<i32, String> {
+    let mem = args.mem.max(2 << 30);
+    let base = std::env::var_os("FORKVM_BENCH_DIR").map(std::path::PathBuf::from).unwrap_or_else(std::env::temp_dir);
+    let dir = base.join(format!("forkvm-bench-restore-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let rows = rows(mem, &dir, args.runs.max(1));
+    let _ = std::fs::remove_dir_all(&dir);
+    let title = format!("forkvm bench restore: test guest {} MiB, {} runs", mem >> 20, args.runs.max(1));
+    print!("{}", crate::stats::table(&title, &rows?));
+    Ok(0)
+}

@@ -138,6 +138,48 @@ fn remote_runs(ns: &str, addr: String, secret: Secret, runs: usize) -> Result<(V
     })
 }
 
+/// Live clones over veth: a running shared-memory parent (64 MiB dirtied) on host A serves one
+/// clone instant per connection (`forkvm clone-serve`); returns the clone → first answer times on
+/// host B, its notes, and the parent's pause per clone (ms).
+fn live_rows(hosts: &Hosts, mem: u64, secret: &Secret, runs: usize) -> Result<(Vec<f64>, String, Vec<f64>), String> {
+    use pagesrv::net_server::{Opened, Opener};
+    use std::sync::{Arc, Mutex};
+    use vmm::live_clone::LiveParent;
+    let vm = Arc::new(
+        MicroVm::boot(VmConfig { mem_size: mem, backing: vmm::Backing::SharedFile, ..Default::default() })
+            .map_err(s)?,
+    );
+    vm.wait_for("forkvm-test-guest ready", T).map_err(s)?;
+    let start = test_guest::LOW_LIMIT;
+    vm.memory().fill(start, DIRTY.min(mem - start), 0x5a);
+    ping(&vm)?;
+    let parent = Arc::new(LiveParent::attach(&vm).map_err(s)?);
+    parent.arm().map_err(s)?;
+    let pauses: Arc<Mutex<Vec<f64>>> = Arc::default();
+    let (v, p, ps) = (vm.clone(), parent.clone(), pauses.clone());
+    let opener = Opener(Arc::new(move || {
+        let c = p.capture(&v).map_err(s)?;
+        ps.lock().unwrap_or_else(|e| e.into_inner()).push(c.report.paused.as_secs_f64() * 1e3);
+        let source: Arc<dyn pagesrv::PageSource> = c.generation;
+        Ok(Opened { source, state: Some(c.state), push: Some(c.data) })
+    }));
+    let mut cfg = NetServerConfig::new(secret.clone());
+    cfg.opener = Some(opener);
+    let len = vm.memory().file().ok_or("no memory file")?.metadata().map_err(s)?.len();
+    let srv = in_netns(&hosts.a, move || {
+        let (srv, _events) = NetServer::bind("10.78.0.1:0", Arc::new(pagesrv::ZeroSource { len }), cfg).map_err(s)?;
+        Ok(srv)
+    })?;
+    let addr = srv.local_addr().to_string();
+    let (ms, pages, pushed, _) = remote_runs(&hosts.b, addr, secret.clone(), runs)?;
+    srv.stop();
+    ping(&vm)?;
+    let st = parent.stats();
+    let note = format!("{pages} pages asked, {pushed} pushed; parent: {} write faults", st.wp_faults);
+    let pauses = pauses.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    Ok((ms, note, pauses))
+}
+
 /// Serves the hibernation in `dir` from host A; `push` streams its working set.
 fn server(ns: &str, dir: &Path, store: &Path, secret: &Secret, push: bool) -> Result<NetServer, String> {
     let h = Hibernated::open(dir, store).map_err(s)?;
@@ -198,6 +240,9 @@ pub fn bench_xhost(args: &BenchArgs) -> Result<i32, String> {
         }
         srv.stop();
     }
+    let (ms, note, pauses) = live_rows(&hosts, args.mem, &secret, runs)?;
+    rows.push(Row { name: "live clone over veth (clone-serve) -> first answer".into(), ms, note });
+    rows.push(Row { name: "  parent paused per live clone".into(), ms: pauses, note: String::new() });
     println!(
         "forkvm bench xhost: test guest {} MiB (64 MiB dirtied), {runs} runs, hosts = netns over veth",
         args.mem >> 20

@@ -275,6 +275,9 @@ pub enum BenchKind {
     Xhost,
     /// Only the live-clone rows of `clone`: fork() vs warm pool clone, 100 clones, memory.
     Pool,
+    /// Only the restore rows of `clone` (a 2 GiB guest at least): eager restore throughput with
+    /// and without the hash check, CoW restore to first answer.
+    Restore,
 }
 
 #[derive(Args, Debug)]
