@@ -240,9 +240,11 @@ fn accept_loop(s: &Arc<ServerShared>, l: &TcpListener, wake: &OwnedFd, events: &
         }
         let (s2, tx) = (s.clone(), events.clone());
         let h = std::thread::Builder::new().name(format!("pagesrv-net{id}")).spawn(move || {
-            session(&s2, id, stream, &tx);
+            let last = session(&s2, id, stream, &tx);
             lock(&s2.conns).retain(|(i, _)| *i != id);
             s2.active.fetch_sub(1, SeqCst);
+            // Said once the connection no longer counts as active.
+            let _ = tx.send(last);
         });
         match h {
             Ok(h) => {
@@ -350,7 +352,8 @@ struct Conn<'a> {
     recording: bool,
 }
 
-fn session(s: &ServerShared, id: u64, stream: TcpStream, events: &Sender<NetEvent>) {
+/// Serves one connection; returns its last event (Rejected or Ended) for the caller to send.
+fn session(s: &ServerShared, id: u64, stream: TcpStream, events: &Sender<NetEvent>) -> NetEvent {
     let peer = stream.peer_addr().ok();
     keepalive(&stream);
     let _ = stream.set_nodelay(true);
@@ -361,8 +364,7 @@ fn session(s: &ServerShared, id: u64, stream: TcpStream, events: &Sender<NetEven
         Err(error) => {
             tracing::warn!(session = id, ?peer, "refused: {error}");
             let _ = wire::write_msg(&mut &stream, &Msg::Error { reason: error.clone() });
-            let _ = events.send(NetEvent::Rejected { id, peer, error });
-            return;
+            return NetEvent::Rejected { id, peer, error };
         }
     };
     let Serving { source, state, push } = serving;
@@ -404,8 +406,7 @@ fn session(s: &ServerShared, id: u64, stream: TcpStream, events: &Sender<NetEven
     conn.save_record();
     let _ = stream.shutdown(std::net::Shutdown::Both);
     tracing::info!(session = id, ?peer, pages = conn.pages, "ended: {why}");
-    let _ =
-        events.send(NetEvent::Ended { id, peer, why, pages: conn.pages, pushed: conn.pushed, requests: conn.requests });
+    NetEvent::Ended { id, peer, why, pages: conn.pages, pushed: conn.pushed, requests: conn.requests }
 }
 
 impl Conn<'_> {

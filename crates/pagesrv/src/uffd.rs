@@ -183,6 +183,8 @@ pub enum Fill {
 pub struct Uffd {
     fd: OwnedFd,
     features: u64,
+    /// Whether we negotiated `features` ourselves (a uffd handed over by another VMM: a guess).
+    negotiated: bool,
 }
 
 impl Uffd {
@@ -225,13 +227,13 @@ impl Uffd {
         if rc != 0 {
             return Err(io::Error::last_os_error());
         }
-        Ok(Uffd { fd, features: (wanted | required) & avail })
+        Ok(Uffd { fd, features: (wanted | required) & avail, negotiated: true })
     }
 
     /// Wrap a uffd that someone else already set up (e.g. received from
     /// Firecracker). `features` is what we assume was negotiated.
     pub fn from_fd(fd: OwnedFd, features: u64) -> Self {
-        Uffd { fd, features }
+        Uffd { fd, features, negotiated: false }
     }
 
     /// Negotiated features.
@@ -326,10 +328,10 @@ impl Uffd {
 
     /// `UFFDIO_POISON` over `[dst, dst+len)`: later accesses get SIGBUS
     /// (kernel accesses get EFAULT). Wakes the faulting threads.
-    /// Without `UFFD_FEATURE_POISON` (Linux < 6.6) it fails with `Unsupported` and asks nothing
-    /// of the kernel.
+    /// If we negotiated the uffd without `UFFD_FEATURE_POISON` (Linux < 6.6) it fails with
+    /// `Unsupported` and asks nothing of the kernel; a handed-over uffd is simply tried.
     pub fn poison(&self, dst: u64, len: u64) -> io::Result<Fill> {
-        if self.features & features::POISON == 0 {
+        if self.negotiated && self.features & features::POISON == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::Unsupported,
                 "this kernel's userfaultfd has no UFFD_FEATURE_POISON (Linux 6.6 or later)",
