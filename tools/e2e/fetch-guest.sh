@@ -2,6 +2,7 @@
 # Fetch (and cache) everything the Linux end-to-end test needs from Debian:
 #   - the Debian cloud kernel (bzImage + kvm/kvm-amd/irqbypass + virtio modules)
 #   - busybox-static
+#   - e2fsck-static (e2fsck for L2: l2-snapdisk.sh checks a restored VM's disk)
 # and make sure the host tools (qemu-system-x86_64, cpio, ...) are installed.
 #
 # Idempotent: re-running with everything cached does no network access.
@@ -15,6 +16,7 @@
 #   modules/                  selected modules, decompressed to plain .ko
 #   modules/load-order        kvm-amd + deps in insmod order ("file args")
 #   busybox                   static busybox binary
+#   e2fsck                    static e2fsck (from e2fsck-static's /sbin/e2fsck.static)
 #   debs/                     downloaded .deb files
 set -euo pipefail
 
@@ -100,6 +102,7 @@ download() { # pkg -> prints path of .deb in $CACHE/debs
 
 kdeb="$(download "$kpkg")"
 bdeb="$(download busybox-static)"
+edeb="$(download e2fsck-static)"
 
 # ----------------------------------------------------------- extract kernel
 kx="$CACHE/kernel-extract"
@@ -194,6 +197,17 @@ fi
 cp -f "$bx/bin/busybox" "$CACHE/busybox"
 chmod 0755 "$CACHE/busybox"
 
+# --------------------------------------------------------------- e2fsck
+ex="$CACHE/e2fsck-extract"
+if [[ ! -x "$ex/sbin/e2fsck.static" || "$(cat "$ex/.from" 2>/dev/null)" != "$edeb" ]]; then
+    rm -rf "$ex"; mkdir -p "$ex"
+    dpkg-deb -x "$edeb" "$ex"
+    printf '%s\n' "$edeb" >"$ex/.from"
+fi
+[[ -x "$ex/sbin/e2fsck.static" ]] || die "no sbin/e2fsck.static in $edeb"
+cp -f "$ex/sbin/e2fsck.static" "$CACHE/e2fsck"
+chmod 0755 "$CACHE/e2fsck"
+
 # ----------------------------------------------------------------- report
 cat <<REPORT
 FORKVM_CACHE=$CACHE
@@ -204,5 +218,6 @@ config         : $CACHE/config
 kvm modules    : $CACHE/modules  (load order: $(tr '\n' ';' <"$out/load-order"))
 extra modules  : $CACHE/modules/extra ($(find "$out/extra" -name '*.ko' -printf '%f ' ))
 busybox        : $CACHE/busybox
+e2fsck         : $CACHE/e2fsck
 qemu           : $(command -v qemu-system-x86_64)
 REPORT

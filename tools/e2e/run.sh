@@ -16,7 +16,7 @@
 #   --forkvm BIN    use this static binary instead of building one
 #   --script FILE   test script run inside L1 (default tools/e2e/l2-suite.sh, which
 #                   runs l2-boot.sh and l2-scenario.sh, staged as /e2e/*.sh in L1)
-#   --timeout S     QEMU hard timeout (default $E2E_TIMEOUT or 360; a pass needs
+#   --timeout S     QEMU hard timeout (default $E2E_TIMEOUT or 600; a pass needs
 #                   ~30 s). If L1's kernel reports a soft lockup, BUG or panic
 #                   (QEMU TCG nested-SVM faults, seen about 1 run in 8) and L1
 #                   never finishes, the L1 boot is retried once, so the tier
@@ -34,7 +34,7 @@ placeholder=0
 qemu_l2=0
 forkvm="${FORKVM_BIN:-}"
 script="${E2E_SCRIPT:-}"
-timeout_s="${E2E_TIMEOUT:-360}"
+timeout_s="${E2E_TIMEOUT:-600}"
 while (($#)); do
     case "$1" in
         --placeholder) placeholder=1; shift ;;
@@ -130,12 +130,16 @@ if [[ -z "$script" ]]; then
     script="$E2E_DIR/l2-suite.sh"
     stage="$CACHE/build/e2e-stage"
     rm -rf "$stage"; mkdir -p "$stage/e2e"
-    cp "$E2E_DIR/l2-boot.sh" "$E2E_DIR/l2-scenario.sh" "$E2E_DIR/l2-agent.sh" "$E2E_DIR/l2-netdisk.sh" "$stage/e2e/"
-    # l2-netdisk.sh: an ext4 image with a web page for --disk, and tun.ko for --net in L1.
+    cp "$E2E_DIR/l2-boot.sh" "$E2E_DIR/l2-scenario.sh" "$E2E_DIR/l2-agent.sh" "$E2E_DIR/l2-netdisk.sh" \
+        "$E2E_DIR/l2-snapdisk.sh" "$E2E_DIR/l2-preview.sh" "$stage/e2e/"
+    # l2-netdisk.sh, l2-snapdisk.sh, l2-preview.sh: an ext4 image with a web page (and a static
+    # e2fsck the guest runs on its own disk) for --disk, and tun.ko for --net in L1.
     e2e_require mkfs.ext4 e2fsprogs
+    e2e_require_cache e2fsck
     ndroot="$CACHE/build/netdisk-root"
-    rm -rf "$ndroot"; mkdir -p "$ndroot/www"
+    rm -rf "$ndroot"; mkdir -p "$ndroot/www" "$ndroot/sbin"
     echo "netdisk page" >"$ndroot/www/index.html"
+    install -m 0755 "$CACHE/e2fsck" "$ndroot/sbin/e2fsck"
     mkfs.ext4 -q -F -L netdisk -E root_owner=0:0 -d "$ndroot" "$stage/e2e/netdisk.ext4" 32M \
         || e2e_die "mkfs.ext4 -d failed"
     tun="$(find "$CACHE/kernel-extract" -name 'tun.ko*' | head -n1)"
