@@ -77,7 +77,7 @@ mkdir -p "$work" "$keep"
 cp "$img_src" "$work/disk.ext4" || fail "copy the disk image to tmpfs"
 
 # 1. The daemon, with the L2 kernel and the disk as an image; its preview address from its line.
-"$forkvm" serve --preview-listen 127.0.0.1:0 --image "l2=$l2dir/vmlinuz,$l2dir/initrd.img" \
+"$forkvm" serve --listen 127.0.0.1:0 --preview-listen 127.0.0.1:0 --image "l2=$l2dir/vmlinuz,$l2dir/initrd.img" \
     --image-cmdline "l2=$cmdline" --image-ready-line "l2=forkvm-agent: serving" \
     --image-disk "l2=$work/disk.ext4" >"$dlog" 2>&1 &
 dpid=$!
@@ -89,6 +89,12 @@ while [ -z "$paddr" ]; do
     sleep 0.1
     paddr=$(sed -n 's/.*previews on \([^ ]*\) .*/\1/p' "$dlog")
 done
+aaddr=$(sed -n 's/.* and http:\/\/\([^ ]*\) .*/\1/p' "$dlog")
+# The daemon's own wake time (sum of its wake_ms histogram for kind, from /metrics on --listen).
+daemon_wake_ms() {
+    printf 'GET /metrics HTTP/1.0\r\nHost: l1\r\n\r\n' | timeout 30 nc "${aaddr%:*}" "${aaddr##*:}" 2>/dev/null \
+        | tr -d '\r' | sed -n "s/^[a-z_]*wake_ms_sum{kind=\"$1\"} \([0-9.]*\).*/\1/p"
+}
 FORKVM_TOKEN=$(fv 30 token create --workspace e2e 2>/dev/null) || fail "forkvm token create"
 export FORKVM_TOKEN
 t=$(now_ms)
@@ -137,5 +143,7 @@ echo "PREVIEW-BENCH | GET, sandbox running | $run_ms"
 echo "PREVIEW-BENCH | GET, sandbox hibernated (wake-on-request) | $wake_ms"
 echo "PREVIEW-BENCH | GET right after that wake | $warm_ms"
 echo "PREVIEW-BENCH | GET, sandbox paused (resume-on-request) | $paused_ms"
+echo "PREVIEW-BENCH | of which the daemon's wake (forkvm wake until its VMM serves; /metrics) | $(daemon_wake_ms woken)"
+echo "PREVIEW-BENCH | of which the daemon's resume (/metrics) | $(daemon_wake_ms resumed)"
 cleanup
 echo "l2-preview: PASS"

@@ -91,7 +91,7 @@ t=$(now_ms)
 fv "$t_op" restore "$snap" --name "$rvm" --detach >"$work/restore.out" 2>&1 || { cat "$work/restore.out"; fail "restore"; }
 restore_ms=$(( $(now_ms) - t ))
 keep_logs "$rvm"
-n1=$(ex "$rvm" 'tail -n 1 /tmp/synced.log; [ -e /tmp/writer.done ] && echo WRITER-HAD-FINISHED') \
+n1=$(ex "$rvm" 'tail -n 1 /tmp/synced.log; [ ! -e /tmp/writer.done ] || echo WRITER-HAD-FINISHED') \
     || fail "exec in the restored guest"
 answer_ms=$(( $(now_ms) - t ))
 case "$n1" in *WRITER-HAD-FINISHED*) fail "the writer had finished before the snapshot: nothing was in flight" ;; esac
