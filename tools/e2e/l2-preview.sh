@@ -27,7 +27,7 @@ keep=/tmp/l2-preview-logs
 dlog="$work/serve.log"
 dpid=""
 id=""
-fv() { t="$1"; shift; timeout "$t" "$forkvm" "$@"; }
+fv() { fv_t="$1"; shift; timeout "$fv_t" "$forkvm" "$@"; } # not $t: callers time with it
 keep_logs() { for f in vmm.log console.log; do
     [ -f "$FORKVM_RUN_DIR/$id/$f" ] && ln -f "$FORKVM_RUN_DIR/$id/$f" "$keep/$1.$f" 2>/dev/null; done; }
 cleanup() {
@@ -92,8 +92,8 @@ done
 aaddr=$(sed -n 's/.* and http:\/\/\([^ ]*\) .*/\1/p' "$dlog")
 # The daemon's own wake time (sum of its wake_ms histogram for kind, from /metrics on --listen).
 daemon_wake_ms() {
-    printf 'GET /metrics HTTP/1.0\r\nHost: l1\r\n\r\n' | timeout 30 nc "${aaddr%:*}" "${aaddr##*:}" 2>/dev/null \
-        | tr -d '\r' | sed -n "s/^[a-z_]*wake_ms_sum{kind=\"$1\"} \([0-9.]*\).*/\1/p"
+    # busybox wget, not nc: the API server (hyper) drops a connection whose client half-closed.
+    timeout 30 wget -q -O - "http://$aaddr/metrics" 2>/dev/null | sed -n "s/^[a-z_]*wake_ms_sum{kind=\"$1\"} \([0-9.]*\).*/\1/p"
 }
 FORKVM_TOKEN=$(fv 30 token create --workspace e2e 2>/dev/null) || fail "forkvm token create"
 export FORKVM_TOKEN

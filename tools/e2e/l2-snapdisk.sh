@@ -30,7 +30,7 @@ snap="$work/snap"
 keep=/tmp/l2-snapdisk-logs
 keep_logs() { for v in "$@"; do for f in vmm.log console.log; do
     [ -f "$FORKVM_RUN_DIR/$v/$f" ] && ln -f "$FORKVM_RUN_DIR/$v/$f" "$keep/$v.$f" 2>/dev/null; done; done; }
-fv() { t="$1"; shift; timeout "$t" "$forkvm" "$@"; }
+fv() { fv_t="$1"; shift; timeout "$fv_t" "$forkvm" "$@"; } # not $t: callers time with it
 cleanup() { for v in "$rvm" "$vm"; do fv "$t_op" stop "$v" >/dev/null 2>&1; done; }
 fail() {
     echo "l2-snapdisk: FAIL: $*"
@@ -85,6 +85,8 @@ echo "l2-snapdisk: the writer has synced $n0 files; snapshot while it writes"
 t=$(now_ms)
 fv "$t_op" snapshot "$vm" "$snap" >"$work/snapshot.out" 2>&1 || { cat "$work/snapshot.out"; fail "snapshot"; }
 snap_ms=$(( $(now_ms) - t ))
+vmm_said=$(head -n 1 "$work/snapshot.out")
+echo "l2-snapdisk: $vmm_said"
 n_after=$(ex "$vm" 'tail -n 1 /tmp/synced.log') || fail "read the writer's log after the snapshot"
 fv "$t_op" stop "$vm" >/dev/null 2>&1 || fail "stop $vm"
 t=$(now_ms)
@@ -114,6 +116,7 @@ case "$chk" in *"CHECKED "*" BAD 0"*) ;; *) fail "files the restored guest had s
 fv "$t_op" stop "$rvm" >/dev/null 2>&1 || fail "stop $rvm"
 echo "SNAPDISK-BENCH | what | value"
 echo "SNAPDISK-BENCH | forkvm snapshot of a 256 MiB L2 writing files (CLI wall clock) | $snap_ms ms"
+echo "SNAPDISK-BENCH | the VMM's own account | ${vmm_said#*: }"
 echo "SNAPDISK-BENCH | forkvm restore --detach (eager, CLI wall clock) | $restore_ms ms"
 echo "SNAPDISK-BENCH | restore start to the restored guest's first agent answer | $answer_ms ms"
 echo "l2-snapdisk: PASS"
