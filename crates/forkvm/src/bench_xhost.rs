@@ -141,7 +141,12 @@ fn remote_runs(ns: &str, addr: String, secret: Secret, runs: usize) -> Result<(V
 /// Live clones over veth: a running shared-memory parent (64 MiB dirtied) on host A serves one
 /// clone instant per connection (`forkvm clone-serve`); returns the clone → first answer times on
 /// host B, its notes, and the parent's pause per clone (ms).
-fn live_rows(hosts: &Hosts, mem: u64, secret: &Secret, runs: usize) -> Result<(Vec<f64>, String, Vec<f64>), String> {
+fn live_rows(
+    hosts: &Hosts,
+    mem: u64,
+    secret: &Secret,
+    runs: usize,
+) -> Result<(Vec<f64>, String, Vec<f64>, String), String> {
     use pagesrv::net_server::{Opened, Opener};
     use std::sync::{Arc, Mutex};
     use vmm::live_clone::LiveParent;
@@ -153,8 +158,30 @@ fn live_rows(hosts: &Hosts, mem: u64, secret: &Secret, runs: usize) -> Result<(V
     let start = test_guest::LOW_LIMIT;
     vm.memory().fill(start, DIRTY.min(mem - start), 0x5a);
     ping(&vm)?;
+    // The parent's cost of being cloneable: host writes of 16 MiB (4096 pages) as they are, and
+    // after arming (one write fault per page), and with a clone generation alive (each page's old
+    // contents saved first).
+    const W: u64 = 16 << 20;
+    let write = |b: u8| {
+        let t = Instant::now();
+        vm.memory().fill(start, W, b);
+        t.elapsed().as_secs_f64() * 1e3
+    };
+    let plain = write(1);
     let parent = Arc::new(LiveParent::attach(&vm).map_err(s)?);
     parent.arm().map_err(s)?;
+    let armed = write(2);
+    let alive = {
+        let c = parent.capture(&vm).map_err(s)?;
+        let ms = write(3);
+        drop(c);
+        ms
+    };
+    let cost = format!(
+        "parent writes 16 MiB: {plain:.1} ms plain, {armed:.1} ms armed, {alive:.1} ms with a clone alive \
+         ({} write faults)",
+        parent.stats().wp_faults
+    );
     let pauses: Arc<Mutex<Vec<f64>>> = Arc::default();
     let (v, p, ps) = (vm.clone(), parent.clone(), pauses.clone());
     let opener = Opener(Arc::new(move || {
@@ -177,7 +204,7 @@ fn live_rows(hosts: &Hosts, mem: u64, secret: &Secret, runs: usize) -> Result<(V
     let st = parent.stats();
     let note = format!("{pages} pages asked, {pushed} pushed; parent: {} write faults", st.wp_faults);
     let pauses = pauses.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    Ok((ms, note, pauses))
+    Ok((ms, note, pauses, cost))
 }
 
 /// Serves the hibernation in `dir` from host A; `push` streams its working set.
@@ -240,7 +267,7 @@ pub fn bench_xhost(args: &BenchArgs) -> Result<i32, String> {
         }
         srv.stop();
     }
-    let (ms, note, pauses) = live_rows(&hosts, args.mem, &secret, runs)?;
+    let (ms, note, pauses, cost) = live_rows(&hosts, args.mem, &secret, runs)?;
     rows.push(Row { name: "live clone over veth (clone-serve) -> first answer".into(), ms, note });
     rows.push(Row { name: "  parent paused per live clone".into(), ms: pauses, note: String::new() });
     println!(
@@ -253,5 +280,6 @@ pub fn bench_xhost(args: &BenchArgs) -> Result<i32, String> {
         println!("{:<44} {p50:>9.2} {p99:>9.2} {max:>9.2}  {}", r.name, r.note);
     }
     println!("{fill}");
+    println!("{cost}");
     Ok(0)
 }

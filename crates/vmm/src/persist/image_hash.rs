@@ -54,31 +54,47 @@ fn root(hashes: &[[u8; 32]]) -> String {
     h.finalize().to_hex().to_string()
 }
 
-/// Hashes every block with `f` on [`THREADS`] threads, in order.
+/// Hashes every block with `f` on [`THREADS`] threads; the hashes come back in block order.
+/// Threads take the next block as they finish one (guest data often sits in the low part of
+/// memory: halves per thread left one thread all the work). The first error stops the others
+/// at their next block.
 pub(crate) fn hash_blocks<E: Send>(
     blocks: &[(u64, u64)],
     f: impl Fn(u64, u64, &mut Vec<u8>) -> Result<[u8; 32], E> + Sync,
 ) -> Result<Vec<[u8; 32]>, E> {
-    let per = blocks.len().div_ceil(THREADS).max(1);
+    use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+    let next = AtomicUsize::new(0);
     std::thread::scope(|s| {
-        let handles: Vec<_> = blocks
-            .chunks(per)
-            .map(|part| {
-                let f = &f;
+        let handles: Vec<_> = (0..THREADS.min(blocks.len()).max(1))
+            .map(|_| {
+                let (f, next) = (&f, &next);
                 s.spawn(move || {
                     let mut buf = Vec::new();
-                    part.iter().map(|&(o, l)| f(o, l, &mut buf)).collect::<Result<Vec<_>, E>>()
+                    let mut done = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, Relaxed);
+                        let Some(&(o, l)) = blocks.get(i) else { return Ok(done) };
+                        match f(o, l, &mut buf) {
+                            Ok(h) => done.push((i, h)),
+                            Err(e) => {
+                                next.store(blocks.len(), Relaxed);
+                                return Err(e);
+                            }
+                        }
+                    }
                 })
             })
             .collect();
-        let mut out = Vec::with_capacity(blocks.len());
+        let mut out = vec![[0u8; 32]; blocks.len()];
+        let mut err = None;
         for h in handles {
             match h.join() {
-                Ok(r) => out.extend(r?),
+                Ok(Ok(done)) => done.into_iter().for_each(|(i, x)| out[i] = x),
+                Ok(Err(e)) => err = err.or(Some(e)),
                 Err(p) => std::panic::resume_unwind(p),
             }
         }
-        Ok(out)
+        err.map_or(Ok(out), Err)
     })
 }
 
@@ -240,5 +256,15 @@ mod tests {
         std::fs::OpenOptions::new().write(true).open(&full).unwrap().write_all_at(&[1], 0x600000).unwrap();
         assert_ne!(of_file(&open(&full, 8 << 20).unwrap(), &full, 8 << 20, false).unwrap(), hf);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn hash_blocks_keeps_block_order_and_stops_at_an_error() {
+        let blocks: Vec<(u64, u64)> = (0..97u64).map(|i| (i * BLOCK, BLOCK)).collect();
+        let got = hash_blocks(&blocks, |o, _, _| Ok::<_, ()>(*blake3::hash(&o.to_le_bytes()).as_bytes())).unwrap();
+        let want: Vec<[u8; 32]> = blocks.iter().map(|(o, _)| *blake3::hash(&o.to_le_bytes()).as_bytes()).collect();
+        assert_eq!(got, want);
+        let r = hash_blocks(&blocks, |o, _, _| if o == 10 * BLOCK { Err(o) } else { Ok([0; 32]) });
+        assert_eq!(r, Err(10 * BLOCK));
     }
 }
