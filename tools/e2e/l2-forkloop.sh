@@ -14,7 +14,7 @@
 # From the host:
 #   E2E_SCRIPT=tools/e2e/l2-forkloop.sh L1_APPEND="LOOP_N=40 LOOP_OP=fork" tools/e2e/run.sh --timeout 900
 # Knobs: LOOP_N (30), LOOP_SECS (600: stop starting new rounds after this many seconds),
-# LOOP_OP, LOOP_VCPUS (2), LOOP_BACKING (anon|shared), LOOP_STORM (2), LOOP_CMDLINE_EXTRA
+# LOOP_OP, LOOP_BURST (1: pause+resume pairs per check), LOOP_VCPUS (2), LOOP_BACKING (anon|shared), LOOP_STORM (2), LOOP_CMDLINE_EXTRA
 # (appended to the guest command line, e.g. "nopv" or "no-kvmapf nopvspin"), LOOP_ENV (NAME=VALUE
 # words exported to forkvm, e.g. RUST_LOG=debug).
 set -u
@@ -27,6 +27,7 @@ op="${LOOP_OP:-fork}"
 vcpus="${LOOP_VCPUS:-2}"
 backing="${LOOP_BACKING:-anon}"
 storm="${LOOP_STORM:-2}"
+burst="${LOOP_BURST:-1}"
 cmdline="console=ttyS0 reboot=k panic=-1 pci=off quiet initcall_blacklist=i8042_init,cmos_init 8250.nr_uarts=1 ${LOOP_CMDLINE_EXTRA:-}"
 for kv in ${LOOP_ENV:-}; do export "${kv?}"; done
 vm=lp
@@ -78,14 +79,14 @@ state_dump() { # dir
 }
 
 diag() {
-    for n in 1 2; do
+    for sn in 1 2; do
         rm -rf /tmp/stallsnap
         if timeout 60 "$forkvm" snapshot "$vm" /tmp/stallsnap >/dev/null 2>&1; then
-            echo "  ---- vCPU state of the stalled parent (snapshot $n) ----"
+            echo "  ---- vCPU state of the stalled parent (snapshot $sn) ----"
             state_dump /tmp/stallsnap
             rm -rf /tmp/stallsnap
         else
-            echo "  (snapshot $n of the stalled parent failed)"
+            echo "  (snapshot $sn of the stalled parent failed)"
         fi
     done
     # What L1's KVM does for the stalled VM: 2 s of its trace events.
@@ -117,6 +118,12 @@ diag() {
     tail -n 150 "$log" | sed 's/^/  L2| /'
     echo "  ---- vmm.log (last 20 lines) ----"
     tail -n 20 "$FORKVM_RUN_DIR/$vm/vmm.log" 2>/dev/null | sed 's/^/  vmm| /'
+    # A VMM that ended unasked keeps its logs under .exited/.
+    for f in "$FORKVM_RUN_DIR"/.exited/*/*; do
+        [ -f "$f" ] || continue
+        echo "  ---- $f (last 60 lines) ----"
+        tail -n 60 "$f" | sed 's/^/  exited| /'
+    done
 }
 
 # shellcheck disable=SC2016  # expanded by the guest's shell
@@ -136,8 +143,12 @@ while [ "$i" -le "$n" ] && [ "$(elapsed)" -lt "$secs" ]; do
             [ "$op" = forkexit ] && "$forkvm" stop "$vm-c1" >/dev/null 2>&1
             ;;
         pause)
-            timeout 60 "$forkvm" pause "$vm" >/dev/null && timeout 60 "$forkvm" resume "$vm" >/dev/null \
-                || { echo "FORKLOOP $i ERROR: pause/resume failed"; errors=$((errors + 1)); }
+            b=0
+            while [ "$b" -lt "$burst" ]; do
+                timeout 60 "$forkvm" pause "$vm" >/dev/null && timeout 60 "$forkvm" resume "$vm" >/dev/null \
+                    || { echo "FORKLOOP $i ERROR: pause/resume failed"; errors=$((errors + 1)); break; }
+                b=$((b + 1))
+            done
             ;;
         none) ;;
         *) echo "FORKLOOP: unknown LOOP_OP $op"; exit 2 ;;
@@ -163,5 +174,5 @@ while [ "$i" -le "$n" ] && [ "$(elapsed)" -lt "$secs" ]; do
     i=$((i + 1))
 done
 "$forkvm" stop "$vm" >/dev/null 2>&1
-echo "FORKLOOP done: op=$op vcpus=$vcpus backing=$backing storm=$storm extra='${LOOP_CMDLINE_EXTRA:-}' env='${LOOP_ENV:-}': stalls=$stalls ok=$ok errors=$errors of $((i - 1)) in $(elapsed) s"
+echo "FORKLOOP done: op=$op burst=$burst vcpus=$vcpus backing=$backing storm=$storm extra='${LOOP_CMDLINE_EXTRA:-}' env='${LOOP_ENV:-}': stalls=$stalls ok=$ok errors=$errors of $((i - 1)) in $(elapsed) s"
 [ "$stalls" -eq 0 ] && [ "$errors" -eq 0 ]
