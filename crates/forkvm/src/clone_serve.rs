@@ -67,6 +67,7 @@ struct Serving {
     server: NetServer,
     addr: String,
     clones: Arc<AtomicU64>,
+    log: std::thread::JoinHandle<()>,
 }
 
 static SERVING: OnceLock<Mutex<Option<Serving>>> = OnceLock::new();
@@ -94,6 +95,8 @@ impl Host {
             let clones = cur.as_ref().map_or(0, |s| s.clones.load(SeqCst));
             if let Some(s) = cur.take() {
                 s.server.stop();
+                // Its events end with it; a thread left behind would fail a later fork().
+                let _ = s.log.join();
             }
             return Ok(CloneServeResponse { listening: None, clones });
         };
@@ -132,7 +135,7 @@ impl Host {
         let (server, events) =
             NetServer::bind(&listen, Arc::new(ZeroSource { len }), cfg).map_err(|e| format!("clone-serve: {e}"))?;
         let addr = format!("tcp://{}", server.local_addr());
-        std::thread::Builder::new()
+        let log = std::thread::Builder::new()
             .name("clone-serve-log".into())
             .spawn(move || {
                 for e in events {
@@ -146,7 +149,7 @@ impl Host {
             })
             .map_err(|e| e.to_string())?;
         tracing::info!("serving live clones of {} on {addr}", self.name);
-        *cur = Some(Serving { server, addr: addr.clone(), clones });
+        *cur = Some(Serving { server, addr: addr.clone(), clones, log });
         Ok(CloneServeResponse { listening: Some(addr), clones: 0 })
     }
 }

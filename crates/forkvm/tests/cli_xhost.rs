@@ -250,6 +250,8 @@ fn a_running_vm_on_one_host_is_live_cloned_to_another_while_it_keeps_writing() {
     let c4 = wake_from(&env, &hosts, &secret, "c4", url);
     assert_eq!(env.exec("c4", "sum 0x400000 16"), second);
 
+    // While it serves clones the parent is not fork()ed (its server threads would not survive).
+    env.fails(&["fork", "p", "--prefix", "g"], "serves live clones on tcp://10.77.0.1:7071");
     // Stopping the clone server mid-transfer stops the clone that still needed it.
     let out = env.ok(&["clone-serve", "p", "--stop"]);
     assert!(out.contains("no longer serving clones of p (4 served)"), "{out}");
@@ -257,6 +259,10 @@ fn a_running_vm_on_one_host_is_live_cloned_to_another_while_it_keeps_writing() {
     assert_eq!(env.exec("p", "ping"), "pong");
     assert_eq!(env.exec("p", "sum 0x400000 16"), second);
     assert_eq!(pid_of(&env, "p"), parent, "the parent's VMM is the same process throughout");
+    // Serving no more, the parent forks as before (the server's threads are gone).
+    let out = env.ok(&["fork", "p", "--prefix", "f"]);
+    assert!(out.contains("f1 pid"), "{out}");
+    assert_eq!(env.exec("f1", "sum 0x400000 16"), second);
 }
 
 #[test]
