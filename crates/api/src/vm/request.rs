@@ -350,4 +350,21 @@ mod tests {
         let e = parse_request(br#"{"op":"exec","line":"p","timeout_ms":700000}"#).unwrap_err();
         assert!(e.to_string().contains("timeout_ms must be 1 to 600000"), "{e}");
     }
+
+    #[test]
+    fn clone_serve_requests_are_bounded() {
+        for bad in [
+            r#"{"op":"clone_serve","listen":"10.0.0.1:7070"}"#.to_string(),
+            r#"{"op":"clone_serve","listen":"10.0.0.1:7070","secret_file":"rel/key"}"#.to_string(),
+            r#"{"op":"clone_serve","listen":"","secret_file":"/k"}"#.to_string(),
+            r#"{"op":"clone_serve","listen":"a/b:1","secret_file":"/k"}"#.to_string(),
+            format!(r#"{{"op":"clone_serve","listen":"{}:1","secret_file":"/k"}}"#, "h".repeat(300)),
+        ] {
+            assert!(matches!(parse_request(bad.as_bytes()), Err(RequestError::Invalid(_))), "{bad}");
+        }
+        let r = parse_request(br#"{"op":"clone_serve","listen":"10.0.0.1:7070","secret_file":"/etc/k"}"#).unwrap();
+        assert_eq!(r.op_name(), "clone_serve");
+        assert_eq!(parse_request(br#"{"op":"clone_serve"}"#).unwrap(), Request::CloneServe(CloneServe::default()));
+        assert!(parse_request(br#"{"op":"clone_serve","port":1}"#).is_err(), "unknown fields are refused");
+    }
 }
