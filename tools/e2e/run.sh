@@ -184,16 +184,41 @@ l1_crash='^L1-HANG |soft lockup|BUG: |Kernel panic|stack guard page|general prot
 # more L1 boots, each one said and its log kept.
 retries="${E2E_L1_RETRIES:-2}"
 attempt=1
-while ((attempt <= retries)) && ((rc == 124 || rc == 125 || rc == 126)) && grep -qE "$l1_crash" "$l1_log"; do
-    cp -f "$l1_log" "$l1_log.l1-crash.$attempt"
-    e2e_log "L1 kernel failure ($(grep -m1 -oE "($l1_crash).*" "$l1_log")) and no E2E-EXIT: a QEMU TCG nested-SVM fault in L1, not a test result; log kept in $l1_log.l1-crash.$attempt; booting L1 again (retry $attempt of $retries)"
-    attempt=$((attempt + 1))
-    run_l1
+# An L2 guest that failed with the signature of the open issue-10 fault (tools/e2e/README.md, "The
+# parent stall": an L2 vCPU livelocked in L1's KVM on a #PF it cannot deliver, with a CR3 outside
+# guest RAM; or an L2 triple fault, whose registers SVM resets) gets the whole suite run once more
+# in a fresh L1. That is reported as FLAKY with the first log kept, never as a plain pass: the
+# fault is not proven to be QEMU's, and issue 10 stays open for it.
+l2_fault='exited unasked \(Some\(GuestShutdown\)\)|forkvm: the guest shut down|rcu_preempt detected stalls'
+l2_reruns_max="${E2E_L2_RERUNS:-1}"
+l2_reruns=0
+flaky=""
+while true; do
+    if ((attempt <= retries)) && ((rc == 124 || rc == 125 || rc == 126)) && grep -qE "$l1_crash" "$l1_log"; then
+        cp -f "$l1_log" "$l1_log.l1-crash.$attempt"
+        e2e_log "L1 kernel failure ($(grep -m1 -oE "($l1_crash).*" "$l1_log")) and no E2E-EXIT: a QEMU TCG nested-SVM fault in L1, not a test result; log kept in $l1_log.l1-crash.$attempt; booting L1 again (retry $attempt of $retries)"
+        attempt=$((attempt + 1))
+        run_l1
+        continue
+    fi
+    if ((rc != 0)) && ((l2_reruns < l2_reruns_max)) && grep -qE "$l2_fault" "$l1_log"; then
+        l2_reruns=$((l2_reruns + 1))
+        cp -f "$l1_log" "$l1_log.l2-fault.$l2_reruns"
+        why="$(grep -m1 -oE "($l2_fault).*" "$l1_log" | cut -c1-160)"
+        failed_tests="$(grep -oE '^E2E-TEST [^ ]+ FAIL' "$l1_log" | awk '{print $2}' | tr '\n' ' ')"
+        flaky="${flaky}${flaky:+; }${failed_tests:-a test} failed with the open issue-10 L2 fault ($why), log $l1_log.l2-fault.$l2_reruns"
+        e2e_log "FLAKY: ${failed_tests:-a test}failed with the open issue-10 L2 fault ($why); log kept in $l1_log.l2-fault.$l2_reruns; running the suite once more in a fresh L1 ($l2_reruns of $l2_reruns_max)"
+        run_l1
+        continue
+    fi
+    break
 done
 # Trend numbers (L1 wall clock), repeated at the end for CI logs.
 grep -E '^(L2-BOOT-TIME|L2 boot time:|fork time:|fork child first answer:|E2E-TEST )' \
     "$l1_log" 2>/dev/null | sed 's/^/[run] trend: /' >&2 || true
-if ((rc == 0)); then
+if ((rc == 0)) && [[ -n "$flaky" ]]; then
+    e2e_log "PASS on a rerun, FLAKY ($((SECONDS - t_start)) s): $flaky"
+elif ((rc == 0)); then
     e2e_log "PASS ($((SECONDS - t_start)) s)"
 else
     e2e_log "FAIL: exit status $rc ($((SECONDS - t_start)) s); console log: ${E2E_LOG:-$CACHE/l1-console.log}"
