@@ -205,9 +205,9 @@ while true; do
         l2_reruns=$((l2_reruns + 1))
         cp -f "$l1_log" "$l1_log.l2-fault.$l2_reruns"
         why="$(grep -m1 -oE "($l2_fault).*" "$l1_log" | cut -c1-160)"
-        failed_tests="$(grep -oE '^E2E-TEST [^ ]+ FAIL' "$l1_log" | awk '{print $2}' | tr '\n' ' ')"
+        failed_tests="$(grep -oE '^E2E-TEST [^ ]+ FAIL' "$l1_log" | awk '{print $2}' | tr '\n' ' ')"; failed_tests="${failed_tests% }"
         flaky="${flaky}${flaky:+; }${failed_tests:-a test} failed with the open issue-10 L2 fault ($why), log $l1_log.l2-fault.$l2_reruns"
-        e2e_log "FLAKY: ${failed_tests:-a test}failed with the open issue-10 L2 fault ($why); log kept in $l1_log.l2-fault.$l2_reruns; running the suite once more in a fresh L1 ($l2_reruns of $l2_reruns_max)"
+        e2e_log "FLAKY: ${failed_tests:-a test} failed with the open issue-10 L2 fault ($why); log kept in $l1_log.l2-fault.$l2_reruns; running the suite once more in a fresh L1 ($l2_reruns of $l2_reruns_max)"
         run_l1
         continue
     fi
