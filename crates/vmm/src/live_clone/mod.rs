@@ -188,15 +188,7 @@ impl LiveParent {
     /// `vm`, captures its state, starts a write-protect generation, resumes. The parent's pages
     /// as of now are served from the returned generation while it lives.
     pub fn capture(&self, vm: &MicroVm) -> Result<Captured, Error> {
-        if let Some(r) = vm.control().exit_reason() {
-            return Err(Error::State(format!("cannot clone a stopped VM (it exited: {r:?})")));
-        }
-        if vm.memory().is_frozen() {
-            return Err(Error::State("the VM's memory was frozen (forked or snapshotted): no live clones".into()));
-        }
-        if vm.block().is_some() {
-            return Err(Error::State("live clones of a VM with a disk are not supported yet".into()));
-        }
+        clonable(vm)?;
         let mut report = LiveCloneReport::default();
         let (state, generation) = self.capture_into(vm, None, &mut report)?;
         let bytes = state.to_bytes().map_err(|e| Error::State(e.to_string()))?;
@@ -246,15 +238,7 @@ impl LiveParent {
         opts: &LiveCloneOptions,
     ) -> Result<(Vec<LiveChild>, LiveCloneReport), Error> {
         let t0 = Instant::now();
-        if let Some(r) = vm.control().exit_reason() {
-            return Err(Error::State(format!("cannot clone a stopped VM (it exited: {r:?})")));
-        }
-        if vm.memory().is_frozen() {
-            return Err(Error::State("the VM's memory was frozen (forked or snapshotted): no live clones".into()));
-        }
-        if vm.block().is_some() {
-            return Err(Error::State("live clones of a VM with a disk are not supported yet".into()));
-        }
+        clonable(vm)?;
         if targets.is_empty() {
             return Err(Error::Config("clone count must be at least 1".into()));
         }
@@ -450,4 +434,18 @@ fn session(mut r: BufReader<UnixStream>, server: PageServer, gen: Arc<Generation
     server.stop();
     drop(gen);
     why
+}
+
+/// Whether `vm` can be live-cloned: running, memory not frozen, no disk.
+fn clonable(vm: &MicroVm) -> Result<(), Error> {
+    if let Some(r) = vm.control().exit_reason() {
+        return Err(Error::State(format!("cannot clone a stopped VM (it exited: {r:?})")));
+    }
+    if vm.memory().is_frozen() {
+        return Err(Error::State("the VM's memory was frozen (forked or snapshotted): no live clones".into()));
+    }
+    if vm.block().is_some() {
+        return Err(Error::State("live clones of a VM with a disk are not supported yet".into()));
+    }
+    Ok(())
 }
