@@ -13,6 +13,7 @@
 # NETDISK_T_OP (120), NETDISK_T_DIAG (15), FORKVM, L2_DIR, NETDISK_IMG. On failure: the kept
 # vmm.log/console.log of every VM of the test (hard links, and <run dir>/.exited/).
 set -u
+. /e2e/l1-lib.sh
 forkvm="${FORKVM:-/forkvm}"
 l2dir="${L2_DIR:-/l2}"
 img_src="${NETDISK_IMG:-/e2e/netdisk.ext4}"
@@ -42,12 +43,6 @@ cleanup() {
     for p in $pfs; do kill "$p" 2>/dev/null; done
     for v in "$vm-c1" "$vm"; do fv "$t_op" stop "$v" >/dev/null 2>&1; done
 }
-show_kept() {
-    for f in "$keep"/* "$FORKVM_RUN_DIR"/.exited/*/*; do
-        [ -f "$f" ] || continue
-        echo "l2-netdisk: kept log $f (last 40 lines):"; tail -n 40 "$f" | sed 's/^/  | /'
-    done
-}
 # What the network looks like from both sides (on failure).
 netdiag() {
     for v in "$vm" "$vm-c1"; do
@@ -74,10 +69,9 @@ fail() {
     netdiag
     if [ -f "$log" ]; then echo "l2-netdisk: last L2 console lines:"; tail -n 30 "$log" | sed 's/^/  L2| /'; fi
     cleanup
-    show_kept
+    show_kept l2-netdisk
     exit 1
 }
-now_ms() { read -r u _ </proc/uptime; echo "${u%.*}${u#*.}0" | sed 's/^0*//'; }
 ex() { # VM CMD: run CMD in the guest (sh -c), stdout to ours; bounded
     fv "$t_exec" exec --timeout 30 "$1" -- sh -c "$2"
 }
@@ -110,11 +104,7 @@ fetch() {
 }
 
 [ -f "$img_src" ] || fail "no disk image $img_src (built by tools/e2e/run.sh)"
-if [ ! -c /dev/net/tun ]; then
-    insmod /e2e/tun.ko || fail "cannot load tun.ko (needed for --net)"
-    mkdir -p /dev/net
-    [ -c /dev/net/tun ] || mknod /dev/net/tun c 10 200
-fi
+load_tun || fail "cannot load tun.ko (needed for --net)"
 # L1's init leaves loopback down; port-forward listens on 127.0.0.1.
 ip link set lo up || fail "ip link set lo up"
 rm -rf "$FORKVM_RUN_DIR" "$FORKVM_STORE" "$keep"

@@ -14,6 +14,7 @@
 # Tunables: L2_MEM_MIB (256), L2_VCPUS (2), L2_CMDLINE, PREVIEW_T_OP (120), FORKVM, L2_DIR,
 # NETDISK_IMG. On failure: the daemon's log and the kept vmm.log/console.log of the sandbox.
 set -u
+. /e2e/l1-lib.sh
 forkvm="${FORKVM:-/forkvm}"
 l2dir="${L2_DIR:-/l2}"
 img_src="${NETDISK_IMG:-/e2e/netdisk.ext4}"
@@ -43,13 +44,9 @@ fail() {
     [ -n "$id" ] && keep_logs failed
     cleanup
     [ -f "$dlog" ] && { echo "l2-preview: daemon log (last 40 lines):"; tail -n 40 "$dlog" | sed 's/^/  | /'; }
-    for f in "$keep"/* "$FORKVM_RUN_DIR"/.exited/*/*; do
-        [ -f "$f" ] || continue
-        echo "l2-preview: kept log $f (last 40 lines):"; tail -n 40 "$f" | sed 's/^/  | /'
-    done
+    show_kept l2-preview
     exit 1
 }
-now_ms() { read -r u _ </proc/uptime; echo "${u%.*}${u#*.}0" | sed 's/^0*//'; }
 ex() { fv 45 exec --timeout 30 "$id" -- sh -c "$1"; }
 # get HOSTHEADER PATH: the raw HTTP/1.0 answer of the preview proxy (busybox nc).
 get() {
@@ -66,11 +63,7 @@ fetch() {
 state() { fv 30 sandbox get "$id" | sed -n 's/^ *"state": "\([a-z]*\)".*/\1/p'; }
 
 [ -f "$img_src" ] || fail "no disk image $img_src (built by tools/e2e/run.sh)"
-if [ ! -c /dev/net/tun ]; then
-    insmod /e2e/tun.ko || fail "cannot load tun.ko (needed for --net)"
-    mkdir -p /dev/net
-    [ -c /dev/net/tun ] || mknod /dev/net/tun c 10 200
-fi
+load_tun || fail "cannot load tun.ko (needed for --net)"
 ip link set lo up || fail "ip link set lo up"
 rm -rf "$FORKVM_RUN_DIR" "$FORKVM_STATE_DIR" "$FORKVM_STORE" "$work" "$keep"
 mkdir -p "$work" "$keep"

@@ -15,6 +15,7 @@
 # (45), SNAPDISK_T_OP (120), SNAPDISK_MIN_FILES (5: files synced before the snapshot), FORKVM,
 # L2_DIR, NETDISK_IMG. On failure: the kept vmm.log/console.log of both VMs.
 set -u
+. /e2e/l1-lib.sh
 forkvm="${FORKVM:-/forkvm}"
 l2dir="${L2_DIR:-/l2}"
 img_src="${NETDISK_IMG:-/e2e/netdisk.ext4}"
@@ -35,13 +36,9 @@ cleanup() { for v in "$rvm" "$vm"; do fv "$t_op" stop "$v" >/dev/null 2>&1; done
 fail() {
     echo "l2-snapdisk: FAIL: $*"
     cleanup
-    for f in "$keep"/* "$FORKVM_RUN_DIR"/.exited/*/*; do
-        [ -f "$f" ] || continue
-        echo "l2-snapdisk: kept log $f (last 40 lines):"; tail -n 40 "$f" | sed 's/^/  | /'
-    done
+    show_kept l2-snapdisk
     exit 1
 }
-now_ms() { read -r u _ </proc/uptime; echo "${u%.*}${u#*.}0" | sed 's/^0*//'; }
 ex() { # VM CMD [SECONDS]: run CMD in the guest (sh -c), stdout to ours; bounded
     fv "$((${3:-30} + 15))" exec --timeout "${3:-30}" "$1" -- sh -c "$2"
 }

@@ -131,7 +131,7 @@ if [[ -z "$script" ]]; then
     stage="$CACHE/build/e2e-stage"
     rm -rf "$stage"; mkdir -p "$stage/e2e"
     cp "$E2E_DIR/l2-boot.sh" "$E2E_DIR/l2-scenario.sh" "$E2E_DIR/l2-agent.sh" "$E2E_DIR/l2-netdisk.sh" \
-        "$E2E_DIR/l2-snapdisk.sh" "$E2E_DIR/l2-preview.sh" "$stage/e2e/"
+        "$E2E_DIR/l2-snapdisk.sh" "$E2E_DIR/l2-preview.sh" "$E2E_DIR/l1-lib.sh" "$stage/e2e/"
     # l2-netdisk.sh, l2-snapdisk.sh, l2-preview.sh: an ext4 image with a web page (and a static
     # e2fsck the guest runs on its own disk) for --disk, and tun.ko for --net in L1.
     e2e_require mkfs.ext4 e2fsprogs
