@@ -32,6 +32,9 @@ pub struct Config {
     pub policy_tick: Duration,
     /// Largest request body.
     pub max_body: usize,
+    /// How long an API connection may take to send a request head in full (also how long a
+    /// kept-alive connection may wait for its next request) before it is closed.
+    pub head_timeout: Duration,
     /// The preview proxy, if asked for (`--preview-listen`).
     pub preview: Option<crate::preview::PreviewConfig>,
     /// Kernel images sandboxes may boot, by name (`--image`). Only the host names files: an API

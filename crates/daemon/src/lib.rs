@@ -7,6 +7,7 @@ pub mod auth;
 pub mod console;
 pub mod db;
 pub mod error;
+pub mod http_server;
 pub mod metrics;
 pub mod ops;
 pub mod policy;
@@ -83,12 +84,9 @@ async fn serve_async(cfg: Config) -> Result<(), String> {
     let shutdown = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|v| *v).await;
     };
-    let unix_srv = axum::serve(unix, router.clone()).with_graceful_shutdown(shutdown(stop_rx.clone()));
-    let unix_task = tokio::spawn(async move { unix_srv.await });
-    let tcp_task = tcp.map(|t| {
-        let srv = axum::serve(t, router).with_graceful_shutdown(shutdown(stop_rx.clone()));
-        tokio::spawn(async move { srv.await })
-    });
+    let head = cfg.head_timeout;
+    let unix_task = tokio::spawn(http_server::serve(unix, router.clone(), head, shutdown(stop_rx.clone())));
+    let tcp_task = tcp.map(|t| tokio::spawn(http_server::serve(t, router, head, shutdown(stop_rx.clone()))));
     wait_for_signal().await;
     tracing::info!("stopping (sandboxes keep running)");
     let _ = stop_tx.send(true);

@@ -23,6 +23,10 @@ pub struct ServeArgs {
     /// Largest request body in bytes.
     #[arg(long, default_value_t = 256 << 10)]
     pub max_body: usize,
+    /// Close an API connection whose request head has not arrived in full after this long, and a
+    /// kept-alive one idle that long (ms).
+    #[arg(long, default_value_t = 30_000)]
+    pub head_timeout_ms: u64,
     /// Serve previews of sandbox ports on this TCP address: `http://<id>-<port>.<domain>:PORT/`.
     #[arg(long)]
     pub preview_listen: Option<SocketAddr>,
@@ -174,6 +178,7 @@ pub fn serve(a: ServeArgs) -> Result<i32, String> {
         listen: a.listen,
         policy_tick: Duration::from_millis(a.policy_tick_ms.max(10)),
         max_body: a.max_body,
+        head_timeout: Duration::from_millis(a.head_timeout_ms.max(1)),
         preview: a.preview_listen.map(|listen| daemon::preview::PreviewConfig {
             listen,
             domain: a.preview_domain.clone(),

@@ -1,7 +1,8 @@
 //! The daemon's HTTP connections, byte by byte, on every listener it serves the API on (loopback
 //! TCP and the Unix socket): a client that half-closes its write side after its request (`nc`,
 //! `printf 'GET ...' | nc host port`) still gets the whole answer; the preview proxy's listener
-//! answers such a client too; a client that never sends a request head is disconnected.
+//! answers such a client too; a client that never sends a request head is disconnected; SIGTERM
+//! with kept-alive connections open is still a clean exit.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod daemon_common;
@@ -40,14 +41,30 @@ impl Conn for UnixStream {
     }
 }
 
-/// The daemon's TCP listener and its Unix socket, named for messages.
-fn listeners(d: &Daemon) -> Vec<(&'static str, Box<dyn Fn() -> Box<dyn Conn> + '_>)> {
-    let addr = d.base.strip_prefix("http://").unwrap().to_string();
-    let sock = d.run.join("forkvmd.sock");
-    vec![
-        ("tcp", Box::new(move || Box::new(TcpStream::connect(&addr).unwrap()) as Box<dyn Conn>)),
-        ("unix", Box::new(move || Box::new(UnixStream::connect(&sock).unwrap()) as Box<dyn Conn>)),
-    ]
+/// One of the daemon's API listeners.
+enum Listener {
+    Tcp(String),
+    Unix(std::path::PathBuf),
+}
+
+impl Listener {
+    fn kind(&self) -> &'static str {
+        match self {
+            Listener::Tcp(_) => "tcp",
+            Listener::Unix(_) => "unix",
+        }
+    }
+    fn connect(&self) -> Box<dyn Conn> {
+        match self {
+            Listener::Tcp(a) => Box::new(TcpStream::connect(a).unwrap()),
+            Listener::Unix(p) => Box::new(UnixStream::connect(p).unwrap()),
+        }
+    }
+}
+
+/// The daemon's TCP listener and its Unix socket.
+fn listeners(d: &Daemon) -> [Listener; 2] {
+    [Listener::Tcp(d.base.strip_prefix("http://").unwrap().to_string()), Listener::Unix(d.run.join("forkvmd.sock"))]
 }
 
 /// Writes `request`, shuts the write side, and reads until the daemon closes; returns it all.
@@ -62,9 +79,10 @@ fn half_closed(mut c: Box<dyn Conn>, request: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// A whole `HTTP/1.1 200` answer whose body is the JSON object `key` names.
-fn assert_full_200(what: &str, answer: &str, key: &str) {
-    assert!(answer.starts_with("HTTP/1.1 200 "), "{what}: {answer:?}");
+/// A whole `200` answer in `version` (hyper answers an HTTP/1.0 request in HTTP/1.0) whose body
+/// is a JSON object with `key`.
+fn assert_full_200(what: &str, answer: &str, version: &str, key: &str) {
+    assert!(answer.starts_with(&format!("{version} 200 ")), "{what}: {answer:?}");
     let (head, body) = answer.split_once("\r\n\r\n").unwrap_or_else(|| panic!("{what}: no end of head: {answer:?}"));
     let len: usize = head
         .lines()
@@ -83,17 +101,23 @@ fn a_half_closed_client_gets_the_whole_answer_on_every_listener() {
     // /v1/sandboxes answers from the database; /v1/memory after a blocking task (as /metrics
     // after asking live VMMs): the server must not take the client's EOF for a hang-up meanwhile.
     let gets = [("/v1/sandboxes", "sandboxes"), ("/v1/memory", "host_total_bytes")];
-    for (kind, connect) in listeners(&d) {
+    for l in listeners(&d) {
+        let kind = l.kind();
         for (path, key) in gets {
             for (version, extra) in [("HTTP/1.0", ""), ("HTTP/1.1", "Connection: close\r\n")] {
                 let req = format!("GET {path} {version}\r\nHost: forkvmd\r\nAuthorization: Bearer {t}\r\n{extra}\r\n");
-                let answer = half_closed(connect(), &req);
-                assert_full_200(&format!("{kind} {version} GET {path}"), &answer, key);
+                let answer = half_closed(l.connect(), &req);
+                assert_full_200(&format!("{kind} {version} GET {path}"), &answer, version, key);
             }
         }
         // Without `Connection: close` an HTTP/1.1 client's half-close ends the keep-alive too.
         let req = format!("GET /v1/memory HTTP/1.1\r\nHost: forkvmd\r\nAuthorization: Bearer {t}\r\n\r\n");
-        assert_full_200(&format!("{kind} HTTP/1.1 keep-alive"), &half_closed(connect(), &req), "host_total_bytes");
+        assert_full_200(
+            &format!("{kind} HTTP/1.1 keep-alive"),
+            &half_closed(l.connect(), &req),
+            "HTTP/1.1",
+            "host_total_bytes",
+        );
     }
 }
 
@@ -110,9 +134,10 @@ fn the_preview_listener_answers_a_half_closed_client() {
 #[test]
 fn a_client_that_sends_no_request_head_is_disconnected() {
     let d = Daemon::start_with("silent", &["--head-timeout-ms", "200"]);
-    for (kind, connect) in listeners(&d) {
+    for l in listeners(&d) {
+        let kind = l.kind();
         for sent in ["", "GET /v1/sandboxes HTTP/1.1\r\nHost: forkvmd\r\n"] {
-            let mut c = connect();
+            let mut c = l.connect();
             c.read_bound();
             c.write_all(sent.as_bytes()).unwrap();
             // The daemon ends the connection (with nothing, or a 408) well before our read bound.
@@ -126,4 +151,39 @@ fn a_client_that_sends_no_request_head_is_disconnected() {
             assert!(answer.is_empty() || answer.starts_with("HTTP/1.1 408"), "{kind}, sent {sent:?}: {answer:?}");
         }
     }
+}
+
+#[test]
+fn sigterm_with_kept_alive_connections_open_exits_cleanly() {
+    let mut d = Daemon::start("half-close-stop");
+    let t = d.token("ws1");
+    let mut kept = Vec::new();
+    for l in listeners(&d) {
+        let kind = l.kind();
+        let mut c = l.connect();
+        c.read_bound();
+        let req = format!("GET /v1/sandboxes HTTP/1.1\r\nHost: forkvmd\r\nAuthorization: Bearer {t}\r\n\r\n");
+        c.write_all(req.as_bytes()).unwrap();
+        // Read exactly one answer (head, then content-length bytes): the connection stays open.
+        let mut got = Vec::new();
+        let mut byte = [0u8; 1];
+        while !got.ends_with(b"\r\n\r\n") {
+            c.read_exact(&mut byte).unwrap();
+            got.push(byte[0]);
+        }
+        let head = String::from_utf8(got).unwrap();
+        assert!(head.starts_with("HTTP/1.1 200 "), "{kind}: {head}");
+        let len: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length: "))
+            .unwrap_or_else(|| panic!("{kind}: {head}"))
+            .parse()
+            .unwrap();
+        let mut body = vec![0u8; len];
+        c.read_exact(&mut body).unwrap();
+        kept.push((kind, c));
+    }
+    // The servers stop accepting and close idle connections (a request in flight may finish).
+    assert!(d.terminate().success(), "a clean exit with kept-alive connections open");
+    drop(kept);
 }
