@@ -1,7 +1,9 @@
 //! The daemon's HTTP connections, byte by byte, on every listener it serves the API on (loopback
 //! TCP and the Unix socket): a client that half-closes its write side after its request (`nc`,
 //! `printf 'GET ...' | nc host port`) still gets the whole answer; the preview proxy's listener
-//! answers such a client too; a client that never sends a request head is disconnected; SIGTERM
+//! answers such a client too; a client that never sends a request head is disconnected, one that
+//! stops sending its request body is answered 408 and disconnected (an event stream is not cut
+//! by that timeout); beyond `--api-max-connections` a connection is answered 503 and closed; SIGTERM
 //! with kept-alive connections open is still a clean exit.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -13,6 +15,7 @@ use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 use daemon_common::Daemon;
+use serde_json::json;
 
 /// Generous: these reads are bounds that turn a hang into a failure, never a measure of speed.
 const READ_BOUND: Duration = Duration::from_secs(60);
@@ -77,6 +80,50 @@ fn half_closed(mut c: Box<dyn Conn>, request: &str) -> String {
         panic!("reading the answer after a half-close: {e} (got {:?})", String::from_utf8_lossy(&out));
     }
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Reads until the daemon closes the connection (a reset counts as closed); returns what came.
+fn read_to_close(c: &mut dyn Conn, what: &str) -> String {
+    c.read_bound();
+    let mut out = Vec::new();
+    match c.read_to_end(&mut out) {
+        Ok(_) => {}
+        Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
+        Err(e) => panic!("{what}: still open after {READ_BOUND:?}: {e} (got {:?})", String::from_utf8_lossy(&out)),
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Reads exactly one answer with a `content-length` (head, then that many bytes), leaving the
+/// connection open.
+fn read_one_answer(c: &mut dyn Conn, what: &str) -> String {
+    c.read_bound();
+    let mut got = Vec::new();
+    let mut byte = [0u8; 1];
+    while !got.ends_with(b"\r\n\r\n") {
+        c.read_exact(&mut byte).unwrap_or_else(|e| panic!("{what}: {e} after {:?}", String::from_utf8_lossy(&got)));
+        got.push(byte[0]);
+    }
+    let head = String::from_utf8(got).unwrap();
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length: "))
+        .unwrap_or_else(|| panic!("{what}: {head}"))
+        .parse()
+        .unwrap();
+    let mut body = vec![0u8; len];
+    c.read_exact(&mut body).unwrap();
+    head + &String::from_utf8_lossy(&body)
+}
+
+/// A whole error answer with `status`, `connection: close`, and the API's error body with `code`.
+fn assert_error(what: &str, answer: &str, status: u16, code: &str) {
+    assert!(answer.starts_with(&format!("HTTP/1.1 {status} ")), "{what}: {answer:?}");
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or_else(|| panic!("{what}: no end of head: {answer:?}"));
+    assert!(head.to_ascii_lowercase().contains("\r\nconnection: close"), "{what}: {head}");
+    let v: serde_json::Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("{what}: {e}: {body}"));
+    assert_eq!(v["error"]["code"], code, "{what}: {v}");
+    assert!(v["error"]["message"].is_string(), "{what}: {v}");
 }
 
 /// A whole `200` answer in `version` (hyper answers an HTTP/1.0 request in HTTP/1.0) whose body
@@ -161,29 +208,121 @@ fn sigterm_with_kept_alive_connections_open_exits_cleanly() {
     for l in listeners(&d) {
         let kind = l.kind();
         let mut c = l.connect();
-        c.read_bound();
         let req = format!("GET /v1/sandboxes HTTP/1.1\r\nHost: forkvmd\r\nAuthorization: Bearer {t}\r\n\r\n");
         c.write_all(req.as_bytes()).unwrap();
-        // Read exactly one answer (head, then content-length bytes): the connection stays open.
-        let mut got = Vec::new();
-        let mut byte = [0u8; 1];
-        while !got.ends_with(b"\r\n\r\n") {
-            c.read_exact(&mut byte).unwrap();
-            got.push(byte[0]);
-        }
-        let head = String::from_utf8(got).unwrap();
-        assert!(head.starts_with("HTTP/1.1 200 "), "{kind}: {head}");
-        let len: usize = head
-            .lines()
-            .find_map(|l| l.strip_prefix("content-length: "))
-            .unwrap_or_else(|| panic!("{kind}: {head}"))
-            .parse()
-            .unwrap();
-        let mut body = vec![0u8; len];
-        c.read_exact(&mut body).unwrap();
+        // Read exactly one answer: the connection stays open.
+        let answer = read_one_answer(&mut *c, kind);
+        assert!(answer.starts_with("HTTP/1.1 200 "), "{kind}: {answer}");
         kept.push((kind, c));
     }
     // The servers stop accepting and close idle connections (a request in flight may finish).
     assert!(d.terminate().success(), "a clean exit with kept-alive connections open");
     drop(kept);
+}
+
+/// `POST /v1/sandboxes` whose body stops after 10 of 100 bytes (`Content-Length`), or after 10
+/// bytes of a 100-byte chunk.
+fn stalled_creates(t: &str) -> [(&'static str, String); 2] {
+    let head = format!(
+        "POST /v1/sandboxes HTTP/1.1\r\nHost: forkvmd\r\nAuthorization: Bearer {t}\r\nContent-Type: application/json\r\n"
+    );
+    [
+        ("content-length", format!("{head}Content-Length: 100\r\n\r\n{{\"memory_m")),
+        ("chunked", format!("{head}Transfer-Encoding: chunked\r\n\r\n64\r\n{{\"memory_m")),
+    ]
+}
+
+#[test]
+fn a_request_body_that_stops_coming_is_answered_408_and_closed() {
+    let d = Daemon::start_with("slow-body", &["--body-timeout-ms", "200"]);
+    let t = d.token("ws1");
+    for l in listeners(&d) {
+        for (how, req) in stalled_creates(&t) {
+            let what = format!("{} {how}", l.kind());
+            let mut c = l.connect();
+            c.write_all(req.as_bytes()).unwrap();
+            // We send no more and keep our side open: the daemon answers and closes.
+            let answer = read_to_close(&mut *c, &what);
+            assert_error(&what, &answer, 408, "timeout");
+        }
+    }
+}
+
+#[test]
+fn an_event_stream_outlives_the_body_timeout() {
+    let d = Daemon::start_with("slow-body-events", &["--body-timeout-ms", "200"]);
+    let t = d.token("ws1");
+    let [tcp, _] = listeners(&d);
+    let mut events = tcp.connect();
+    events.read_bound();
+    let req = format!("GET /v1/events HTTP/1.1\r\nHost: forkvmd\r\nAuthorization: Bearer {t}\r\n\r\n");
+    events.write_all(req.as_bytes()).unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = events.read(&mut buf).unwrap();
+        assert!(n > 0, "the event stream closed: {:?}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert!(got.starts_with(b"HTTP/1.1 200 "), "{:?}", String::from_utf8_lossy(&got));
+    // A stalled body on another connection runs into the body timeout: the stream, opened
+    // before it, has now been open longer than that.
+    let (how, stalled) = &stalled_creates(&t)[0];
+    let mut c = tcp.connect();
+    c.write_all(stalled.as_bytes()).unwrap();
+    assert_error(how, &read_to_close(&mut *c, how), 408, "timeout");
+    let id = d.create(&t, json!({"name": "after-the-timeout"}));
+    let want = format!("\"sandbox\":\"{id}\"");
+    while !String::from_utf8_lossy(&got).contains(&want) {
+        let n = events.read(&mut buf).unwrap();
+        assert!(n > 0, "the event stream closed: {:?}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// `GET /v1/sandboxes` on a new connection, half-closed after the request.
+fn list_once(l: &Listener, t: &str) -> String {
+    half_closed(
+        l.connect(),
+        &format!("GET /v1/sandboxes HTTP/1.0\r\nHost: forkvmd\r\nAuthorization: Bearer {t}\r\n\r\n"),
+    )
+}
+
+#[test]
+fn connections_beyond_api_max_connections_are_answered_503_until_one_closes() {
+    // Held connections must stay open by themselves: no head timeout during the test.
+    let d = Daemon::start_with("conn-limit", &["--api-max-connections", "2", "--head-timeout-ms", "600000"]);
+    let t = d.token("ws1");
+    let ls = listeners(&d);
+    // Each listener has its own slots: two held on each, all four served. Each listener accepts
+    // in order: its first two have the slots, its third does not.
+    let mut held: Vec<Vec<Box<dyn Conn>>> = ls.iter().map(|l| vec![l.connect(), l.connect()]).collect();
+    for l in &ls {
+        let kind = l.kind();
+        let mut third = l.connect();
+        assert_error(&format!("{kind}: a third connection"), &read_to_close(&mut *third, kind), 503, "unavailable");
+    }
+    for (l, held) in ls.iter().zip(&mut held) {
+        let kind = l.kind();
+        for c in held.iter_mut() {
+            let req = format!("GET /v1/memory HTTP/1.1\r\nHost: forkvmd\r\nAuthorization: Bearer {t}\r\n\r\n");
+            c.write_all(req.as_bytes()).unwrap();
+            let answer = read_one_answer(&mut **c, kind);
+            assert!(answer.starts_with("HTTP/1.1 200 "), "{kind}: a held connection: {answer}");
+        }
+        // One closes: its slot frees once the daemon has seen the close, a moment after ours (until
+        // then it answers 503; every try is a whole exchange, no sleep).
+        drop(held.pop());
+        let mut tries = 0;
+        loop {
+            let answer = list_once(l, &t);
+            if answer.starts_with("HTTP/1.0 200 ") {
+                assert_full_200(&format!("{kind}: after a close"), &answer, "HTTP/1.0", "sandboxes");
+                break;
+            }
+            assert_error(&format!("{kind}: after a close"), &answer, 503, "unavailable");
+            tries += 1;
+            assert!(tries < 1000, "{kind}: no slot freed after a held connection closed");
+        }
+    }
 }
