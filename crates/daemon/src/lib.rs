@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod ops;
 pub mod policy;
 pub mod preview;
+pub mod raw_answer;
 pub mod readopt;
 pub mod reap;
 pub mod routes;

@@ -35,6 +35,7 @@ use tokio::sync::Semaphore;
 
 use crate::app::Shared;
 use crate::error::ApiError;
+use crate::raw_answer::{close_gently, error_response, refuse};
 use head::{Head, Parsed};
 
 /// How long a client may take to send its request head.
@@ -94,17 +95,6 @@ impl Drop for ActiveGuard {
     }
 }
 
-/// A complete HTTP error answer (JSON body like the API's), closing the connection.
-pub fn error_response(status: u16, code: &str, message: &str) -> Vec<u8> {
-    let reason = axum::http::StatusCode::from_u16(status).ok().and_then(|s| s.canonical_reason()).unwrap_or("");
-    let body = serde_json::json!({"error": {"code": code, "message": message}}).to_string();
-    format!(
-        "HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .into_bytes()
-}
-
 fn api_error_response(e: &ApiError) -> Vec<u8> {
     error_response(e.status.as_u16(), e.code(), &e.message)
 }
@@ -147,10 +137,7 @@ pub async fn serve(app: Shared, cfg: PreviewConfig, listener: TcpListener) {
                 app.metrics.observe_preview("too_many");
                 tokio::spawn(async move {
                     let msg = format!("the preview proxy has {} connections open; try again", cfg.max_connections);
-                    let mut sock = sock;
-                    let answer = error_response(503, "unavailable", &msg);
-                    let _ = tokio::time::timeout(Duration::from_secs(1), sock.write_all(&answer)).await;
-                    close_gently(sock).await;
+                    refuse(sock, &error_response(503, "unavailable", &msg)).await;
                 });
             }
         }
@@ -161,21 +148,6 @@ async fn reply(mut sock: TcpStream, app: &Shared, result: &str, answer: &[u8]) {
     app.metrics.observe_preview(result);
     let _ = tokio::time::timeout(Duration::from_secs(5), sock.write_all(answer)).await;
     close_gently(sock).await;
-}
-
-/// Ends our side, then reads (and drops) what the client still sends, briefly and boundedly:
-/// closing with unread input would reset the connection and could lose our answer.
-async fn close_gently(mut sock: TcpStream) {
-    let _ = sock.shutdown().await;
-    let mut sink = [0u8; 4096];
-    let mut left = 256usize << 10;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
-    while left > 0 {
-        match tokio::time::timeout_at(deadline, sock.read(&mut sink)).await {
-            Ok(Ok(n)) if n > 0 => left = left.saturating_sub(n),
-            _ => return,
-        }
-    }
 }
 
 /// Reads the first request head (at most [`head::MAX_HEAD`] bytes within [`HEAD_TIMEOUT`]).
