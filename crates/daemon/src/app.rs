@@ -35,6 +35,8 @@ pub struct Config {
     /// How long an API connection may take to send a request head in full (also how long a
     /// kept-alive connection may wait for its next request) before it is closed.
     pub head_timeout: Duration,
+    /// How long after its head a request's body may take to arrive in full (then: 408, closed).
+    pub body_timeout: Duration,
     /// The preview proxy, if asked for (`--preview-listen`).
     pub preview: Option<crate::preview::PreviewConfig>,
     /// Kernel images sandboxes may boot, by name (`--image`). Only the host names files: an API

@@ -50,7 +50,7 @@ impl ApiError {
             StatusCode::CONFLICT => "conflict",
             StatusCode::PAYLOAD_TOO_LARGE => "too_large",
             StatusCode::SERVICE_UNAVAILABLE => "unavailable",
-            StatusCode::GATEWAY_TIMEOUT => "timeout",
+            StatusCode::REQUEST_TIMEOUT | StatusCode::GATEWAY_TIMEOUT => "timeout",
             _ => "internal",
         }
     }
@@ -69,7 +69,7 @@ impl IntoResponse for ApiError {
             error: forkvm_api::v1::ErrorDetail { code: self.code().to_string(), message: self.message },
         };
         let mut r = (self.status, Json(body)).into_response();
-        if self.status == StatusCode::PAYLOAD_TOO_LARGE {
+        if matches!(self.status, StatusCode::PAYLOAD_TOO_LARGE | StatusCode::REQUEST_TIMEOUT) {
             // The rest of the body was never read: this connection cannot carry another request.
             r.headers_mut().insert(axum::http::header::CONNECTION, axum::http::HeaderValue::from_static("close"));
         }

@@ -3,9 +3,10 @@
 //!
 //! Unlike `axum::serve`, connections allow half-closed clients: `nc`, or `printf 'GET ...' | nc`,
 //! send their request, shut their write side and wait for the answer; hyper's default took that
-//! EOF for a hang-up and dropped the connection unanswered. And a request head (or the next one
-//! on a kept-alive connection) must arrive in full within the head timeout, so a client that
-//! sends nothing cannot hold a connection forever (`axum::serve` sets no timer, so had none).
+//! EOF for a hang-up and dropped the connection unanswered. Every wait and count a client controls
+//! is bounded ([`Limits`]): a request head (or the next one on a kept-alive connection) must
+//! arrive in full within the head timeout, a request body within the body timeout after its head
+//! ([`crate::body_deadline`]).
 
 use std::future::Future;
 use std::time::Duration;
@@ -15,19 +16,26 @@ use axum::Router;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
+
+use crate::body_deadline;
+
+/// The bounds of one API listener's connections.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// A request head must arrive in full within this (and a kept-alive connection may idle
+    /// this long): else the connection is closed.
+    pub head_timeout: Duration,
+    /// A request body must arrive in full within this after its head: else 408, closed.
+    pub body_timeout: Duration,
+}
 
 /// Serves `router` on every connection `listener` accepts until `stop` completes; then accepts
 /// no more, lets each open connection finish its request in flight, and returns once all closed.
 /// Accept errors are handled by [`Listener::accept`] (a pause after e.g. EMFILE, as axum does).
-pub async fn serve<L: Listener>(
-    mut listener: L,
-    router: Router,
-    head_timeout: Duration,
-    stop: impl Future<Output = ()>,
-) {
+pub async fn serve<L: Listener>(mut listener: L, router: Router, limits: Limits, stop: impl Future<Output = ()>) {
     let mut http = http1::Builder::new();
-    http.half_close(true).timer(TokioTimer::new()).header_read_timeout(head_timeout);
+    http.half_close(true).timer(TokioTimer::new()).header_read_timeout(limits.head_timeout);
+    let service = body_deadline::Service::new(router, limits.body_timeout);
     let graceful = GracefulShutdown::new();
     tokio::pin!(stop);
     loop {
@@ -35,7 +43,7 @@ pub async fn serve<L: Listener>(
             (io, _addr) = listener.accept() => io,
             () = &mut stop => break,
         };
-        let conn = http.serve_connection(TokioIo::new(io), TowerToHyperService::new(router.clone()));
+        let conn = http.serve_connection(TokioIo::new(io), service.clone());
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
             if let Err(e) = conn.await {

@@ -4,6 +4,7 @@
 
 pub mod app;
 pub mod auth;
+pub mod body_deadline;
 pub mod console;
 pub mod db;
 pub mod error;
@@ -85,9 +86,9 @@ async fn serve_async(cfg: Config) -> Result<(), String> {
     let shutdown = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|v| *v).await;
     };
-    let head = cfg.head_timeout;
-    let unix_task = tokio::spawn(http_server::serve(unix, router.clone(), head, shutdown(stop_rx.clone())));
-    let tcp_task = tcp.map(|t| tokio::spawn(http_server::serve(t, router, head, shutdown(stop_rx.clone()))));
+    let limits = http_server::Limits { head_timeout: cfg.head_timeout, body_timeout: cfg.body_timeout };
+    let unix_task = tokio::spawn(http_server::serve(unix, router.clone(), limits, shutdown(stop_rx.clone())));
+    let tcp_task = tcp.map(|t| tokio::spawn(http_server::serve(t, router, limits, shutdown(stop_rx.clone()))));
     wait_for_signal().await;
     tracing::info!("stopping (sandboxes keep running)");
     let _ = stop_tx.send(true);

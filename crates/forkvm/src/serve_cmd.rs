@@ -27,6 +27,10 @@ pub struct ServeArgs {
     /// kept-alive one idle that long (ms).
     #[arg(long, default_value_t = 30_000)]
     pub head_timeout_ms: u64,
+    /// Answer 408 and close an API connection whose request body has not arrived in full this
+    /// long after its head (ms). Only the wait for the body: not the work, not the answer.
+    #[arg(long, default_value_t = 30_000)]
+    pub body_timeout_ms: u64,
     /// Serve previews of sandbox ports on this TCP address: `http://<id>-<port>.<domain>:PORT/`.
     #[arg(long)]
     pub preview_listen: Option<SocketAddr>,
@@ -179,6 +183,7 @@ pub fn serve(a: ServeArgs) -> Result<i32, String> {
         policy_tick: Duration::from_millis(a.policy_tick_ms.max(10)),
         max_body: a.max_body,
         head_timeout: Duration::from_millis(a.head_timeout_ms.max(1)),
+        body_timeout: Duration::from_millis(a.body_timeout_ms.max(1)),
         preview: a.preview_listen.map(|listen| daemon::preview::PreviewConfig {
             listen,
             domain: a.preview_domain.clone(),
