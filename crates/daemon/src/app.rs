@@ -37,6 +37,8 @@ pub struct Config {
     pub head_timeout: Duration,
     /// How long after its head a request's body may take to arrive in full (then: 408, closed).
     pub body_timeout: Duration,
+    /// Most connections open at once on each API listener (then: 503, closed).
+    pub api_max_connections: usize,
     /// The preview proxy, if asked for (`--preview-listen`).
     pub preview: Option<crate::preview::PreviewConfig>,
     /// Kernel images sandboxes may boot, by name (`--image`). Only the host names files: an API

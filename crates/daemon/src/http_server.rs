@@ -6,9 +6,12 @@
 //! EOF for a hang-up and dropped the connection unanswered. Every wait and count a client controls
 //! is bounded ([`Limits`]): a request head (or the next one on a kept-alive connection) must
 //! arrive in full within the head timeout, a request body within the body timeout after its head
-//! ([`crate::body_deadline`]).
+//! ([`crate::body_deadline`]), and each listener serves at most `max_connections` at once: one
+//! more is answered 503 and closed, never queued. Slots are per listener so that a flood on the
+//! TCP port cannot lock the owner's CLI out of the Unix socket.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::serve::Listener;
@@ -16,8 +19,10 @@ use axum::Router;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
+use tokio::sync::Semaphore;
 
 use crate::body_deadline;
+use crate::raw_answer::{error_response, refuse};
 
 /// The bounds of one API listener's connections.
 #[derive(Debug, Clone, Copy)]
@@ -27,6 +32,8 @@ pub struct Limits {
     pub head_timeout: Duration,
     /// A request body must arrive in full within this after its head: else 408, closed.
     pub body_timeout: Duration,
+    /// Connections open at once on this listener; one more is answered 503 and closed.
+    pub max_connections: usize,
 }
 
 /// Serves `router` on every connection `listener` accepts until `stop` completes; then accepts
@@ -36,6 +43,7 @@ pub async fn serve<L: Listener>(mut listener: L, router: Router, limits: Limits,
     let mut http = http1::Builder::new();
     http.half_close(true).timer(TokioTimer::new()).header_read_timeout(limits.head_timeout);
     let service = body_deadline::Service::new(router, limits.body_timeout);
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
     let graceful = GracefulShutdown::new();
     tokio::pin!(stop);
     loop {
@@ -43,12 +51,20 @@ pub async fn serve<L: Listener>(mut listener: L, router: Router, limits: Limits,
             (io, _addr) = listener.accept() => io,
             () = &mut stop => break,
         };
+        // Taken here, in accept order, and held by the connection's task until it ends.
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            let msg = format!("the API has {} connections open on this listener; try again", limits.max_connections);
+            tracing::debug!("api connection refused: {msg}");
+            tokio::spawn(async move { refuse(io, &error_response(503, "unavailable", &msg)).await });
+            continue;
+        };
         let conn = http.serve_connection(TokioIo::new(io), service.clone());
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!("api connection: {e}");
             }
+            drop(slot);
         });
     }
     drop(listener);

@@ -86,7 +86,11 @@ async fn serve_async(cfg: Config) -> Result<(), String> {
     let shutdown = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|v| *v).await;
     };
-    let limits = http_server::Limits { head_timeout: cfg.head_timeout, body_timeout: cfg.body_timeout };
+    let limits = http_server::Limits {
+        head_timeout: cfg.head_timeout,
+        body_timeout: cfg.body_timeout,
+        max_connections: cfg.api_max_connections,
+    };
     let unix_task = tokio::spawn(http_server::serve(unix, router.clone(), limits, shutdown(stop_rx.clone())));
     let tcp_task = tcp.map(|t| tokio::spawn(http_server::serve(t, router, limits, shutdown(stop_rx.clone()))));
     wait_for_signal().await;

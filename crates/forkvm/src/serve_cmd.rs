@@ -31,6 +31,10 @@ pub struct ServeArgs {
     /// long after its head (ms). Only the wait for the body: not the work, not the answer.
     #[arg(long, default_value_t = 30_000)]
     pub body_timeout_ms: u64,
+    /// Most connections open at once on each API listener (the Unix socket, --listen): more
+    /// are answered 503 and closed.
+    #[arg(long, default_value_t = 256)]
+    pub api_max_connections: usize,
     /// Serve previews of sandbox ports on this TCP address: `http://<id>-<port>.<domain>:PORT/`.
     #[arg(long)]
     pub preview_listen: Option<SocketAddr>,
@@ -184,6 +188,7 @@ pub fn serve(a: ServeArgs) -> Result<i32, String> {
         max_body: a.max_body,
         head_timeout: Duration::from_millis(a.head_timeout_ms.max(1)),
         body_timeout: Duration::from_millis(a.body_timeout_ms.max(1)),
+        api_max_connections: a.api_max_connections.max(1),
         preview: a.preview_listen.map(|listen| daemon::preview::PreviewConfig {
             listen,
             domain: a.preview_domain.clone(),
