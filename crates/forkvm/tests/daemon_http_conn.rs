@@ -248,6 +248,37 @@ fn a_request_body_that_stops_coming_is_answered_408_and_closed() {
     }
 }
 
+/// Whether `c` has something to read (an answer, or its end) within `wait`.
+fn readable_within(c: &TcpStream, wait: Duration) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut p = libc::pollfd { fd: c.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    // SAFETY: one pollfd of an open socket, for the length we pass.
+    let n = unsafe { libc::poll(&mut p, 1, wait.as_millis() as i32) };
+    assert!(n >= 0, "poll: {}", std::io::Error::last_os_error());
+    n > 0
+}
+
+#[test]
+fn a_request_body_trickled_in_is_cut_at_the_body_timeout() {
+    let d = Daemon::start_with("trickle", &["--body-timeout-ms", "200"]);
+    let t = d.token("ws1");
+    let mut c = TcpStream::connect(d.base.strip_prefix("http://").unwrap()).unwrap();
+    let head = format!(
+        "POST /v1/sandboxes HTTP/1.1\r\nHost: forkvmd\r\nAuthorization: Bearer {t}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+    );
+    c.write_all(head.as_bytes()).unwrap();
+    // A byte every 50 ms until the daemon answers: each far within the 200 ms, all 100 far
+    // beyond them. The deadline is the whole body's, so no byte renews it.
+    let mut sent = 0;
+    while sent < 100 && !readable_within(&c, Duration::from_millis(50)) {
+        c.write_all(b" ").unwrap();
+        sent += 1;
+    }
+    let answer = read_to_close(&mut c, "trickle");
+    assert!(sent < 100, "the whole body went in before an answer: {answer:?}");
+    assert_error("trickle", &answer, 408, "timeout");
+}
+
 #[test]
 fn an_event_stream_outlives_the_body_timeout() {
     let d = Daemon::start_with("slow-body-events", &["--body-timeout-ms", "200"]);
