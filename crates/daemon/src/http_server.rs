@@ -22,7 +22,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::sync::Semaphore;
 
 use crate::body_deadline;
-use crate::raw_answer::{error_response, refuse};
+use crate::raw_answer::{error_response, Refuser, REFUSING_AT_ONCE};
 
 /// The bounds of one API listener's connections.
 #[derive(Debug, Clone, Copy)]
@@ -44,6 +44,8 @@ pub async fn serve<L: Listener>(mut listener: L, router: Router, limits: Limits,
     http.half_close(true).timer(TokioTimer::new()).header_read_timeout(limits.head_timeout);
     let service = body_deadline::Service::new(router, limits.body_timeout);
     let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let msg = format!("the API has {} connections open on this listener; try again", limits.max_connections);
+    let refuser = Refuser::new(error_response(503, "unavailable", &msg), REFUSING_AT_ONCE);
     let graceful = GracefulShutdown::new();
     tokio::pin!(stop);
     loop {
@@ -53,9 +55,8 @@ pub async fn serve<L: Listener>(mut listener: L, router: Router, limits: Limits,
         };
         // Taken here, in accept order, and held by the connection's task until it ends.
         let Ok(slot) = slots.clone().try_acquire_owned() else {
-            let msg = format!("the API has {} connections open on this listener; try again", limits.max_connections);
             tracing::debug!("api connection refused: {msg}");
-            tokio::spawn(async move { refuse(io, &error_response(503, "unavailable", &msg)).await });
+            refuser.refuse(io);
             continue;
         };
         let conn = http.serve_connection(TokioIo::new(io), service.clone());

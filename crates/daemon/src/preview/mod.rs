@@ -35,7 +35,7 @@ use tokio::sync::Semaphore;
 
 use crate::app::Shared;
 use crate::error::ApiError;
-use crate::raw_answer::{close_gently, error_response, refuse};
+use crate::raw_answer::{close_gently, error_response, Refuser, REFUSING_AT_ONCE};
 use head::{Head, Parsed};
 
 /// How long a client may take to send its request head.
@@ -113,6 +113,8 @@ pub async fn bind(app: &Shared, cfg: &PreviewConfig) -> Result<TcpListener, Stri
 /// Accepts preview connections until the listener fails.
 pub async fn serve(app: Shared, cfg: PreviewConfig, listener: TcpListener) {
     let slots = Arc::new(Semaphore::new(cfg.max_connections));
+    let msg = format!("the preview proxy has {} connections open; try again", cfg.max_connections);
+    let refuser = Refuser::new(error_response(503, "unavailable", &msg), REFUSING_AT_ONCE);
     let cfg = Arc::new(cfg);
     loop {
         let (sock, peer) = match listener.accept().await {
@@ -135,10 +137,7 @@ pub async fn serve(app: Shared, cfg: PreviewConfig, listener: TcpListener) {
             }
             Err(_) => {
                 app.metrics.observe_preview("too_many");
-                tokio::spawn(async move {
-                    let msg = format!("the preview proxy has {} connections open; try again", cfg.max_connections);
-                    refuse(sock, &error_response(503, "unavailable", &msg)).await;
-                });
+                refuser.refuse(sock);
             }
         }
     }
