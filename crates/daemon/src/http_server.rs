@@ -21,6 +21,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::sync::Semaphore;
 
+use crate::app::Shared;
 use crate::body_deadline;
 use crate::raw_answer::{error_response, Refuser, REFUSING_AT_ONCE};
 
@@ -39,7 +40,15 @@ pub struct Limits {
 /// Serves `router` on every connection `listener` accepts until `stop` completes; then accepts
 /// no more, lets each open connection finish its request in flight, and returns once all closed.
 /// Accept errors are handled by [`Listener::accept`] (a pause after e.g. EMFILE, as axum does).
-pub async fn serve<L: Listener>(mut listener: L, router: Router, limits: Limits, stop: impl Future<Output = ()>) {
+/// `name` labels the listener's metrics (`unix`, `tcp`).
+pub async fn serve<L: Listener>(
+    app: Shared,
+    name: &'static str,
+    mut listener: L,
+    router: Router,
+    limits: Limits,
+    stop: impl Future<Output = ()>,
+) {
     let mut http = http1::Builder::new();
     http.half_close(true).timer(TokioTimer::new()).header_read_timeout(limits.head_timeout);
     let service = body_deadline::Service::new(router, limits.body_timeout);
@@ -56,16 +65,20 @@ pub async fn serve<L: Listener>(mut listener: L, router: Router, limits: Limits,
         // Taken here, in accept order, and held by the connection's task until it ends.
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             tracing::debug!("api connection refused: {msg}");
+            app.metrics.api_refused(name);
             refuser.refuse(io);
             continue;
         };
         let conn = http.serve_connection(TokioIo::new(io), service.clone());
         let conn = graceful.watch(conn);
+        app.metrics.api_slot(name, true);
+        let app = app.clone();
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!("api connection: {e}");
             }
             drop(slot);
+            app.metrics.api_slot(name, false);
         });
     }
     drop(listener);

@@ -91,8 +91,10 @@ async fn serve_async(cfg: Config) -> Result<(), String> {
         body_timeout: cfg.body_timeout,
         max_connections: cfg.api_max_connections,
     };
-    let unix_task = tokio::spawn(http_server::serve(unix, router.clone(), limits, shutdown(stop_rx.clone())));
-    let tcp_task = tcp.map(|t| tokio::spawn(http_server::serve(t, router, limits, shutdown(stop_rx.clone()))));
+    let unix_task =
+        tokio::spawn(http_server::serve(app.clone(), "unix", unix, router.clone(), limits, shutdown(stop_rx.clone())));
+    let tcp_task =
+        tcp.map(|t| tokio::spawn(http_server::serve(app.clone(), "tcp", t, router, limits, shutdown(stop_rx.clone()))));
     wait_for_signal().await;
     tracing::info!("stopping (sandboxes keep running)");
     let _ = stop_tx.send(true);

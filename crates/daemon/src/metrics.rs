@@ -34,6 +34,8 @@ pub struct Metrics {
     vmm_rss: Gauge,
     preview: Family<Labels, Counter>,
     preview_open: Gauge,
+    api_open: Family<Labels, Gauge>,
+    api_refused: Family<Labels, Counter>,
     pagesrv_faults: Counter,
     pagesrv_sandboxes: Gauge,
     pagesrv_latency: Family<Labels, Gauge<f64, AtomicU64>>,
@@ -72,6 +74,18 @@ impl Default for Metrics {
             "Preview proxy connections holding one of the --preview-max-connections slots",
             preview_open.clone(),
         );
+        let api_open = Family::<Labels, Gauge>::default();
+        registry.register(
+            "api_connections_open",
+            "API connections holding one of their listener's --api-max-connections slots, by listener",
+            api_open.clone(),
+        );
+        let api_refused = Family::<Labels, Counter>::default();
+        registry.register(
+            "api_connections_refused",
+            "API connections answered 503 (or closed) for want of a slot, by listener",
+            api_refused.clone(),
+        );
         let pagesrv_faults = Counter::default();
         let pagesrv_sandboxes = Gauge::default();
         let pagesrv_latency = Family::<Labels, Gauge<f64, AtomicU64>>::default();
@@ -101,6 +115,8 @@ impl Default for Metrics {
             vmm_rss,
             preview,
             preview_open,
+            api_open,
+            api_refused,
             pagesrv_faults,
             pagesrv_sandboxes,
             pagesrv_latency,
@@ -135,6 +151,21 @@ impl Metrics {
         } else {
             self.preview_open.dec();
         }
+    }
+
+    /// An API connection on `listener` took (`true`) or gave back (`false`) one of its slots.
+    pub fn api_slot(&self, listener: &str, taken: bool) {
+        let g = self.api_open.get_or_create(&vec![("listener".into(), listener.into())]);
+        if taken {
+            g.inc();
+        } else {
+            g.dec();
+        }
+    }
+
+    /// An API connection on `listener` found no slot.
+    pub fn api_refused(&self, listener: &str) {
+        self.api_refused.get_or_create(&vec![("listener".into(), listener.into())]).inc();
     }
 
     /// Takes the page-server counters of the live VMMs (pid, stats): the fault counter grows by

@@ -311,12 +311,24 @@ fn an_event_stream_outlives_the_body_timeout() {
     }
 }
 
-/// `GET /v1/sandboxes` on a new connection, half-closed after the request.
-fn list_once(l: &Listener, t: &str) -> String {
-    half_closed(
-        l.connect(),
-        &format!("GET /v1/sandboxes HTTP/1.0\r\nHost: forkvmd\r\nAuthorization: Bearer {t}\r\n\r\n"),
-    )
+/// `request` on a new connection, half-closed after it; sent again while the answer is the 503
+/// of a full listener (a slot frees once the daemon has seen a close, a moment after the client
+/// made it; every try is a whole exchange, no sleep). Returns the first other answer.
+fn until_served(l: &Listener, request: &str, what: &str) -> String {
+    for _ in 0..1000 {
+        let answer = half_closed(l.connect(), request);
+        if !answer.starts_with("HTTP/1.1 503 ") {
+            return answer;
+        }
+        assert_error(what, &answer, 503, "unavailable");
+    }
+    panic!("{what}: no slot freed");
+}
+
+/// The value of the metrics line that starts with `name` (with its labels).
+fn metric(metrics: &str, name: &str) -> i64 {
+    let line = metrics.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("no {name} in {metrics}"));
+    line.rsplit(' ').next().unwrap().parse().unwrap()
 }
 
 #[test]
@@ -341,19 +353,20 @@ fn connections_beyond_api_max_connections_are_answered_503_until_one_closes() {
             let answer = read_one_answer(&mut **c, kind);
             assert!(answer.starts_with("HTTP/1.1 200 "), "{kind}: a held connection: {answer}");
         }
-        // One closes: its slot frees once the daemon has seen the close, a moment after ours (until
-        // then it answers 503; every try is a whole exchange, no sleep).
+        // One closes: its slot frees once the daemon has seen that.
         drop(held.pop());
-        let mut tries = 0;
-        loop {
-            let answer = list_once(l, &t);
-            if answer.starts_with("HTTP/1.0 200 ") {
-                assert_full_200(&format!("{kind}: after a close"), &answer, "HTTP/1.0", "sandboxes");
-                break;
-            }
-            assert_error(&format!("{kind}: after a close"), &answer, 503, "unavailable");
-            tries += 1;
-            assert!(tries < 1000, "{kind}: no slot freed after a held connection closed");
-        }
+        let req = format!("GET /v1/sandboxes HTTP/1.0\r\nHost: forkvmd\r\nAuthorization: Bearer {t}\r\n\r\n");
+        let what = format!("{kind}: after a close");
+        assert_full_200(&what, &until_served(l, &req, &what), "HTTP/1.0", "sandboxes");
+    }
+    // The metrics count the refusals, and the slots held (one still held on each listener, and
+    // on TCP this request's; maybe one not yet given back), never more than the limit.
+    let m = until_served(&ls[0], "GET /metrics HTTP/1.0\r\nHost: forkvmd\r\n\r\n", "metrics");
+    assert!(m.starts_with("HTTP/1.0 200 "), "{m}");
+    for (kind, held_least) in [("tcp", 2), ("unix", 1)] {
+        let refused = metric(&m, &format!("forkvm_api_connections_refused_total{{listener=\"{kind}\"}}"));
+        assert!(refused >= 1, "{kind}: {refused} refused");
+        let open = metric(&m, &format!("forkvm_api_connections_open{{listener=\"{kind}\"}}"));
+        assert!((held_least..=2).contains(&open), "{kind}: {open} open");
     }
 }
