@@ -4,6 +4,7 @@
 pub mod events;
 pub mod images;
 pub mod memory;
+mod openapi_bounds;
 pub mod preview;
 pub mod repos;
 pub mod sandboxes;
@@ -20,6 +21,7 @@ use utoipa::{Modify, OpenApi};
 
 use crate::app::Shared;
 use crate::error::ApiError;
+use openapi_bounds::BoundsResponses;
 
 #[derive(OpenApi)]
 #[openapi(
@@ -30,7 +32,7 @@ use crate::error::ApiError;
         templates::create, templates::list, templates::get, templates::delete, images::list, events::stream, memory::memory, repos::create, repos::open,
         crate::webhook::github, metrics, preview::info, preview::link
     ),
-    modifiers(&Bearer)
+    modifiers(&Bearer, &BoundsResponses)
 )]
 #[derive(Debug)]
 pub struct ApiDoc;
