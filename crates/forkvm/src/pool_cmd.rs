@@ -183,8 +183,9 @@ fn member(a: &MemberArgs) -> Result<i32, String> {
     drop(listener);
     if !a.no_refill {
         if let Ok(exe) = std::env::current_exe() {
-            // The replacement keeps the pool's size; it reports on a pipe nobody reads.
-            let _ = member_command(&exe, a.mem, a.vcpus, false, true).stdout(Stdio::null()).spawn();
+            // The replacement keeps the pool's size (and replaces itself in turn once used);
+            // it reports on a pipe nobody reads.
+            let _ = member_command(&exe, a.mem, a.vcpus, false, false).stdout(Stdio::null()).spawn();
         }
     }
     if a.stdio {

@@ -62,3 +62,43 @@ fn fork_live_clones_into_the_warm_pool_and_falls_back_to_fork() {
     assert!(out.contains("big-c1 pid") && !out.contains("warm pool"), "{out}");
     assert_eq!(env.exec("big-c1", "gen"), "gen 2");
 }
+
+/// The socket paths of the pool's warm members (listening).
+fn member_sockets(env: &Env) -> Vec<String> {
+    let Ok(rd) = std::fs::read_dir(env.run.join(".pool")) else { return Vec::new() };
+    let mut v: Vec<String> =
+        rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.ends_with(".sock")).collect();
+    v.sort();
+    v
+}
+
+/// Waits (bounded) until the pool has a listening member other than `old`: the replacement a
+/// used member starts comes up in the background.
+fn replacement(env: &Env, old: &[String]) -> String {
+    let t0 = std::time::Instant::now();
+    loop {
+        if let Some(n) = member_sockets(env).into_iter().find(|n| !old.contains(n)) {
+            return n;
+        }
+        assert!(t0.elapsed() < std::time::Duration::from_secs(30), "no replacement member after {:?}", t0.elapsed());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn the_pool_keeps_its_size_clone_after_clone() {
+    let mut env = Env::new("pool-refill");
+    env.ok(&["pool", "start", "--size", "1", "--mem", "64M"]);
+    let _stop = PoolStop(env.run.clone());
+    env.start("p", &["--backing", "shared"]);
+    let mut used = member_sockets(&env);
+    assert_eq!(used.len(), 1, "{used:?}");
+    // Each clone takes the one member; its replacement is the pool's member for the next clone,
+    // and that one too is replaced once used (the README: "each clone starts its replacement").
+    for prefix in ["a", "b", "c"] {
+        let out = env.ok(&["fork", "p", "--prefix", prefix]);
+        assert!(out.contains("live clone into warm pool"), "clone {prefix} went to the pool: {out}");
+        assert_eq!(env.exec(&format!("{prefix}1"), "gen"), "gen 2");
+        used.push(replacement(&env, &used));
+    }
+}
