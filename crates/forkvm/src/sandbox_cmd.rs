@@ -128,6 +128,26 @@ fn came_up(a: &crate::daemon_client::Answer) {
     }
 }
 
+/// The header of `forkvm sandbox ls`; [`ls_row`] lines up under it.
+fn ls_header() -> String {
+    format!("{:<20} {:<11} {:>7} {:<20} {:<20} NAME", "ID", "STATE", "MEM_MIB", "TEMPLATE", "PARENT")
+}
+
+/// One sandbox as a line of `forkvm sandbox ls`.
+fn ls_row(s: &Value) -> String {
+    let f = |k: &str| s[k].as_str().unwrap_or("-").to_string();
+    format!(
+        "{:<20} {:<11} {:>7} {:<20} {:<20} {}",
+        f("id"),
+        f("state"),
+        // A JSON value ignores width and alignment: format the number (or "-") itself.
+        s["memory_mib"].as_u64().map_or_else(|| "-".to_string(), |m| m.to_string()),
+        f("template"),
+        f("parent"),
+        f("name")
+    )
+}
+
 pub fn sandbox(cmd: SandboxCmd) -> Result<i32, String> {
     let c = Client::from_env()?;
     let post = |path: String, body: Value| c.call("POST", &path, Some(&body));
@@ -147,7 +167,7 @@ pub fn sandbox(cmd: SandboxCmd) -> Result<i32, String> {
         }
         SandboxCmd::Ls { state } => {
             let mut cursor: Option<String> = None;
-            println!("{:<20} {:<11} {:>7} {:<20} {:<20} NAME", "ID", "STATE", "MEM_MIB", "TEMPLATE", "PARENT");
+            println!("{}", ls_header());
             loop {
                 let mut path = "/v1/sandboxes?limit=1000".to_string();
                 if let Some(s) = &state {
@@ -158,16 +178,7 @@ pub fn sandbox(cmd: SandboxCmd) -> Result<i32, String> {
                 }
                 let page = c.call("GET", &path, None)?.body;
                 for s in page["sandboxes"].as_array().into_iter().flatten() {
-                    let f = |k: &str| s[k].as_str().unwrap_or("-").to_string();
-                    println!(
-                        "{:<20} {:<11} {:>7} {:<20} {:<20} {}",
-                        f("id"),
-                        f("state"),
-                        s["memory_mib"],
-                        f("template"),
-                        f("parent"),
-                        f("name")
-                    );
+                    println!("{}", ls_row(s));
                 }
                 match page["next_cursor"].as_str() {
                     Some(n) => cursor = Some(n.to_string()),
@@ -241,6 +252,24 @@ pub fn repo(cmd: RepoCmd) -> Result<i32, String> {
             let a = c.call("POST", &format!("/v1/repos/{repo}/pulls/{number}/open"), None)?;
             came_up(&a);
             print(&a.body)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn ls_rows_line_up_under_the_header() {
+        let s = json!({"id": "sb-d3a4e26b2ddb", "state": "paused", "memory_mib": 64, "template": "tpl-009a313588df",
+            "parent": null, "name": "first"});
+        let (header, row) = (ls_header(), ls_row(&s));
+        for (col, value) in [("MEM_MIB", "64"), ("TEMPLATE", "tpl-009a313588df"), ("PARENT", "-"), ("NAME", "first")] {
+            let at = header.find(col).unwrap();
+            let end = if col == "MEM_MIB" { at + col.len() - value.len() } else { at };
+            assert_eq!(row.get(end..end + value.len()), Some(value), "{col} column:\n{header}\n{row}");
         }
     }
 }
