@@ -9,6 +9,18 @@ use forkvm_api::vm::{self, VmPaths};
 
 use crate::private_fs::{bind_private, private_dir};
 
+/// Why `name` cannot be claimed now, if it cannot: a VM of that name runs, or is hibernated.
+pub fn taken(name: &str) -> Result<Option<String>, String> {
+    let paths = VmPaths::for_name(name)?;
+    if UnixStream::connect(paths.socket()).is_ok() {
+        return Ok(Some(format!("a VM named {name:?} is already running")));
+    }
+    if paths.hibernated().exists() {
+        return Ok(Some(format!("VM {name:?} is hibernated")));
+    }
+    Ok(None)
+}
+
 /// A VM name whose socket this process has bound.
 #[derive(Debug)]
 pub struct Claimed {

@@ -23,6 +23,10 @@ impl Host {
         let names: Vec<String> = (1..=count).map(|i| format!("{prefix}{i}")).collect();
         for n in &names {
             vm::check_name(n)?;
+            // Refused before anything is cloned; a second fork needs names of its own.
+            if let Some(why) = crate::claim::taken(n)? {
+                return Err(format!("{why}: name the children with --prefix (default <name>-c)"));
+            }
         }
         if let Some(r) = self.fork_from_pool(&names) {
             return r;

@@ -66,15 +66,6 @@ impl Host {
             return None;
         }
         let t0 = Instant::now();
-        for n in names {
-            match forkvm_api::vm::VmPaths::for_name(n) {
-                Ok(p) if std::os::unix::net::UnixStream::connect(p.socket()).is_ok() => {
-                    return Some(Err(format!("a VM named {n:?} is already running")));
-                }
-                Ok(_) => {}
-                Err(e) => return Some(Err(e)),
-            }
-        }
         let conns = crate::pool_cmd::connect_members(names.len(), mem.size(), self.vm.vcpu_count())?;
         let targets = conns.into_iter().zip(names).map(|(conn, n)| Target { conn, name: Some(n.clone()) }).collect();
         let opts = LiveCloneOptions { parent: Some(self.name.clone()), ..Default::default() };

@@ -49,7 +49,7 @@ fn fork_live_clones_into_the_warm_pool_and_falls_back_to_fork() {
     assert_eq!(env.exec("p-c2", "sum 0x300000 4"), before);
 
     // Names in use are refused before anything is cloned.
-    env.fails(&["fork", "p", "--count", "1"], "already running");
+    env.fails(&["fork", "p", "--count", "1"], "already running: name the children with --prefix");
 
     // No pool member of its kind: anonymous memory, or another size, forks with fork().
     env.start("a", &[]);

@@ -75,7 +75,7 @@ fn fork_children_are_independent_named_vms() {
     assert_ne!(env.exec("p-c1", "sum 0x300000 4"), before);
 
     // Children fork too; names in use are refused before anything forks.
-    env.fails(&["fork", "p", "--count", "1"], "already running");
+    env.fails(&["fork", "p", "--count", "1"], "already running: name the children with --prefix");
     assert!(env.ok(&["fork", "p-c1", "--prefix", "g"]).contains("g1 pid"));
     assert_eq!(env.exec("g1", "sum 0x300000 4"), env.exec("p-c1", "sum 0x300000 4"));
     env.fails(&["fork", "p", "--count", "0"], "fork count");
