@@ -151,9 +151,18 @@ fn github_webhook_preloads_pull_requests() {
     assert_eq!((o.status, o.came_up.as_deref()), (200, Some("resumed")), "{}", o.body);
     assert_eq!(o.body["sandbox"]["id"], sb.as_str());
     assert_eq!(d.line(&t, &sb, "count"), "count 3");
-    assert_eq!(d.req("POST", "/v1/repos/acme/web/pulls/99/open", &t, None).status, 404);
+    // A pull request whose webhook has not come: 404 saying what makes its sandbox.
+    let o = d.req("POST", "/v1/repos/acme/web/pulls/99/open", &t, None);
+    assert_eq!(o.status, 404);
+    let msg = o.body["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("acme/web#99") && msg.contains("/v1/hooks/github"), "{msg}");
+    // Another workspace's repo is no repo of yours (as one that does not exist).
     let other = d.token("ws2");
-    assert_eq!(d.req("POST", "/v1/repos/acme/web/pulls/7/open", &other, None).status, 404);
+    let o = d.req("POST", "/v1/repos/acme/web/pulls/7/open", &other, None);
+    assert_eq!(o.status, 404);
+    assert_eq!(o.body["error"]["message"], "no repo acme/web in this workspace (forkvm repo add)");
+    let o = d.req("POST", "/v1/repos/acme/nope/pulls/7/open", &t, None);
+    assert_eq!(o.body["error"]["message"], "no repo acme/nope in this workspace (forkvm repo add)");
 
     // Synchronize with a new head: a fresh sandbox replaces the old one.
     let body = pr("synchronize", 7, "bbb");

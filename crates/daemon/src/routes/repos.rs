@@ -58,11 +58,18 @@ pub async fn open(
     Path((owner, name, number)): Path<(String, String, u64)>,
 ) -> ApiResult<(HeaderMap, Json<PullSandbox>)> {
     let repo = format!("{owner}/{name}");
-    let not_found = || ApiError::not_found(format!("no sandbox for {repo}#{number}"));
     let (r, sb, sha) = {
         let c = app.db.lock();
-        let (r, _) = repos::get(&c, &repo)?.filter(|(r, _)| r.workspace == ws).ok_or_else(not_found)?;
-        let (sb, sha) = repos::pull(&c, &repo, number)?.ok_or_else(not_found)?;
+        // Another workspace's repo answers as one that does not exist.
+        let (r, _) = repos::get(&c, &repo)?
+            .filter(|(r, _)| r.workspace == ws)
+            .ok_or_else(|| ApiError::not_found(format!("no repo {repo} in this workspace (forkvm repo add)")))?;
+        let (sb, sha) = repos::pull(&c, &repo, number)?.ok_or_else(|| {
+            ApiError::not_found(format!(
+                "no sandbox for {repo}#{number}: one is made when GitHub's pull_request webhook (opened, reopened, \
+                 synchronize) for it reaches POST /v1/hooks/github, and deleted when it is closed"
+            ))
+        })?;
         (r, sb, sha)
     };
     let up = lifecycle::up(&app, &sb).await?;
