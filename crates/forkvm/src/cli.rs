@@ -68,7 +68,8 @@ pub enum Command {
     Repo(crate::sandbox_cmd::RepoCmd),
     /// Chunk store upkeep: verify, gc.
     Store(crate::store_cmd::StoreArgs),
-    /// Throw a hibernated VM away (its memory image goes at the next `forkvm store gc`).
+    /// Throw a hibernated VM away (its memory image goes at the next `forkvm store gc`), or the
+    /// logs of a clone that failed after `wake --pages` (`ls`: failed).
     Discard(crate::store_cmd::DiscardArgs),
     /// Serve Firecracker snapshot restores (memory backend "Uffd") from a memory file or a
     /// chunk-store image: one page server per connecting Firecracker.

@@ -159,7 +159,9 @@ pub const WAKE_ERROR: &str = "wake-error";
 
 /// A woken VM stopped on an error (e.g. a page its hibernation could not serve): its hibernation
 /// and logs stay, and `wake-error` (and vmm.log) say why; only the socket and pid file go, so the
-/// name shows as hibernated and can be woken again once the store is repaired.
+/// name shows as hibernated and can be woken again once the store is repaired. A clone woken
+/// from another host's page server (`wake --pages`) has no hibernation here: its logs stay, `ls`
+/// shows it `failed` and `discard` clears it.
 pub fn keep_failed_wake(paths: &VmPaths, name: &str, why: &str) {
     let _ = std::fs::remove_file(paths.socket());
     let _ = std::fs::remove_file(paths.pid_file());
@@ -167,8 +169,22 @@ pub fn keep_failed_wake(paths: &VmPaths, name: &str, why: &str) {
     if let Err(e) = vmm::hibernate::chunkstore::private::write_atomic(&file, format!("{why}\n").as_bytes()) {
         eprintln!("forkvm: cannot write {}: {e}", file.display());
     }
-    eprintln!(
-        "forkvm: VM {name} stopped after waking: {why}; its hibernation ({}) and logs are kept",
-        paths.hibernated().display()
-    );
+    if paths.hibernated().exists() {
+        eprintln!(
+            "forkvm: VM {name} stopped after waking: {why}; its hibernation ({}) and logs are kept",
+            paths.hibernated().display()
+        );
+    } else {
+        eprintln!(
+            "forkvm: VM {name} stopped after waking: {why}; its logs are kept in {} (`forkvm discard {name}` \
+             removes them)",
+            paths.dir.display()
+        );
+    }
+}
+
+/// Whether `paths` holds a VM that stopped after a wake and has no hibernation to wake again
+/// (a clone woken from another host's page server): only its logs and `wake-error` are left.
+pub fn failed_clone(paths: &VmPaths) -> bool {
+    paths.dir.join(WAKE_ERROR).exists() && !paths.hibernated().exists() && !paths.pid_file().exists()
 }

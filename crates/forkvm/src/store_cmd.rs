@@ -98,6 +98,12 @@ pub fn discard(args: DiscardArgs) -> Result<i32, String> {
     if std::os::unix::net::UnixStream::connect(paths.socket()).is_ok() {
         return Err(format!("VM {:?} is running: stop it first (only a hibernated VM can be discarded)", args.vm));
     }
+    if crate::hibernate_cmd::failed_clone(&paths) {
+        // A clone that stopped after a wake from another host: nothing in the store is its own.
+        std::fs::remove_dir_all(&paths.dir).map_err(|e| format!("cannot remove {}: {e}", paths.dir.display()))?;
+        println!("discarded {} (a clone that failed after its wake; its logs are gone)", args.vm);
+        return Ok(0);
+    }
     let hib = paths.hibernated();
     let record = vmm::hibernate::read_record(&hib).map_err(|_| format!("no hibernated VM named {:?}", args.vm))?;
     let store = PathBuf::from(&record.store);

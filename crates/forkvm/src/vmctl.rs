@@ -154,6 +154,10 @@ pub fn ls() -> Result<i32, String> {
     for name in names.iter().filter(|n| vm::check_name(n).is_ok()) {
         let paths = VmPaths::in_dir(&run.join(name));
         let hibernated = paths.hibernated().exists();
+        if crate::hibernate_cmd::failed_clone(&paths) {
+            row(name, "-", "failed", "-", "-", "-"); // its wake-error says why
+            continue;
+        }
         if !paths.pid_file().exists() && !hibernated {
             continue; // not a VM's directory
         }

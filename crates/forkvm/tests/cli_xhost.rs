@@ -189,6 +189,14 @@ fn expect_stopped(env: &Env, name: &str, pid: i32, needle: &str) {
     let why = std::fs::read_to_string(env.run.join(name).join("wake-error")).expect("wake-error says why");
     assert!(why.contains("guest memory could not be served") && why.contains(needle), "{why}");
     assert!(!env.run.join(name).join("api.sock").exists(), "no live VM left behind");
+    // A clone has no hibernation of its own to keep: its log says where its logs are, `ls`
+    // shows it failed (not nothing), and `discard` clears it.
+    let log = std::fs::read_to_string(env.run.join(name).join("vmm.log")).unwrap();
+    assert!(!log.contains("its hibernation") && log.contains("forkvm discard"), "{log}");
+    let ls = env.ok(&["ls"]);
+    assert!(ls.lines().any(|l| l.starts_with(&format!("{name} ")) && l.contains(" failed ")), "{ls}");
+    assert!(env.ok(&["discard", name]).contains(&format!("discarded {name}")));
+    assert!(!env.run.join(name).exists(), "discard cleared the failed clone's directory");
 }
 
 fn secret_file(env: &Env) -> std::path::PathBuf {
