@@ -16,6 +16,9 @@ pub const NETNS_FILE: &str = "netns";
 
 pub fn port_forward(a: &PortForwardArgs) -> Result<i32, String> {
     let paths = VmPaths::for_name(&a.name)?;
+    if !paths.dir.is_dir() {
+        return Err(format!("no VM named {:?} (see `forkvm ls`)", a.name));
+    }
     let ns_file = paths.dir.join(NETNS_FILE);
     let ns_path = std::fs::read_to_string(&ns_file).map_err(|e| {
         format!("VM {} has no network namespace ({}: {e}); was it started with --net?", a.name, ns_file.display())

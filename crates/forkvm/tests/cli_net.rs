@@ -118,4 +118,8 @@ fn port_forward_to_a_vm_without_network_is_a_clear_error() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("has no network namespace") && err.contains("--net"), "{err}");
+    // No VM of that name at all: said so, not guessed to lack --net.
+    let out = env.command(&["port-forward", "nosuch", "80"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("no VM named \"nosuch\" (see `forkvm ls`)"), "{err}");
 }

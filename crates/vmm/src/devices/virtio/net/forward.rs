@@ -40,7 +40,9 @@ pub fn serve(listener: TcpListener, ns: File, target: SocketAddr) -> io::Result<
                 Ok(guest) => {
                     let _ = splice(client, guest);
                 }
-                Err(e) => tracing::info!("port-forward: cannot reach {target} in the VM's namespace: {e}"),
+                // Said where the user looks (the default log level is warn): the guest's port
+                // is closed, or its network is not up.
+                Err(e) => tracing::warn!("port-forward: cannot reach {target} in the VM's namespace: {e}"),
             }
         })?;
     }
