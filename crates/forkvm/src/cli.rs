@@ -15,14 +15,13 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Forward a host TCP port into a VM's network (its private namespace): previews.
-    PortForward(PortForwardArgs),
     /// Boot a VM (the embedded test guest or a Linux kernel). Console on stdin/stdout, or with
     /// --name --detach in the background behind its API socket.
     Run(RunArgs),
     /// Start a VM from a snapshot directory (eager copy or copy-on-write).
     Restore(RestoreArgs),
-    /// List the VMs of this host (running, paused, hibernated).
+    /// List the VMs of this host (running, paused, hibernated; failed: a clone stopped after
+    /// `wake --pages`).
     Ls,
     /// Print a VM's status as JSON.
     Status(NameArg),
@@ -43,6 +42,8 @@ pub enum Command {
     CloneServe(crate::clone_serve::CloneServeArgs),
     /// Stop a VM and its VMM process.
     Stop(NameArg),
+    /// Forward a host TCP port into a VM's network (its private namespace): previews.
+    PortForward(PortForwardArgs),
     /// The main job on defaults: boot the embedded test guest, pause/resume, snapshot, restore, fork.
     Demo(DemoArgs),
     /// Print benchmark tables (median/min/max of N runs).

@@ -44,6 +44,7 @@ pub struct PoolStartArgs {
     /// Guest memory size of the members (a parent is cloned only into members of its size).
     #[arg(long, default_value = "256M", value_parser = parse_size)]
     pub mem: u64,
+    /// vCPUs of the members (a parent is cloned only into members of its vCPU count).
     #[arg(long, default_value_t = 1)]
     pub vcpus: u8,
 }

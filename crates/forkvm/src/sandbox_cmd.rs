@@ -8,7 +8,8 @@ use crate::daemon_client::Client;
 
 #[derive(Subcommand, Debug)]
 pub enum SandboxCmd {
-    /// Create a sandbox: boot the test guest, or restore a template (copy-on-write).
+    /// Create a sandbox: boot the test guest (or a host-registered --image), or restore a
+    /// template (copy-on-write).
     Create(CreateArgs),
     /// List this workspace's sandboxes.
     Ls {
@@ -17,14 +18,15 @@ pub enum SandboxCmd {
         state: Option<String>,
     },
     /// Print a sandbox as JSON.
-    Get {
-        id: String,
-    },
-    /// Send a line to the guest console (wakes a paused or hibernated sandbox first).
+    Get { id: String },
+    /// Send a line to the guest console (wakes a paused or hibernated sandbox first); its
+    /// answer on stdout, how it came up (running, resumed, woken) on stderr.
     Exec {
         id: String,
+        /// The line (words are joined with spaces).
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
         line: Vec<String>,
+        /// Print console lines until one contains this text (default: the next line).
         #[arg(long)]
         wait_for: Option<String>,
         /// Seconds to wait for the answer.
@@ -34,33 +36,28 @@ pub enum SandboxCmd {
     /// Live fork into N running children.
     Fork {
         id: String,
+        /// Number of children.
         #[arg(long, default_value_t = 1)]
         count: usize,
     },
-    Pause {
-        id: String,
-    },
-    Hibernate {
-        id: String,
-    },
+    /// Pause a running sandbox (its vCPUs parked, memory kept).
+    Pause { id: String },
+    /// Hibernate a sandbox: its memory into the chunk store, its VMM gone (woken on use).
+    Hibernate { id: String },
     /// Resume a paused sandbox, wake a hibernated one.
-    Resume {
-        id: String,
-    },
+    Resume { id: String },
     /// Delete a sandbox (stops its VMM).
-    Rm {
-        id: String,
-    },
+    Rm { id: String },
     /// Print the clone tree under a sandbox.
-    Tree {
-        id: String,
-    },
+    Tree { id: String },
 }
 
 #[derive(Args, Debug)]
 pub struct CreateArgs {
+    /// Restore this template (tpl-...) instead of booting.
     #[arg(long)]
     pub template: Option<String>,
+    /// A name to show (default: the id).
     #[arg(long)]
     pub name: Option<String>,
     /// Boot a kernel image the daemon was started with (`forkvm serve --image NAME=...`).
@@ -90,12 +87,16 @@ pub struct CreateArgs {
 pub enum TemplateCmd {
     /// Snapshot a sandbox into an immutable template.
     Create {
+        /// The sandbox to snapshot (sb-...).
         sandbox: String,
+        /// A name to show (default: the id).
         #[arg(long)]
         name: Option<String>,
+        /// private, unlisted or public (default: private).
         #[arg(long)]
         privacy: Option<String>,
     },
+    /// List this workspace's templates and the public ones.
     Ls,
 }
 
@@ -104,9 +105,12 @@ pub enum RepoCmd {
     /// Preload a sandbox for each pull request of OWNER/NAME (point GitHub's webhook at
     /// /v1/hooks/github with the same secret).
     Add {
+        /// OWNER/NAME, as GitHub names the repository.
         repo: String,
+        /// The template each pull request's sandbox is created from.
         #[arg(long)]
         template: String,
+        /// The webhook's secret (checks X-Hub-Signature-256).
         #[arg(long)]
         secret: String,
         /// A console line run in each new PR sandbox before it is paused.

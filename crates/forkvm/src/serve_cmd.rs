@@ -87,6 +87,7 @@ pub struct TokenArgs {
 pub enum TokenCmd {
     /// Create a bearer token for a workspace (printed once; stored hashed).
     Create {
+        /// The workspace the token acts for (created with its first token).
         #[arg(long)]
         workspace: String,
         /// State directory of the daemon (default as for `forkvm serve`).
