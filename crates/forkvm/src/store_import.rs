@@ -151,16 +151,17 @@ pub fn import_file(file: &Path, dir: PathBuf, name: Option<String>) -> Result<Im
 
 fn print_import(file: &Path, r: &Imported) {
     let (id, s) = (&r.id, &r.image);
+    // The id alone on the first line either way, so `id=$(... | head -1)` works again.
+    println!("{id}");
     let Some(put) = &r.put else {
         println!(
-            "{id}: already in {} ({:.1} MiB, stored in {:.1} MiB); nothing to do",
+            "already in {} ({:.1} MiB, stored in {:.1} MiB); nothing to do",
             r.store.display(),
             mib(s.logical_bytes),
             mib(s.stored_bytes)
         );
         return;
     };
-    println!("{id}");
     println!(
         "imported {} ({:.1} MiB, {} pages) into {} in {:.2} s ({:.0} MB/s)",
         file.display(),

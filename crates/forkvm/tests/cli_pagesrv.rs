@@ -199,6 +199,7 @@ fn import_a_firecracker_snapshot_then_serve_it_from_the_store() {
     // The same file again: found by its content id, nothing written.
     let again = forkvm(&["store", "import", "--firecracker", mem.to_str().unwrap(), "--store", s]);
     assert!(again.contains("already in"), "{again}");
+    assert_eq!(again.lines().next(), Some(id.as_str()), "the first line is the image id, as on the first import");
     // A sibling snapshot (2% of pages changed) shares the rest with the first.
     memfile(&sib, 1, 2);
     let out2 = forkvm(&["store", "import", "--firecracker", sib.to_str().unwrap(), "--store", s]);
