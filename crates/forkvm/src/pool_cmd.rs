@@ -72,17 +72,24 @@ pub fn pool(cmd: PoolCmd) -> Result<i32, String> {
             Ok(0)
         }
         PoolCmd::Status => {
-            for (path, mem, vcpus, pid) in members()? {
+            let found = members()?;
+            if found.is_empty() {
+                eprintln!("no warm pool members in {} (`forkvm pool start`)", pool_dir().display());
+            }
+            for (path, mem, vcpus, pid) in found {
                 println!("{:<8} {:>6} MiB {:>2} vCPU  {}", pid, mem >> 20, vcpus, path.display());
             }
             Ok(0)
         }
         PoolCmd::Stop => {
-            for (path, _, _, pid) in members()? {
+            let found = members()?;
+            let n = found.len();
+            for (path, _, _, pid) in found {
                 // SAFETY: kill with a plain pid and signal number.
                 unsafe { libc::kill(pid, libc::SIGTERM) };
                 let _ = std::fs::remove_file(&path);
             }
+            println!("stopped {n} warm pool member{}", if n == 1 { "" } else { "s" });
             Ok(0)
         }
         PoolCmd::Member(a) => member(&a),

@@ -102,3 +102,16 @@ fn the_pool_keeps_its_size_clone_after_clone() {
         used.push(replacement(&env, &used));
     }
 }
+
+#[test]
+fn pool_status_and_stop_say_what_they_did() {
+    let env = Env::new("pool-say");
+    let empty = env.cmd(&["pool", "status"]);
+    assert!(empty.status.success());
+    assert!(String::from_utf8_lossy(&empty.stderr).contains("no warm pool members in"), "{empty:?}");
+    env.ok(&["pool", "start", "--size", "1", "--mem", "64M"]);
+    let _stop = PoolStop(env.run.clone());
+    assert_eq!(env.ok(&["pool", "status"]).lines().count(), 1);
+    assert_eq!(env.ok(&["pool", "stop"]).trim_end(), "stopped 1 warm pool member");
+    assert_eq!(member_sockets(&env), Vec::<String>::new());
+}
