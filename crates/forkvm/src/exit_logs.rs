@@ -37,10 +37,23 @@ pub fn keep(run_dir: &Path, paths: &VmPaths, name: &str, reason: &Option<ExitRea
     }
     let mut f = create_private(&dest.join("exit"))?;
     let when = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
-    writeln!(f, "VM {name} (pid {}) exited unasked at unix time {when}: {reason:?}", std::process::id())
+    writeln!(f, "VM {name} (pid {}) exited unasked at unix time {when}: {}", std::process::id(), describe(reason))
         .map_err(|e| format!("cannot write {}: {e}", dest.display()))?;
     prune(&root, KEEP, &dest);
     Ok(dest)
+}
+
+/// Why a VM ended, in words (with the reason's name, which scripts may look for).
+fn describe(reason: &Option<ExitReason>) -> String {
+    match reason {
+        Some(ExitReason::GuestReset) => "the guest reset (GuestReset)".into(),
+        Some(ExitReason::GuestShutdown) => {
+            "the guest shut down (GuestShutdown: a triple fault or halt exit; vmm.log has the registers)".into()
+        }
+        Some(ExitReason::Stopped) => "stopped on request (Stopped)".into(),
+        Some(ExitReason::Error(e)) => format!("error: {e}"),
+        None => "no reason recorded".into(),
+    }
 }
 
 /// Removes all but the `keep` most recently modified entries of `root` (never `newest`).
@@ -76,7 +89,9 @@ mod tests {
         let dest = keep(&run, &paths, "vm1", &reason).unwrap();
         assert_eq!(std::fs::read_to_string(dest.join("vmm.log")).unwrap(), "vcpu said why\n");
         assert_eq!(std::fs::read_to_string(dest.join("console.log")).unwrap(), "guest said why\n");
-        assert!(std::fs::read_to_string(dest.join("exit")).unwrap().contains("GuestShutdown"));
+        let exit = std::fs::read_to_string(dest.join("exit")).unwrap();
+        assert!(exit.contains("the guest shut down (GuestShutdown"), "{exit}");
+        assert!(!exit.contains("Some("), "no Debug formatting in {exit}");
         for i in 0..KEEP + 3 {
             std::fs::create_dir_all(run.join(EXITED).join(format!("old{i}"))).unwrap();
         }
