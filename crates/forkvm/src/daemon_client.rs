@@ -32,9 +32,12 @@ pub fn socket_path() -> PathBuf {
 }
 
 impl Client {
-    /// A client of the local daemon, authenticated by `$FORKVM_TOKEN`.
+    /// A client of the local daemon, authenticated by `$FORKVM_TOKEN` (which must be set).
     pub fn from_env() -> Result<Client, String> {
-        Client::new(socket_path(), std::env::var("FORKVM_TOKEN").ok())
+        let token = std::env::var("FORKVM_TOKEN").ok().filter(|t| !t.is_empty()).ok_or(
+            "FORKVM_TOKEN is not set: export FORKVM_TOKEN=$(forkvm token create --workspace NAME) (on the daemon's host)",
+        )?;
+        Client::new(socket_path(), Some(token))
     }
 
     /// A client of the daemon at `sock`.

@@ -171,7 +171,7 @@ pub fn sandbox(cmd: SandboxCmd) -> Result<i32, String> {
         }
         SandboxCmd::Ls { state } => {
             let mut cursor: Option<String> = None;
-            println!("{}", ls_header());
+            let mut header = Some(ls_header());
             loop {
                 let mut path = "/v1/sandboxes?limit=1000".to_string();
                 if let Some(s) = &state {
@@ -181,6 +181,9 @@ pub fn sandbox(cmd: SandboxCmd) -> Result<i32, String> {
                     path.push_str(&format!("&cursor={cur}"));
                 }
                 let page = c.call("GET", &path, None)?.body;
+                if let Some(h) = header.take() {
+                    println!("{h}"); // once the daemon answered: a failed list prints only its error
+                }
                 for s in page["sandboxes"].as_array().into_iter().flatten() {
                     println!("{}", ls_row(s));
                 }

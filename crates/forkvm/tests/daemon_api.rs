@@ -71,6 +71,14 @@ fn auth_bad_input_and_single_instance() {
     assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).starts_with("ID"), "{out:?}");
     let out = forkvm(&d.run).args(["sandbox", "ls"]).env("FORKVM_TOKEN", "fkv_bad").output().unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown token"), "{out:?}");
+    assert!(out.stdout.is_empty(), "no table header before a failed list: {out:?}");
+    // No token at all: said so, with how to get one.
+    let out = forkvm(&d.run).args(["sandbox", "ls"]).env_remove("FORKVM_TOKEN").output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("FORKVM_TOKEN is not set") && err.contains("forkvm token create"),
+        "{err}"
+    );
 }
 
 #[test]
