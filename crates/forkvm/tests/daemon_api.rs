@@ -79,6 +79,13 @@ fn auth_bad_input_and_single_instance() {
         !out.status.success() && err.contains("FORKVM_TOKEN is not set") && err.contains("forkvm token create"),
         "{err}"
     );
+    // /metrics is OpenMetrics text (counters are `x_total` under `# TYPE x counter`, `# EOF` at the
+    // end) and says so, so Prometheus parses it as such rather than as its 0.0.4 text format.
+    let r = reqwest::blocking::get(format!("{}/metrics", d.base)).unwrap();
+    let ct = r.headers()["content-type"].to_str().unwrap().to_string();
+    let body = r.text().unwrap();
+    assert!(body.ends_with("# EOF\n"), "{body}");
+    assert_eq!(ct, "application/openmetrics-text; version=1.0.0; charset=utf-8");
 }
 
 #[test]

@@ -93,7 +93,8 @@ async fn openapi() -> impl IntoResponse {
     ([(CONTENT_TYPE, "application/json")], openapi_json())
 }
 
-#[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
+#[utoipa::path(get, path = "/metrics", responses((status = 200, description = "OpenMetrics text (Prometheus scrapes it)",
+    content_type = "application/openmetrics-text")))]
 async fn metrics(State(app): State<Shared>) -> Result<impl IntoResponse, ApiError> {
     let (by_state, live) = {
         let c = app.db.lock();
@@ -114,7 +115,9 @@ async fn metrics(State(app): State<Shared>) -> Result<impl IntoResponse, ApiErro
     let servers: Vec<_> = futures_util::future::join_all(asks).await.into_iter().flatten().collect();
     app.metrics.observe_page_servers(&servers);
     let text = app.metrics.render(&by_state, &pids);
-    Ok(([(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text))
+    // prometheus-client writes OpenMetrics (`x_total` samples under `# TYPE x counter`, `# EOF`):
+    // declared as Prometheus' 0.0.4 text, its counters would be read as untyped.
+    Ok(([(CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text))
 }
 
 #[cfg(test)]
