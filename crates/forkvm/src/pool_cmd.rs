@@ -5,7 +5,8 @@
 //! `<run dir>/.pool/m<MiB>-v<vCPUs>-<pid>.sock` and serves the first parent that sends it a
 //! ticket: it claims the clone's name and becomes that VM's VMM process (per-VM API socket,
 //! console log), exactly like a fork child — and starts a replacement member, so the pool keeps
-//! its size. `forkvm fork` of a VM with shared memory uses members of its size when there are
+//! its size (the size it had once `pool start` was done: a replacement that finds the pool full,
+//! say because the daemon topped it up meanwhile, leaves). `forkvm fork` of a VM with shared memory uses members of its size when there are
 //! enough, and fork() otherwise.
 
 use std::io::{BufRead, BufReader, Write};
@@ -61,12 +62,21 @@ pub struct MemberArgs {
     /// Do not start a replacement once cloned.
     #[arg(long)]
     pub no_refill: bool,
+    /// The pool size replacements keep: a replacement that finds this many members of its kind
+    /// already listening leaves instead of joining.
+    #[arg(long)]
+    pub keep: Option<usize>,
+    /// Started by a cloned member to take its place (subject to --keep).
+    #[arg(long)]
+    pub replacement: bool,
 }
 
 pub fn pool(cmd: PoolCmd) -> Result<i32, String> {
     match cmd {
         PoolCmd::Start(a) => {
-            for s in start_members(a.size, a.mem, a.vcpus, false)? {
+            // Replacements keep the pool at the size it has once these are up.
+            let keep = members()?.iter().filter(|m| m.1 == a.mem && m.2 == a.vcpus).count() + a.size;
+            for s in start_members(a.size, a.mem, a.vcpus, false, Some(keep))? {
                 println!("{}", s.display());
             }
             Ok(0)
@@ -131,11 +141,11 @@ pub fn members() -> Result<Vec<(PathBuf, u64, u8, i32)>, String> {
 }
 
 /// Starts `n` members and waits until each listens; returns their sockets.
-pub fn start_members(n: usize, mem: u64, vcpus: u8, stdio: bool) -> Result<Vec<PathBuf>, String> {
+pub fn start_members(n: usize, mem: u64, vcpus: u8, stdio: bool, keep: Option<usize>) -> Result<Vec<PathBuf>, String> {
     let exe = std::env::current_exe().map_err(|e| format!("cannot find the forkvm executable: {e}"))?;
     let mut out = Vec::new();
     for _ in 0..n {
-        let mut child = member_command(&exe, mem, vcpus, stdio, false)
+        let mut child = member_command(&exe, mem, vcpus, stdio, keep)
             .spawn()
             .map_err(|e| format!("cannot start a pool member: {e}"))?;
         let stdout = child.stdout.take().ok_or("no stdout")?;
@@ -149,7 +159,7 @@ pub fn start_members(n: usize, mem: u64, vcpus: u8, stdio: bool) -> Result<Vec<P
     Ok(out)
 }
 
-fn member_command(exe: &Path, mem: u64, vcpus: u8, stdio: bool, no_refill: bool) -> Command {
+fn member_command(exe: &Path, mem: u64, vcpus: u8, stdio: bool, keep: Option<usize>) -> Command {
     let mut c = Command::new(exe);
     c.args(["pool", "member", "--mem", &mem.to_string(), "--vcpus", &vcpus.to_string()]);
     if stdio {
@@ -157,8 +167,8 @@ fn member_command(exe: &Path, mem: u64, vcpus: u8, stdio: bool, no_refill: bool)
     } else {
         c.stdin(Stdio::null()).process_group(0);
     }
-    if no_refill {
-        c.arg("--no-refill");
+    if let Some(k) = keep {
+        c.args(["--keep", &k.to_string()]);
     }
     c.stdout(Stdio::piped()).stderr(Stdio::inherit());
     c
@@ -167,6 +177,13 @@ fn member_command(exe: &Path, mem: u64, vcpus: u8, stdio: bool, no_refill: bool)
 /// A warm member: make the VM, listen, serve the first ticket, then live as that clone.
 fn member(a: &MemberArgs) -> Result<i32, String> {
     let warm = WarmVm::new(a.mem, a.vcpus).map_err(|e| format!("cannot make a warm VM: {e}"))?;
+    if let (true, Some(keep)) = (a.replacement, a.keep) {
+        let have = members()?.iter().filter(|m| m.1 == a.mem && m.2 == a.vcpus).count();
+        if have >= keep {
+            tracing::info!("the pool already has {have} members of this kind (keeps {keep}): this replacement leaves");
+            return Ok(0);
+        }
+    }
     let dir = pool_dir();
     private_dir(&vm::run_dir())?;
     private_dir(&dir)?;
@@ -191,9 +208,10 @@ fn member(a: &MemberArgs) -> Result<i32, String> {
     drop(listener);
     if !a.no_refill {
         if let Ok(exe) = std::env::current_exe() {
-            // The replacement keeps the pool's size (and replaces itself in turn once used);
-            // it reports on a pipe nobody reads.
-            let _ = member_command(&exe, a.mem, a.vcpus, false, false).stdout(Stdio::null()).spawn();
+            // The replacement keeps the pool's size (and replaces itself in turn once used,
+            // unless the pool is full by then); it reports on a pipe nobody reads.
+            let _ =
+                member_command(&exe, a.mem, a.vcpus, false, a.keep).arg("--replacement").stdout(Stdio::null()).spawn();
         }
     }
     if a.stdio {

@@ -115,3 +115,24 @@ fn pool_status_and_stop_say_what_they_did() {
     assert_eq!(env.ok(&["pool", "stop"]).trim_end(), "stopped 1 warm pool member");
     assert_eq!(member_sockets(&env), Vec::<String>::new());
 }
+
+/// Replacements keep the pool at its size, not above it: a daemon topping the pool up while a
+/// replacement was still starting would otherwise leave one member more each time, for good
+/// (every member replaces itself). A replacement that finds the pool full leaves at once.
+#[test]
+fn a_replacement_that_finds_the_pool_full_leaves() {
+    use std::io::Read;
+    let env = Env::new("pool-full");
+    env.ok(&["pool", "start", "--size", "1", "--mem", "64M"]);
+    let _stop = PoolStop(env.run.clone());
+    let mut extra = env
+        .command(&["pool", "member", "--mem", "64M", "--keep", "1", "--replacement"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut said = String::new();
+    extra.stdout.take().unwrap().read_to_string(&mut said).unwrap();
+    let _ = extra.kill();
+    assert!(extra.wait().unwrap().success() && said.is_empty(), "it joined a full pool: {said:?}");
+    assert_eq!(member_sockets(&env).len(), 1);
+}
