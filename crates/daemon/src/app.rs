@@ -133,6 +133,12 @@ impl App {
         self.locks.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(id);
     }
 
+    /// How many sandbox locks are held in the map (tests: none stays for a deleted sandbox).
+    #[cfg(test)]
+    pub fn lock_count(&self) -> usize {
+        self.locks.lock().unwrap_or_else(std::sync::PoisonError::into_inner).len()
+    }
+
     /// Persists an event and streams it.
     #[allow(clippy::too_many_arguments)]
     pub fn event_in(

@@ -6,8 +6,11 @@ use std::sync::{Arc, Mutex};
 
 use forkvm_api::v1::SandboxState;
 
-use crate::app::Shared;
+use axum::http::StatusCode;
+
+use crate::app::{App, Shared};
 use crate::db::sandboxes::{self, Rec};
+use crate::error::ApiResult;
 use crate::ops::lifecycle;
 use crate::vmproc::Vmms;
 
@@ -60,16 +63,28 @@ pub async fn run(app: Shared) {
                 } else {
                     lifecycle::hibernate_if(&app, &id, "policy", |x| sleepy(x, crate::util::now())).await.map(|_| ())
                 };
-                if let Err(e) = res {
-                    tracing::warn!("policy on {id}: {}", e.message);
-                }
+                settle(&app, &id, res);
                 busy.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&id);
             });
         }
     }
 }
 
-async fn crashed(app: &Shared, id: &str) -> crate::error::ApiResult<()> {
+/// Reports what the policy's action on `id` came to. A sandbox deleted since the tick read it is
+/// no news (debug, not a warning), and the lock the action took for it is dropped again, as
+/// delete does: nothing else will.
+fn settle(app: &App, id: &str, res: ApiResult<()>) {
+    match res {
+        Ok(()) => {}
+        Err(e) if e.status == StatusCode::NOT_FOUND => {
+            tracing::debug!("policy on {id}: deleted meanwhile ({})", e.message);
+            app.forget_lock(id);
+        }
+        Err(e) => tracing::warn!("policy on {id}: {}", e.message),
+    }
+}
+
+async fn crashed(app: &Shared, id: &str) -> ApiResult<()> {
     let lock = app.sandbox_lock(id);
     let _g = lock.lock().await;
     let rec = crate::ops::reload(app, id)?;
@@ -82,4 +97,44 @@ async fn crashed(app: &Shared, id: &str) -> crate::error::ApiResult<()> {
         app.transition(&rec, SandboxState::Crashed, None, "crashed", "its VMM exited")?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn app(dir: &std::path::Path) -> App {
+        let cfg = crate::app::Config {
+            run_dir: dir.join("run"),
+            state_dir: dir.join("state"),
+            store: dir.join("store"),
+            exe: "/nonexistent/forkvm".into(),
+            listen: None,
+            policy_tick: std::time::Duration::from_secs(1),
+            max_body: 1 << 20,
+            head_timeout: std::time::Duration::from_secs(1),
+            body_timeout: std::time::Duration::from_secs(1),
+            api_max_connections: 1,
+            preview: None,
+            images: Default::default(),
+            pool: 0,
+        };
+        std::fs::create_dir_all(&cfg.state_dir).unwrap();
+        let db = crate::db::Db::open(&cfg.db_path()).unwrap();
+        App::new(cfg, db)
+    }
+
+    #[tokio::test]
+    async fn a_sandbox_deleted_before_the_policy_acts_is_forgotten() {
+        let dir = std::env::temp_dir().join(format!("forkvmd-policy-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let app = app(&dir);
+        // The tick read sb-gone; delete removed it (and its lock) before the action ran.
+        let res = lifecycle::pause_if(&app, "sb-gone", "policy", |_| true).await.map(|_| ());
+        assert_eq!(res.as_ref().map_err(|e| e.status), Err(StatusCode::NOT_FOUND));
+        settle(&app, "sb-gone", res);
+        assert_eq!(app.lock_count(), 0, "the action's lock for a deleted sandbox is dropped");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
