@@ -95,31 +95,50 @@ async fn serve_async(cfg: Config) -> Result<(), String> {
         tokio::spawn(http_server::serve(app.clone(), "unix", unix, router.clone(), limits, shutdown(stop_rx.clone())));
     let tcp_task =
         tcp.map(|t| tokio::spawn(http_server::serve(app.clone(), "tcp", t, router, limits, shutdown(stop_rx.clone()))));
-    wait_for_signal().await;
-    tracing::info!("stopping (sandboxes keep running)");
+    let sig = wait_for_signal().await;
+    tracing::info!(target: LOG, "{sig}: shutting down (closing the API; sandboxes keep running)");
     let _ = stop_tx.send(true);
-    if cfg.pool > 0 {
-        // Warm members are no sandboxes: nothing would use or stop them after us.
-        app.vmms.stop_pool().await;
-    }
+    // Warm members are no sandboxes: nothing would use or stop them after us.
+    let pool = if cfg.pool > 0 { app.vmms.stop_pool().await } else { 0 };
     let _ = std::fs::remove_file(&sock);
     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), unix_task).await;
     if let Some(t) = tcp_task {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), t).await;
     }
+    let live = [forkvm_api::v1::SandboxState::Running, forkvm_api::v1::SandboxState::Paused];
+    let kept = db::sandboxes::in_states(&app.db.lock(), &live).map_or(0, |v| v.len());
+    tracing::info!(
+        target: LOG,
+        "stopped: {pool} warm pool VMM{} stopped; {kept} sandbox VMM{} left running for the next forkvmd to re-adopt",
+        plural(pool),
+        plural(kept)
+    );
     Ok(())
 }
 
-async fn wait_for_signal() {
+/// The log target of the daemon's shutdown lines: `forkvm serve` shows it at info by default
+/// (the rest of the log at warn), so a stopped daemon says so and what it stopped.
+pub const LOG: &str = "forkvmd";
+
+fn plural(n: usize) -> &'static str {
+    if n == 1 {
+        ""
+    } else {
+        "s"
+    }
+}
+
+/// Waits for SIGTERM or SIGINT; returns its name.
+async fn wait_for_signal() -> &'static str {
     use tokio::signal::unix::{signal, SignalKind};
     match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
         (Ok(mut t), Ok(mut i)) => {
             tokio::select! {
-                _ = t.recv() => {}
-                _ = i.recv() => {}
+                _ = t.recv() => "SIGTERM",
+                _ = i.recv() => "SIGINT",
             }
         }
-        _ => std::future::pending::<()>().await,
+        _ => std::future::pending().await,
     }
 }
 

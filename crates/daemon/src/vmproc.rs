@@ -130,9 +130,9 @@ impl Vmms {
 
     /// Stops the warm pool's members (no sandbox runs in them) and waits, at most 10 s, until
     /// they are gone: the daemon's exit. Only processes that are pool members are signalled (a
-    /// stale socket's pid may belong to another process by now).
-    pub async fn stop_pool(&self) {
-        let Ok(rd) = std::fs::read_dir(self.run_dir.join(".pool")) else { return };
+    /// stale socket's pid may belong to another process by now). Returns how many it stopped.
+    pub async fn stop_pool(&self) -> usize {
+        let Ok(rd) = std::fs::read_dir(self.run_dir.join(".pool")) else { return 0 };
         let mut pids = Vec::new();
         for e in rd.flatten() {
             let n = e.file_name().to_string_lossy().into_owned();
@@ -150,7 +150,7 @@ impl Vmms {
         for &pid in &pids {
             self.children.wait_gone(pid, Duration::from_secs(10)).await;
         }
-        tracing::info!("stopped {} warm pool VMMs", pids.len());
+        pids.len()
     }
 
     /// Restores the snapshot in `dir` as VM `id` in a warm pool member of its size (topping the

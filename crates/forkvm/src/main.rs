@@ -43,7 +43,9 @@ mod vmctl;
 use clap::Parser;
 
 fn main() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("FORKVM_LOG").unwrap_or_else(|_| "warn".into());
+    // Warnings, and the daemon's shutdown lines (`forkvm serve`).
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FORKVM_LOG")
+        .unwrap_or_else(|_| format!("warn,{}=info", daemon::LOG).into());
     // Colour only on a terminal; a background VMM (`--background`) writes its log to a file.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr())
         && std::env::var_os("NO_COLOR").is_none()

@@ -80,7 +80,7 @@ fn running(pid: u32) -> bool {
 
 #[test]
 fn daemon_shutdown_stops_its_warm_pool_but_not_its_sandboxes() {
-    let mut d = Daemon::start_with("poolstop", &["--pool", "2"]);
+    let mut d = Daemon::start_logged("poolstop", &["--pool", "2"]);
     let _pool = PoolGuard(d.run.clone());
     let t = d.token("ws");
     let v = d.expect(201, "POST", "/v1/sandboxes", &t, Some(json!({"memory_mib": 64})));
@@ -94,4 +94,14 @@ fn daemon_shutdown_stops_its_warm_pool_but_not_its_sandboxes() {
     assert!(left.is_empty(), "pool VMMs outlived the daemon: {left:?}");
     assert!(members(&d.run).is_empty(), "no pool sockets left: {:?}", members(&d.run));
     assert!(running(sb), "sandboxes keep running across a daemon restart");
+    // It says that it stops, and what it stopped (at the default log level).
+    let log = d.log();
+    let says = |what: &str| log.lines().any(|l| l.contains(" INFO forkvmd: ") && l.contains(what));
+    assert!(says("SIGTERM: shutting down"), "no shutdown line in the daemon's log:\n{log}");
+    let n: usize = log
+        .split_once("stopped: ")
+        .and_then(|(_, r)| r.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no 'stopped: N warm pool VMMs' line in the daemon's log:\n{log}"));
+    assert!(n >= warm.len(), "it stopped the {} warm members it had: {n}\n{log}", warm.len());
+    assert!(says("warm pool VMMs stopped; 1 sandbox VMM left running"), "{log}");
 }

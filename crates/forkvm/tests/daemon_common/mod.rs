@@ -15,6 +15,8 @@ pub struct Daemon {
     /// The preview proxy's address (`--preview-listen`), if started with one.
     pub preview: Option<String>,
     extra: Vec<String>,
+    /// The daemon's stderr goes here (appended across restarts) instead of the test's.
+    log: Option<PathBuf>,
     child: Option<Child>,
     http: reqwest::blocking::Client,
 }
@@ -39,10 +41,15 @@ impl Daemon {
 
     /// A daemon with extra `forkvm serve` arguments.
     pub fn start_with(tag: &str, extra: &[&str]) -> Daemon {
+        Self::start_opts(tag, extra, false)
+    }
+
+    fn start_opts(tag: &str, extra: &[&str], logged: bool) -> Daemon {
         let run = std::env::temp_dir().join(format!("forkvmd-test-{}-{tag}", std::process::id()));
         let _ = std::fs::remove_dir_all(&run);
         std::fs::create_dir_all(&run).unwrap();
         let mut d = Daemon {
+            log: logged.then(|| run.join("forkvmd.stderr")),
             run,
             base: String::new(),
             preview: None,
@@ -54,13 +61,30 @@ impl Daemon {
         d
     }
 
+    /// [`Daemon::start_with`] whose stderr (its log) is kept for [`Daemon::log`].
+    pub fn start_logged(tag: &str, extra: &[&str]) -> Daemon {
+        Self::start_opts(tag, extra, true)
+    }
+
+    /// What the daemon wrote to stderr so far ([`Daemon::start_logged`]).
+    pub fn log(&self) -> String {
+        self.log.as_ref().map(|p| std::fs::read_to_string(p).unwrap_or_default()).unwrap_or_default()
+    }
+
     /// Starts `forkvm serve` and waits for its "listening" line.
     fn spawn(&mut self) {
-        let mut child = forkvm(&self.run)
+        let mut cmd = forkvm(&self.run);
+        if self.log.is_some() {
+            cmd.env_remove("FORKVM_LOG"); // the default log level
+        }
+        let mut child = cmd
             .args(["serve", "--listen", "127.0.0.1:0", "--policy-tick-ms", "50"])
             .args(&self.extra)
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(match &self.log {
+                Some(p) => Stdio::from(std::fs::File::options().create(true).append(true).open(p).unwrap()),
+                None => Stdio::inherit(),
+            })
             .spawn()
             .unwrap();
         let mut line = String::new();
