@@ -1,6 +1,7 @@
 //! `forkvm run`: boot a VM with its serial console on stdin/stdout; exit when the guest does.
 
 use std::io::{Read, Write};
+use std::path::Path;
 use std::time::Duration;
 
 use vmm::{Backing, BootSource, ExitReason, MicroVm, RestoreMode, RestoreOptions, VmConfig};
@@ -17,7 +18,7 @@ const MAX_KERNEL_BYTES: u64 = 256 << 20;
 const MAX_INITRD_BYTES: u64 = 2 << 30;
 
 /// Reads a regular file of at most `max` bytes (never a device or FIFO that would not end).
-fn read_file(what: &str, path: &std::path::Path, max: u64) -> Result<Vec<u8>, String> {
+fn read_file(what: &str, path: &Path, max: u64) -> Result<Vec<u8>, String> {
     let f = std::fs::File::open(path).map_err(|e| format!("cannot read {what} {}: {e}", path.display()))?;
     let meta = f.metadata().map_err(|e| format!("cannot read {what} {}: {e}", path.display()))?;
     if !meta.is_file() {
@@ -94,15 +95,29 @@ pub fn parse_disk(spec: &str) -> Result<vmm::devices::virtio::block::DiskConfig,
     Ok(vmm::devices::virtio::block::DiskConfig { path: path.into(), read_only, scratch: None })
 }
 
+/// A boot error that names the file it is about ("cannot load kernel PATH: not a bzImage...").
+pub fn boot_error(e: &vmm::Error, kernel: Option<&Path>, initrd: Option<&Path>) -> String {
+    use vmm::arch::boot::BootFile;
+    let vmm::Error::Boot(b) = e else { return e.to_string() };
+    match (b.file(), kernel, initrd) {
+        (Some(BootFile::Kernel), Some(k), _) => format!("cannot load kernel {}: {b}", k.display()),
+        (Some(BootFile::Initrd), _, Some(i)) => format!("cannot load initrd {}: {b}", i.display()),
+        (Some(BootFile::Kernel), None, _) => format!("cannot load the kernel: {b}"),
+        (Some(BootFile::Initrd), _, None) => format!("cannot load the initrd: {b}"),
+        (None, _, _) => b.to_string(),
+    }
+}
+
 pub fn run(args: RunArgs) -> Result<i32, String> {
     let mut cfg = vm_config(&args.vm)?;
     let ready = match cfg.boot {
         BootSource::TestGuest => Some(test_guest::READY_LINE.to_string()),
         _ => args.ready_line.clone(),
     };
+    let (kernel, initrd) = (args.vm.kernel.clone(), args.vm.initrd.clone());
     host(&args.host, move |mirror| {
         cfg.console_mirror = Some(mirror);
-        let vm = MicroVm::boot(cfg).map_err(|e| e.to_string())?;
+        let vm = MicroVm::boot(cfg).map_err(|e| boot_error(&e, kernel.as_deref(), initrd.as_deref()))?;
         if let Some(line) = ready {
             // Serve requests only once the guest listens on its console.
             vm.wait_for(&line, READY_TIMEOUT).map_err(|e| format!("waiting for the ready line {line:?}: {e}"))?;

@@ -20,21 +20,40 @@ const KERNEL_LOADER_OTHER: u8 = 0xff;
 const KERNEL_MIN_ALIGNMENT: u32 = 0x0100_0000;
 const CAN_USE_HEAP: u8 = 0x80;
 
-/// Errors loading what the guest boots.
+/// Errors loading what the guest boots. Those about a file ([`BootError::file`]) read as the
+/// rest of "cannot load kernel PATH: ...", which only the caller can say (it read the file).
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
-    #[error("kernel image is empty")]
+    #[error("the image is empty")]
     EmptyKernel,
-    #[error("kernel image is neither an ELF64 executable nor a bzImage: {0}")]
+    #[error("not a bzImage or ELF vmlinux ({0})")]
     BadKernel(String),
-    #[error("kernel does not fit in guest memory ({0})")]
+    #[error("does not fit in guest memory ({0})")]
     KernelTooBig(String),
-    #[error("initrd of {size} bytes does not fit in guest memory below {limit:#x} after the kernel")]
+    #[error("{size} bytes do not fit in guest memory below {limit:#x} after the kernel")]
     InitrdTooBig { size: u64, limit: u64 },
     #[error("bad kernel command line: {0}")]
     Cmdline(String),
     #[error("cannot write boot data into guest memory: {0}")]
     Memory(String),
+}
+
+/// The file a [`BootError`] is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BootFile {
+    Kernel,
+    Initrd,
+}
+
+impl BootError {
+    /// The file the error is about (None: the command line or guest memory).
+    pub fn file(&self) -> Option<BootFile> {
+        match self {
+            BootError::EmptyKernel | BootError::BadKernel(_) | BootError::KernelTooBig(_) => Some(BootFile::Kernel),
+            BootError::InitrdTooBig { .. } => Some(BootFile::Initrd),
+            BootError::Cmdline(_) | BootError::Memory(_) => None,
+        }
+    }
 }
 
 /// What the vCPU needs to enter the loaded kernel.
@@ -127,8 +146,19 @@ pub fn load(mem: &GuestMem, kernel: &[u8], initrd: Option<&[u8]>, cmdline: &str)
 
 type GuestMemoryView = vm_memory::GuestMemoryMmap;
 
+/// linux-loader's error as one phrase: its Display nests "Kernel Loader: failed to load bzImage
+/// kernel image: Kernel Loader: Invalid bzImage"; we say "no ELF header; bzImage: invalid bzImage".
 fn classify(e: linux_loader::loader::Error, kind: &str) -> BootError {
-    let msg = format!("{kind}: {e}");
+    use linux_loader::loader::Error as L;
+    let inner = match &e {
+        L::Bzimage(i) => i.to_string(),
+        L::Elf(i) => i.to_string(),
+        other => other.to_string(),
+    };
+    let inner = inner.trim_start_matches("Kernel Loader: ");
+    let mut chars = inner.chars();
+    let inner: String = chars.next().map(|c| c.to_lowercase().chain(chars).collect()).unwrap_or_default();
+    let msg = if kind == "ELF" { format!("ELF: {inner}") } else { format!("no ELF header; {kind}: {inner}") };
     if msg.contains("memory") || msg.contains("Memory") || msg.contains("read kernel image") {
         BootError::KernelTooBig(msg)
     } else {
@@ -147,6 +177,7 @@ mod tests {
         assert!(matches!(load(&m, &[], None, ""), Err(BootError::EmptyKernel)));
         let err = load(&m, &[0x55; 8192], None, "").unwrap_err();
         assert!(matches!(err, BootError::BadKernel(_)), "{err}");
+        assert_eq!(err.to_string(), "not a bzImage or ELF vmlinux (no ELF header; bzImage: invalid bzImage)");
         let mut elf = b"\x7fELF".to_vec();
         elf.resize(100, 0);
         assert!(matches!(load(&m, &elf, None, ""), Err(BootError::BadKernel(_))));
