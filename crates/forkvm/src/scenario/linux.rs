@@ -138,9 +138,8 @@ fn boot(a: &LinuxArgs) -> Result<MicroVm, String> {
         net: None,
     };
     let t0 = Instant::now();
-    let vm = MicroVm::boot(cfg).map_err(|e| {
-        format!("boot: {}", crate::run::boot_error(&e, Some(&a.kernel), Some(&a.initrd)))
-    })?;
+    let vm = MicroVm::boot(cfg)
+        .map_err(|e| format!("boot: {}", crate::run::boot_error(&e, Some(&a.kernel), Some(&a.initrd))))?;
     let ready = vm
         .wait_for("FORKVM-READY", Duration::from_secs(a.boot_timeout))
         .map_err(|e| with_tail(&vm, "boot")(e.to_string()))?;
