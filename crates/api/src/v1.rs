@@ -229,7 +229,8 @@ fn one() -> usize {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct ForkResponse {
-    /// The children (`came_up` = forked).
+    /// The children (`came_up` = forked), named `<parent name>-fork<n>` with `n` counting on
+    /// across the parent's forks (its second fork of 2 gives `-fork3` and `-fork4`).
     pub sandboxes: Vec<Sandbox>,
     /// How the parent came up for the fork.
     pub parent_came_up: CameUp,

@@ -227,3 +227,29 @@ fn privacy_and_workspaces() {
     assert_eq!(d.line(&b, &from, "ping"), "pong");
     assert_eq!(d.req("POST", "/v1/templates", &b, Some(json!({"sandbox": private}))).status, 404);
 }
+
+#[test]
+fn fork_children_names_stay_unique_across_forks_of_a_parent() {
+    let mut d = Daemon::start("forknames");
+    let t = d.token("ws1");
+    let id = d.create(&t, json!({"name": "p", "policy": {"pause_after": 0, "hibernate_after": 0}}));
+    let fork = |d: &Daemon, count: usize| -> Vec<(String, String)> {
+        let f = d.expect(201, "POST", &format!("/v1/sandboxes/{id}/fork"), &t, Some(json!({"count": count})));
+        let kids = f["sandboxes"].as_array().unwrap().iter();
+        kids.map(|s| (s["id"].as_str().unwrap().to_string(), s["name"].as_str().unwrap().to_string())).collect()
+    };
+    let names = |kids: &[(String, String)]| kids.iter().map(|k| k.1.clone()).collect::<Vec<_>>();
+    let first = fork(&d, 2);
+    assert_eq!(names(&first), ["p-fork1", "p-fork2"]);
+    // The counter goes on: deleting the newest child does not free its name either.
+    assert_eq!(d.req("DELETE", &format!("/v1/sandboxes/{}", first[1].0), &t, None).status, 204);
+    assert_eq!(names(&fork(&d, 2)), ["p-fork3", "p-fork4"]);
+    // ...and survives a daemon restart.
+    d.restart();
+    assert_eq!(names(&fork(&d, 1)), ["p-fork5"]);
+    let all = d.expect(200, "GET", &format!("/v1/sandboxes?parent={id}"), &t, None);
+    let mut listed: Vec<&str> =
+        all["sandboxes"].as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap()).collect();
+    listed.sort();
+    assert_eq!(listed, ["p-fork1", "p-fork3", "p-fork4", "p-fork5"]);
+}

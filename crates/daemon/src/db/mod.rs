@@ -13,7 +13,8 @@ use std::sync::{Mutex, MutexGuard};
 use rusqlite::Connection;
 
 /// Each entry migrates the schema from version `i` to `i + 1` (`PRAGMA user_version`).
-const MIGRATIONS: &[&str] = &["CREATE TABLE sandboxes(
+const MIGRATIONS: &[&str] = &[
+    "CREATE TABLE sandboxes(
         id TEXT PRIMARY KEY, name TEXT NOT NULL, workspace TEXT NOT NULL, privacy TEXT NOT NULL,
         template TEXT, parent TEXT, state TEXT NOT NULL, memory_mib INTEGER NOT NULL,
         vcpus INTEGER NOT NULL, created_at REAL NOT NULL, last_active REAL NOT NULL,
@@ -37,7 +38,13 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE sandboxes(
         id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, workspace TEXT NOT NULL,
         sandbox TEXT NOT NULL, kind TEXT NOT NULL, from_state TEXT, to_state TEXT,
         detail TEXT NOT NULL);
-     CREATE INDEX events_workspace ON events(workspace, id);"];
+     CREATE INDEX events_workspace ON events(workspace, id);",
+    // How many children a sandbox was ever forked into: its children are named <name>-fork<n>
+    // with n counting on across forks. Before, every fork counted from 1; start after the
+    // children there are, so no new name repeats one of theirs.
+    "ALTER TABLE sandboxes ADD COLUMN forks INTEGER NOT NULL DEFAULT 0;
+     UPDATE sandboxes SET forks = (SELECT COUNT(*) FROM sandboxes AS c WHERE c.parent = sandboxes.id);",
+];
 
 #[derive(Debug)]
 pub struct Db {
@@ -103,5 +110,24 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn fork_numbers_of_an_old_database_start_after_its_children() {
+        let c = Connection::open_in_memory().unwrap();
+        c.execute_batch(MIGRATIONS[0]).unwrap();
+        c.pragma_update(None, "user_version", 1).unwrap();
+        let row = "INSERT INTO sandboxes(id, name, workspace, privacy, parent, state, memory_mib, vcpus,
+                created_at, last_active, state_since, pause_after, hibernate_after)
+             VALUES (?1, ?2, 'ws', 'private', ?3, 'running', 64, 1, 0, 0, 0, 0, 0)";
+        c.execute(row, rusqlite::params!["sb-p", "p", None::<String>]).unwrap();
+        // Two forks of one child each, both named p-fork1 before.
+        for id in ["sb-a", "sb-b"] {
+            c.execute(row, rusqlite::params![id, "p-fork1", "sb-p"]).unwrap();
+        }
+        migrate(&c).unwrap();
+        assert_eq!(sandboxes::take_fork_numbers(&c, "sb-p", 2).unwrap(), 3);
+        assert_eq!(sandboxes::take_fork_numbers(&c, "sb-p", 1).unwrap(), 5);
+        assert_eq!(sandboxes::take_fork_numbers(&c, "sb-a", 1).unwrap(), 1);
     }
 }

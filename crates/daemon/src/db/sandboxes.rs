@@ -79,6 +79,17 @@ pub fn touch(c: &Connection, id: &str) -> rusqlite::Result<()> {
     Ok(())
 }
 
+/// Takes the next `n` fork numbers of sandbox `id` (its children are `<name>-fork<number>`);
+/// returns the first. Numbers are never given twice, even once children are deleted.
+pub fn take_fork_numbers(c: &Connection, id: &str, n: usize) -> rusqlite::Result<u64> {
+    let after: u64 = c.query_row(
+        "UPDATE sandboxes SET forks = forks + ?2 WHERE id = ?1 RETURNING forks",
+        params![id, n as u64],
+        |r| r.get(0),
+    )?;
+    Ok(after - n as u64 + 1)
+}
+
 pub fn delete(c: &Connection, id: &str) -> rusqlite::Result<()> {
     c.execute("DELETE FROM sandboxes WHERE id = ?1", [id])?;
     Ok(())

@@ -48,11 +48,11 @@ pub async fn fork(app: &App, ws: &str, id: &str, req: ForkRequest) -> ApiResult<
     app.metrics.observe_fork(fork_ms);
     let now = crate::util::now();
     let mut children = Vec::new();
-    for (i, c) in v.children.into_iter().enumerate() {
+    for c in v.children {
         let pid = u32::try_from(c.pid).ok();
         children.push(Sandbox {
             id: c.name,
-            name: format!("{}-fork{}", rec.sb.name, i + 1),
+            name: String::new(), // numbered below, with the parent's row
             workspace: ws.to_string(),
             privacy: req.privacy.unwrap_or(if same_ws { rec.sb.privacy } else { Privacy::Private }),
             template: rec.sb.template.clone(),
@@ -69,7 +69,9 @@ pub async fn fork(app: &App, ws: &str, id: &str, req: ForkRequest) -> ApiResult<
     {
         let mut c = app.db.lock();
         let tx = c.transaction()?;
-        for ch in &children {
+        let first = sandboxes::take_fork_numbers(&tx, id, children.len())?;
+        for (n, ch) in (first..).zip(children.iter_mut()) {
+            ch.name = format!("{}-fork{n}", rec.sb.name);
             sandboxes::insert(&tx, ch)?;
         }
         tx.commit()?;
