@@ -96,12 +96,14 @@ impl Vmms {
     /// pool start`; members replace themselves once used).
     pub async fn fill_pool(&self, size: usize, mem_mib: u64, vcpus: u8) -> Result<(), String> {
         let prefix = format!("m{mem_mib}-v{vcpus}-");
+        // Only live members count: a crashed member leaves its socket behind.
         let have = std::fs::read_dir(self.run_dir.join(".pool"))
             .map(|rd| {
                 rd.flatten()
                     .filter(|e| {
                         let n = e.file_name().to_string_lossy().into_owned();
-                        n.starts_with(&prefix) && n.ends_with(".sock")
+                        let pid = n.strip_prefix(&prefix).and_then(|r| r.strip_suffix(".sock"));
+                        pid.and_then(|p| p.parse().ok()).is_some_and(vmm::pool::member_alive)
                     })
                     .count()
             })
@@ -131,6 +133,7 @@ impl Vmms {
     /// Stops the warm pool's members (no sandbox runs in them) and waits, at most 10 s, until
     /// they are gone: the daemon's exit. Only processes that are pool members are signalled (a
     /// stale socket's pid may belong to another process by now). Returns how many it stopped.
+    /// The logs of members it stopped go; those of members that had crashed stay.
     pub async fn stop_pool(&self) -> usize {
         let Ok(rd) = std::fs::read_dir(self.run_dir.join(".pool")) else { return 0 };
         let mut pids = Vec::new();
@@ -138,9 +141,7 @@ impl Vmms {
             let n = e.file_name().to_string_lossy().into_owned();
             let pid = n.strip_prefix('m').and_then(|r| r.strip_suffix(".sock")).and_then(|r| r.rsplit('-').next());
             let Some(pid) = pid.and_then(|p| p.parse::<i32>().ok()).filter(|&p| p > 0) else { continue };
-            let member = std::fs::read(format!("/proc/{pid}/cmdline"))
-                .is_ok_and(|c| c.split(|&b| b == 0).any(|a| a == b"member"));
-            if member {
+            if vmm::pool::member_alive(pid) {
                 // SAFETY: kill with a plain pid and signal number.
                 unsafe { libc::kill(pid, libc::SIGTERM) };
                 pids.push(pid as u32);
@@ -149,6 +150,10 @@ impl Vmms {
         }
         for &pid in &pids {
             self.children.wait_gone(pid, Duration::from_secs(10)).await;
+            if !crate::reap::running(pid) {
+                // Stopped cleanly: its log says nothing anyone needs (a crashed member's stays).
+                let _ = std::fs::remove_file(self.run_dir.join(".pool").join(format!("member-{pid}.log")));
+            }
         }
         pids.len()
     }

@@ -91,17 +91,7 @@ pub fn pool(cmd: PoolCmd) -> Result<i32, String> {
             }
             Ok(0)
         }
-        PoolCmd::Stop => {
-            let found = members()?;
-            let n = found.len();
-            for (path, _, _, pid) in found {
-                // SAFETY: kill with a plain pid and signal number.
-                unsafe { libc::kill(pid, libc::SIGTERM) };
-                let _ = std::fs::remove_file(&path);
-            }
-            println!("stopped {n} warm pool member{}", if n == 1 { "" } else { "s" });
-            Ok(0)
-        }
+        PoolCmd::Stop => stop(),
         PoolCmd::Member(a) => member(&a),
     }
 }
@@ -115,8 +105,87 @@ fn socket_name(mem: u64, vcpus: u8, pid: u32) -> String {
     format!("m{}-v{vcpus}-{pid}.sock", mem >> 20)
 }
 
-/// Warm members: (socket, memory bytes, vCPUs, pid).
+/// Stops every live member (SIGTERM, then waits for it, at most 10 s each) and removes its
+/// socket and log; removes the sockets that crashed members left, but keeps their logs (they
+/// may say what went wrong), and says so.
+fn stop() -> Result<i32, String> {
+    let (live, dead): (Vec<_>, Vec<_>) = sockets()?.into_iter().partition(|m| vmm::pool::member_alive(m.3));
+    for m in &live {
+        // SAFETY: kill with a plain pid and signal number; the pid is a pool member's.
+        unsafe { libc::kill(m.3, libc::SIGTERM) };
+    }
+    let mut stuck = Vec::new();
+    for (path, _, _, pid) in &live {
+        let _ = std::fs::remove_file(path);
+        if wait_gone(*pid, std::time::Duration::from_secs(10)) {
+            let _ = std::fs::remove_file(member_log(*pid));
+        } else {
+            stuck.push(pid.to_string());
+        }
+    }
+    let n = live.len();
+    println!("stopped {n} warm pool member{}", if n == 1 { "" } else { "s" });
+    if !stuck.is_empty() {
+        println!("still running 10 s after SIGTERM (logs kept): pid {}", stuck.join(", "));
+    }
+    if !dead.is_empty() {
+        let mut logs = Vec::new();
+        for (path, _, _, pid) in &dead {
+            let _ = std::fs::remove_file(path);
+            let log = member_log(*pid);
+            if log.exists() {
+                logs.push(log.display().to_string());
+            }
+        }
+        let k = dead.len();
+        let kept = if logs.is_empty() { String::new() } else { format!("; kept their logs: {}", logs.join(" ")) };
+        println!("removed the socket{} of {k} member{} that had exited{kept}", plural(k), plural(k));
+    }
+    Ok(0)
+}
+
+fn plural(n: usize) -> &'static str {
+    if n == 1 {
+        ""
+    } else {
+        "s"
+    }
+}
+
+/// Where a warm member's output goes until it becomes a clone (then removed).
+fn member_log(pid: i32) -> PathBuf {
+    pool_dir().join(format!("member-{pid}.log"))
+}
+
+/// Waits until process `pid` (not our child) has exited, at most `limit`: a pidfd becomes
+/// readable then. True once it has.
+fn wait_gone(pid: i32, limit: std::time::Duration) -> bool {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
+    if fd < 0 {
+        return std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+    }
+    // SAFETY: fd was just returned by pidfd_open and is owned by nothing else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut p = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    let ms = i32::try_from(limit.as_millis()).unwrap_or(i32::MAX);
+    loop {
+        // SAFETY: one valid pollfd; poll writes only its revents.
+        let n = unsafe { libc::poll(&mut p, 1, ms) };
+        if n >= 0 || std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+            return n == 1;
+        }
+    }
+}
+
+/// Live warm members (a crashed member's socket is none): (socket, memory bytes, vCPUs, pid).
 pub fn members() -> Result<Vec<(PathBuf, u64, u8, i32)>, String> {
+    Ok(sockets()?.into_iter().filter(|m| vmm::pool::member_alive(m.3)).collect())
+}
+
+/// Every member socket in the pool directory, live or left by a crashed member.
+fn sockets() -> Result<Vec<(PathBuf, u64, u8, i32)>, String> {
     let dir = pool_dir();
     let rd = match std::fs::read_dir(&dir) {
         Ok(rd) => rd,
@@ -194,8 +263,7 @@ fn member(a: &MemberArgs) -> Result<i32, String> {
         writeln!(out, "warm {}", sock.display()).and_then(|()| out.flush()).map_err(|e| e.to_string())?;
     }
     if !a.stdio {
-        let log = dir.join(format!("member-{}.log", std::process::id()));
-        redirect_output(&log)?;
+        redirect_output(&member_log(std::process::id() as i32))?;
     }
     let offer = loop {
         let (conn, _) = listener.accept().map_err(|e| format!("accept on {}: {e}", sock.display()))?;
@@ -243,7 +311,7 @@ fn member(a: &MemberArgs) -> Result<i32, String> {
             return Err(e);
         }
     };
-    let member_log = dir.join(format!("member-{}.log", std::process::id()));
+    let member_log = member_log(std::process::id() as i32);
     if let Err(e) = redirect_output(&claimed.paths.vmm_log()) {
         offer.refuse(&e);
         claimed.release();

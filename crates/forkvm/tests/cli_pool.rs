@@ -114,6 +114,83 @@ fn pool_status_and_stop_say_what_they_did() {
     assert_eq!(env.ok(&["pool", "status"]).lines().count(), 1);
     assert_eq!(env.ok(&["pool", "stop"]).trim_end(), "stopped 1 warm pool member");
     assert_eq!(member_sockets(&env), Vec::<String>::new());
+    // A member that stopped cleanly leaves no log behind.
+    assert_eq!(pool_files(&env), Vec::<String>::new());
+}
+
+/// Every file in the pool directory.
+fn pool_files(env: &Env) -> Vec<String> {
+    let Ok(rd) = std::fs::read_dir(env.run.join(".pool")) else { return Vec::new() };
+    let mut v: Vec<String> = rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    v.sort();
+    v
+}
+
+/// The pid in a member's socket name (`m<MiB>-v<vCPUs>-<pid>.sock`).
+fn pid_of(sock: &str) -> i32 {
+    sock.strip_suffix(".sock").unwrap().rsplit('-').next().unwrap().parse().unwrap()
+}
+
+/// kill -9 of a warm member, as a crash: its socket (and log) stay behind.
+fn crash(sock: &str) -> i32 {
+    let pid = pid_of(sock);
+    // SAFETY: kill with a plain pid and signal number (a member this test started).
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    common::procs::wait_gone(pid, std::time::Duration::from_secs(30));
+    pid
+}
+
+#[test]
+fn pool_stop_removes_stopped_members_logs_and_keeps_a_crashed_ones() {
+    let env = Env::new("pool-logs");
+    env.ok(&["pool", "start", "--size", "2", "--mem", "64M"]);
+    let _stop = PoolStop(env.run.clone());
+    let socks = member_sockets(&env);
+    assert_eq!(socks.len(), 2, "{socks:?}");
+    let dead = crash(&socks[0]);
+    assert_eq!(env.ok(&["pool", "status"]).lines().count(), 1, "only the live member is listed");
+    let out = env.ok(&["pool", "stop"]);
+    let mut lines = out.lines();
+    assert_eq!(lines.next(), Some("stopped 1 warm pool member"), "{out}");
+    let log = format!("member-{dead}.log");
+    assert!(lines.next().is_some_and(|l| l.contains("had exited") && l.contains(&log)), "{out}");
+    // The crashed member's log is kept (it may say why); the stopped one's is gone, and so are
+    // both sockets.
+    assert_eq!(pool_files(&env), [log]);
+}
+
+/// A crashed member's socket is no member: a replacement that counts it would find the pool
+/// full and leave, one short.
+#[test]
+fn a_crashed_members_socket_does_not_count_toward_the_pool_size() {
+    use std::io::BufRead;
+    let env = Env::new("pool-stale");
+    env.ok(&["pool", "start", "--size", "1", "--mem", "64M"]);
+    let _stop = PoolStop(env.run.clone());
+    let socks = member_sockets(&env);
+    let dead = crash(&socks[0]);
+    assert_eq!(member_sockets(&env), socks, "the crashed member's socket stays");
+    let mut r = env
+        .command(&["pool", "member", "--mem", "64M", "--keep", "1", "--replacement"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut said = String::new();
+    std::io::BufReader::new(r.stdout.take().unwrap()).read_line(&mut said).unwrap();
+    assert!(said.starts_with("warm "), "the replacement joined the pool of 0 live members: {said:?}");
+    // And `pool start` counts only live members in the size its members keep.
+    env.ok(&["pool", "start", "--size", "1", "--mem", "64M"]);
+    let keep_of = |pid: i32| {
+        let c = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+        let c = String::from_utf8_lossy(&c).into_owned();
+        c.split('\0').skip_while(|a| *a != "--keep").nth(1).unwrap().to_string()
+    };
+    let others = member_sockets(&env).into_iter().map(|s| pid_of(&s)).filter(|&p| p != r.id() as i32 && p != dead);
+    let new: Vec<i32> = others.collect();
+    assert_eq!(new.len(), 1, "{:?}", member_sockets(&env));
+    assert_eq!(keep_of(new[0]), "2", "the new member keeps 2 (the replacement and itself)");
+    assert!(env.ok(&["pool", "stop"]).starts_with("stopped 2 warm pool members"));
+    r.wait().unwrap();
 }
 
 /// Replacements keep the pool at its size, not above it: a daemon topping the pool up while a

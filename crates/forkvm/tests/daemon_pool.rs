@@ -93,6 +93,8 @@ fn daemon_shutdown_stops_its_warm_pool_but_not_its_sandboxes() {
     let left: Vec<u32> = warm.iter().copied().filter(|&p| running(p)).collect();
     assert!(left.is_empty(), "pool VMMs outlived the daemon: {left:?}");
     assert!(members(&d.run).is_empty(), "no pool sockets left: {:?}", members(&d.run));
+    let logs: Vec<_> = std::fs::read_dir(d.run.join(".pool")).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert!(logs.is_empty(), "members stopped cleanly leave no logs: {logs:?}");
     assert!(running(sb), "sandboxes keep running across a daemon restart");
     // It says that it stops, and what it stopped (at the default log level).
     let log = d.log();
