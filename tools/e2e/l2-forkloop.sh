@@ -13,7 +13,7 @@
 # "FORKLOOP done: op=... stalls=S of N".
 # From the host:
 #   E2E_SCRIPT=tools/e2e/l2-forkloop.sh L1_APPEND="LOOP_N=40 LOOP_OP=fork" tools/e2e/run.sh --timeout 900
-# Knobs: LOOP_N (30), LOOP_SECS (600: stop starting new rounds after this many seconds),
+# Knobs: LOOP_DIAG (full|short: at a stall only one state dump and the console tail), LOOP_N (30), LOOP_SECS (600: stop starting new rounds after this many seconds),
 # LOOP_OP, LOOP_BURST (1: pause+resume pairs per check), LOOP_VCPUS (2), LOOP_BACKING (anon|shared), LOOP_STORM (2), LOOP_CMDLINE_EXTRA
 # (appended to the guest command line, e.g. "nopv" or "no-kvmapf nopvspin"), LOOP_ENV (NAME=VALUE
 # words exported to forkvm, e.g. RUST_LOG=debug).
@@ -79,6 +79,17 @@ state_dump() { # dir
 }
 
 diag() {
+    if [ "${LOOP_DIAG:-full}" = short ]; then
+        rm -rf /tmp/stallsnap
+        if timeout 60 "$forkvm" snapshot "$vm" /tmp/stallsnap >/dev/null 2>&1; then
+            echo "  ---- vCPU state of the stalled parent ----"
+            state_dump /tmp/stallsnap
+        fi
+        rm -rf /tmp/stallsnap
+        echo "  ---- parent console (last 30 lines) ----"
+        tail -n 30 "$log" | sed 's/^/  L2| /'
+        return
+    fi
     for sn in 1 2; do
         rm -rf /tmp/stallsnap
         if timeout 60 "$forkvm" snapshot "$vm" /tmp/stallsnap >/dev/null 2>&1; then
@@ -132,6 +143,7 @@ boot || exit 1
 ok=0
 stalls=0
 errors=0
+pauses=0
 i=1
 while [ "$i" -le "$n" ] && [ "$(elapsed)" -lt "$secs" ]; do
     case "$op" in
@@ -148,6 +160,7 @@ while [ "$i" -le "$n" ] && [ "$(elapsed)" -lt "$secs" ]; do
                 timeout 60 "$forkvm" pause "$vm" >/dev/null && timeout 60 "$forkvm" resume "$vm" >/dev/null \
                     || { echo "FORKLOOP $i ERROR: pause/resume failed"; errors=$((errors + 1)); break; }
                 b=$((b + 1))
+                pauses=$((pauses + 1))
             done
             ;;
         none) ;;
@@ -174,5 +187,5 @@ while [ "$i" -le "$n" ] && [ "$(elapsed)" -lt "$secs" ]; do
     i=$((i + 1))
 done
 "$forkvm" stop "$vm" >/dev/null 2>&1
-echo "FORKLOOP done: op=$op burst=$burst vcpus=$vcpus backing=$backing storm=$storm extra='${LOOP_CMDLINE_EXTRA:-}' env='${LOOP_ENV:-}': stalls=$stalls ok=$ok errors=$errors of $((i - 1)) in $(elapsed) s"
+echo "FORKLOOP done: op=$op burst=$burst vcpus=$vcpus backing=$backing storm=$storm extra='${LOOP_CMDLINE_EXTRA:-}' env='${LOOP_ENV:-}': stalls=$stalls ok=$ok errors=$errors of $((i - 1)) checks, $pauses pauses, in $(elapsed) s"
 [ "$stalls" -eq 0 ] && [ "$errors" -eq 0 ]

@@ -45,7 +45,10 @@ while (($#)); do
     esac
 done
 
-e2e_require qemu-system-x86_64 qemu-system-x86
+# E2E_QEMU: the QEMU command (words: binary and extra arguments such as -L DIR); default
+# qemu-system-x86_64 from PATH.
+read -r -a qemu_cmd <<<"${E2E_QEMU:-qemu-system-x86_64}"
+if [[ -z "${E2E_QEMU:-}" ]]; then e2e_require qemu-system-x86_64 qemu-system-x86; fi
 e2e_require timeout coreutils
 [[ -f "$kernel" ]] || e2e_die "L1 kernel $kernel missing; run tools/e2e/fetch-guest.sh"
 [[ -f "$initrd" ]] || e2e_die "L1 initrd $initrd missing; run tools/e2e/mk-l1-initramfs.sh"
@@ -64,7 +67,7 @@ if ! flock -n 9; then
     flock 9
 fi
 
-qemu=(qemu-system-x86_64
+qemu=("${qemu_cmd[@]}"
     -machine q35 -accel tcg -cpu "$cpu"
     -m "$mem" -smp "$smp"
     -no-reboot -nodefaults -display none -monitor "unix:$CACHE/.qemu-monitor.sock,server=on,wait=off"
