@@ -85,7 +85,7 @@ done
 aaddr=$(sed -n 's/.* and http:\/\/\([^ ]*\) .*/\1/p' "$dlog")
 # The daemon's own wake time (sum of its wake_ms histogram for kind, from /metrics on --listen).
 daemon_wake_ms() {
-    # busybox wget, not nc: the API server (hyper) drops a connection whose client half-closed.
+    # busybox wget: it speaks HTTP itself (nc also works since the API allows half-closed clients).
     timeout 30 wget -q -O - "http://$aaddr/metrics" 2>/dev/null | sed -n "s/^[a-z_]*wake_ms_sum{kind=\"$1\"} \([0-9.]*\).*/\1/p"
 }
 FORKVM_TOKEN=$(fv 30 token create --workspace e2e 2>/dev/null) || fail "forkvm token create"
