@@ -81,13 +81,19 @@ state_dump() { # dir
 diag() {
     if [ "${LOOP_DIAG:-full}" = short ]; then
         rm -rf /tmp/stallsnap
-        if timeout 60 "$forkvm" snapshot "$vm" /tmp/stallsnap >/dev/null 2>&1; then
+        if timeout 60 "$forkvm" snapshot "$vm" /tmp/stallsnap >/tmp/stallsnap.out 2>&1; then
             echo "  ---- vCPU state of the stalled parent ----"
             state_dump /tmp/stallsnap
+        else
+            echo "  (snapshot of the stalled parent failed: $(cat /tmp/stallsnap.out))"
         fi
         rm -rf /tmp/stallsnap
+        timeout 60 "$forkvm" exec "$vm" --timeout 45 -- true >/dev/null 2>&1 && a=answers || a="does not answer"
+        echo "  a second agent exec: the agent $a"
         echo "  ---- parent console (last 30 lines) ----"
         tail -n 30 "$log" | sed 's/^/  L2| /'
+        echo "  ---- vmm.log (last 30 lines) ----"
+        tail -n 30 "$FORKVM_RUN_DIR/$vm/vmm.log" 2>/dev/null | sed 's/^/  vmm| /'
         return
     fi
     for sn in 1 2; do
