@@ -21,7 +21,8 @@
 #                   (QEMU TCG nested-SVM faults, seen about 1 run in 8) and L1
 #                   never finishes, the L1 boot is retried once, so the tier
 #                   stays under 10 minutes even then.
-# Env: FORKVM_CACHE (cache dir), L1_APPEND (extra L1 kernel args; the test
+# Env: FORKVM_CACHE (cache dir), E2E_L2_KERNEL (the L2 kernel, default the L1 one; with
+# FORKVM_L2_MODULES for its modules: an L1 kernel A/B keeps the L2 kernel), L1_APPEND (extra L1 kernel args; the test
 # script sees NAME=VALUE words as environment, e.g. L2_BOOT_TIMEOUT=600),
 # E2E_VERBOSE=1, E2E_PROBE=1 (run the kvm-probe preflight in L1 before the real
 # test too; --placeholder always runs it), and everything run-l1.sh accepts.
@@ -157,7 +158,7 @@ agent_args=()
 if [[ -x "$agent_bin" ]] && ((!placeholder && !qemu_l2)); then agent_args=(--agent "$agent_bin"); fi
 "$E2E_DIR/mk-l2-initramfs.sh" "${agent_args[@]}" "$CACHE/l2-initrd.img" >/dev/null
 "$E2E_DIR/mk-l1-initramfs.sh" --forkvm "$forkvm" --script "$script" \
-    --l2-kernel "$CACHE/vmlinuz" --l2-initrd "$CACHE/l2-initrd.img" \
+    --l2-kernel "${E2E_L2_KERNEL:-$CACHE/vmlinuz}" --l2-initrd "$CACHE/l2-initrd.img" \
     --out "$CACHE/l1-initrd.img" "${extra_args[@]}" >/dev/null
 e2e_log "prepared in $((SECONDS - t_start)) s; booting L1 (forkvm=$forkvm script=$script)"
 
