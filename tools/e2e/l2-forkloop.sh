@@ -94,6 +94,11 @@ diag() {
         tail -n 30 "$log" | sed 's/^/  L2| /'
         echo "  ---- vmm.log (last 30 lines) ----"
         tail -n 30 "$FORKVM_RUN_DIR/$vm/vmm.log" 2>/dev/null | sed 's/^/  vmm| /'
+        for f in "$FORKVM_RUN_DIR"/.exited/*/vmm.log "$FORKVM_RUN_DIR"/.exited/*/console.log; do
+            [ -f "$f" ] || continue
+            echo "  ---- $f (last 60 lines) ----"
+            tail -n 60 "$f" | sed 's/^/  exited| /'
+        done
         return
     fi
     for sn in 1 2; do
