@@ -13,7 +13,7 @@
 # "FORKLOOP done: op=... stalls=S of N".
 # From the host:
 #   E2E_SCRIPT=tools/e2e/l2-forkloop.sh L1_APPEND="LOOP_N=40 LOOP_OP=fork" tools/e2e/run.sh --timeout 900
-# Knobs: LOOP_DIAG (full|short: at a stall only one state dump and the console tail), LOOP_N (30), LOOP_SECS (600: stop starting new rounds after this many seconds),
+# Knobs: LOOP_THP (on|off), LOOP_DIAG (full|short: at a stall only one state dump and the console tail), LOOP_N (30), LOOP_SECS (600: stop starting new rounds after this many seconds),
 # LOOP_OP, LOOP_BURST (1: pause+resume pairs per check), LOOP_VCPUS (2), LOOP_BACKING (anon|shared), LOOP_STORM (2), LOOP_CMDLINE_EXTRA
 # (appended to the guest command line, e.g. "nopv" or "no-kvmapf nopvspin"), LOOP_ENV (NAME=VALUE
 # words exported to forkvm, e.g. RUST_LOG=debug).
@@ -30,6 +30,15 @@ storm="${LOOP_STORM:-2}"
 burst="${LOOP_BURST:-1}"
 cmdline="console=ttyS0 reboot=k panic=-1 pci=off quiet initcall_blacklist=i8042_init,cmos_init 8250.nr_uarts=1 ${LOOP_CMDLINE_EXTRA:-}"
 for kv in ${LOOP_ENV:-}; do export "${kv?}"; done
+# LOOP_THP=off: no transparent huge pages in L1 at all (no khugepaged collapses, no THP faults)
+# and `forkvm run --no-thp`, for an A/B of L1 page migrations under the running L2.
+thp_flag=
+if [ "${LOOP_THP:-on}" = off ]; then
+    thp_flag=--no-thp
+    echo never >/sys/kernel/mm/transparent_hugepage/enabled
+    echo never >/sys/kernel/mm/transparent_hugepage/defrag
+fi
+echo "FORKLOOP: L1 THP $(cat /sys/kernel/mm/transparent_hugepage/enabled), defrag $(cat /sys/kernel/mm/transparent_hugepage/defrag)"
 vm=lp
 log="$FORKVM_RUN_DIR/$vm/console.log"
 t_start=$(cut -d. -f1 /proc/uptime)
@@ -39,7 +48,7 @@ boot() {
     "$forkvm" stop "$vm" >/dev/null 2>&1
     rm -rf "$FORKVM_RUN_DIR"
     timeout 120 "$forkvm" run --kernel /l2/vmlinuz --initrd /l2/initrd.img --mem 256M --vcpus "$vcpus" \
-        --backing "$backing" --cmdline "$cmdline" --name "$vm" --detach || { echo "FORKLOOP: forkvm run failed"; return 1; }
+        --backing "$backing" $thp_flag --cmdline "$cmdline" --name "$vm" --detach || { echo "FORKLOOP: forkvm run failed"; return 1; }
     w=0
     until grep -q "forkvm-agent: serving" "$log" 2>/dev/null; do
         w=$((w + 1))
