@@ -103,6 +103,15 @@ diag() {
         tail -n 30 "$log" | sed 's/^/  L2| /'
         echo "  ---- vmm.log (last 30 lines) ----"
         tail -n 30 "$FORKVM_RUN_DIR/$vm/vmm.log" 2>/dev/null | sed 's/^/  vmm| /'
+        echo "  ---- run dir, forkvm processes, their threads (state, wchan), L1 dmesg ----"
+        ls -la "$FORKVM_RUN_DIR/$vm" 2>&1 | sed 's/^/  dir| /'
+        ps -o pid,stat,args 2>/dev/null | grep '[f]orkvm' | sed 's/^/  ps| /'
+        for p in $(ps -o pid,args 2>/dev/null | awk '/[f]orkvm .*run/ {print $1}'); do
+            for t in /proc/"$p"/task/*; do
+                echo "  task| $p $(cat "$t/comm" 2>/dev/null) state=$(cut -d' ' -f3 "$t/stat" 2>/dev/null) wchan=$(cat "$t/wchan" 2>/dev/null)"
+            done
+        done
+        dmesg 2>/dev/null | tail -n 30 | sed 's/^/  dmesg| /'
         for f in "$FORKVM_RUN_DIR"/.exited/*/vmm.log "$FORKVM_RUN_DIR"/.exited/*/console.log; do
             [ -f "$f" ] || continue
             echo "  ---- $f (last 60 lines) ----"
