@@ -74,6 +74,14 @@ while [ "$(elapsed)" -lt "$secs" ]; do
     else
         stalls=$((stalls + 1))
         echo "QEMULOOP $i STALL ($(elapsed) s): no answer from every guest CPU within 45 s, or an RCU stall"
+        if grep -q "invoked oom-killer" "$d/console.log"; then
+            echo "  ---- L2 console: the OOM report (first 70 lines) ----"
+            grep -m1 -A70 "invoked oom-killer" "$d/console.log" | sed 's/^/  L2| /'
+        fi
+        if grep -q "detected stalls" "$d/console.log"; then
+            echo "  ---- L2 console: the RCU stall report (first 40 lines) ----"
+            grep -m1 -B2 -A40 "detected stalls" "$d/console.log" | sed 's/^/  L2| /'
+        fi
         echo "  ---- L2 console (last 40 lines) ----"
         tail -n 40 "$d/console.log" | sed 's/^/  L2| /'
         echo "  ---- qemu stderr ----"
