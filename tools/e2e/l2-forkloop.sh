@@ -13,7 +13,8 @@
 # "FORKLOOP done: op=... stalls=S of N".
 # From the host:
 #   E2E_SCRIPT=tools/e2e/l2-forkloop.sh L1_APPEND="LOOP_N=40 LOOP_OP=fork" tools/e2e/run.sh --timeout 900
-# Knobs: LOOP_THP (on|off), LOOP_DIAG (full|short: at a stall only one state dump and the console tail), LOOP_N (30), LOOP_SECS (600: stop starting new rounds after this many seconds),
+# Knobs: LOOP_CHECK (agent|serial: the per-check processes started through the agent over vsock, or typed
+# into the serial shell), LOOP_THP (on|off), LOOP_DIAG (full|short: at a stall only one state dump and the console tail), LOOP_N (30), LOOP_SECS (600: stop starting new rounds after this many seconds),
 # LOOP_OP, LOOP_BURST (1: pause+resume pairs per check), LOOP_VCPUS (2), LOOP_BACKING (anon|shared), LOOP_STORM (2), LOOP_CMDLINE_EXTRA
 # (appended to the guest command line, e.g. "nopv" or "no-kvmapf nopvspin"), LOOP_ENV (NAME=VALUE
 # words exported to forkvm, e.g. RUST_LOG=debug).
@@ -197,7 +198,15 @@ while [ "$i" -le "$n" ] && [ "$(elapsed)" -lt "$secs" ]; do
     esac
     # A new process on every guest CPU (a CPU that stopped would otherwise go unnoticed while the
     # scheduler places new tasks on the other one), and no RCU stall report on the console.
-    if timeout 60 "$forkvm" exec "$vm" --timeout 45 -- sh -c "$pinned" >/tmp/loop.exec 2>&1 \
+    if [ "${LOOP_CHECK:-agent}" = serial ]; then
+        # The same check typed into the serial shell: no vsock traffic at all during the loop.
+        c=0 line=
+        while [ "$c" -lt "$vcpus" ]; do line="${line}taskset -c $c echo CHK-$i-\$((40+$c)); "; c=$((c + 1)); done
+        check() { timeout 60 "$forkvm" exec "$vm" --timeout 45 --wait-for "CHK-$i-$((40 + vcpus - 1))" "$line"; }
+    else
+        check() { timeout 60 "$forkvm" exec "$vm" --timeout 45 -- sh -c "$pinned"; }
+    fi
+    if check >/tmp/loop.exec 2>&1 \
         && ! grep -q "detected stalls" "$log"; then
         ok=$((ok + 1))
         echo "FORKLOOP $i ok ($(elapsed) s)"
