@@ -13,7 +13,7 @@
 # "FORKLOOP done: op=... stalls=S of N".
 # From the host:
 #   E2E_SCRIPT=tools/e2e/l2-forkloop.sh L1_APPEND="LOOP_N=40 LOOP_OP=fork" tools/e2e/run.sh --timeout 900
-# Knobs: LOOP_CHECK (agent|serial: the per-check processes started through the agent over vsock, or typed
+# Knobs: LOOP_RUN_EXTRA (more `forkvm run` flags, e.g. --no-dirty-log), LOOP_CHECK (agent|serial: the per-check processes started through the agent over vsock, or typed
 # into the serial shell), LOOP_THP (on|off), LOOP_DIAG (full|short: at a stall only one state dump and the console tail), LOOP_N (30), LOOP_SECS (600: stop starting new rounds after this many seconds),
 # LOOP_OP, LOOP_BURST (1: pause+resume pairs per check), LOOP_VCPUS (2), LOOP_BACKING (anon|shared), LOOP_STORM (2), LOOP_CMDLINE_EXTRA
 # (appended to the guest command line, e.g. "nopv" or "no-kvmapf nopvspin"), LOOP_ENV (NAME=VALUE
@@ -49,7 +49,7 @@ boot() {
     "$forkvm" stop "$vm" >/dev/null 2>&1
     rm -rf "$FORKVM_RUN_DIR"
     timeout 120 "$forkvm" run --kernel /l2/vmlinuz --initrd /l2/initrd.img --mem 256M --vcpus "$vcpus" \
-        --backing "$backing" $thp_flag --cmdline "$cmdline" --name "$vm" --detach || { echo "FORKLOOP: forkvm run failed"; return 1; }
+        --backing "$backing" $thp_flag ${LOOP_RUN_EXTRA:-} --cmdline "$cmdline" --name "$vm" --detach || { echo "FORKLOOP: forkvm run failed"; return 1; }
     w=0
     until grep -q "forkvm-agent: serving" "$log" 2>/dev/null; do
         w=$((w + 1))
@@ -65,7 +65,7 @@ boot() {
         timeout 60 "$forkvm" exec "$vm" -- sh -c 'i=0; while [ $i -lt '"$storm"' ]; do setsid sh -c "while :; do /bin/true; done" </dev/null >/dev/null 2>&1 & i=$((i+1)); done' \
             || { echo "FORKLOOP: starting the storm failed"; return 1; }
     fi
-    echo "FORKLOOP: booted $vm (vcpus $vcpus, backing $backing, storm $storm, cmdline extra '${LOOP_CMDLINE_EXTRA:-}', env '${LOOP_ENV:-}') at $(elapsed) s"
+    echo "FORKLOOP: booted $vm (vcpus $vcpus, backing $backing, run extra '${LOOP_RUN_EXTRA:-}', storm $storm, cmdline extra '${LOOP_CMDLINE_EXTRA:-}', env '${LOOP_ENV:-}') at $(elapsed) s"
 }
 
 # The vCPUs of a snapshot's state (JSON after the 56-byte envelope header; kvm structs as byte

@@ -121,6 +121,10 @@ pub struct VmArgs {
     /// Do not ask for transparent huge pages.
     #[arg(long)]
     pub no_thp: bool,
+    /// No dirty-page tracking in KVM (Firecracker's default): guest writes never fault to mark
+    /// pages dirty and KVM may map guest memory with huge pages; diff snapshots are refused.
+    #[arg(long)]
+    pub no_dirty_log: bool,
     /// A virtio-blk disk over raw image PATH (`,ro`: read-only). The image is never written:
     /// the VM's writes go to a copy-on-write overlay that snapshots, restores and forks carry.
     #[arg(long, value_name = "PATH[,ro]")]

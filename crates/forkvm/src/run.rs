@@ -61,7 +61,7 @@ pub fn vm_config(a: &VmArgs) -> Result<VmConfig, String> {
             BackingArg::Shared => Backing::SharedFile,
         },
         hugepages: !a.no_thp,
-        track_dirty: true,
+        track_dirty: !a.no_dirty_log,
         boot,
         console_mirror: None,
         disk: a.disk.as_deref().map(parse_disk).transpose()?,

@@ -88,6 +88,22 @@ fn fork_children_are_independent_named_vms() {
 }
 
 #[test]
+fn without_dirty_logging_a_vm_takes_full_snapshots_and_refuses_diffs() {
+    let mut env = Env::new("nodirty");
+    env.start("n", &["--no-dirty-log"]);
+    assert!(env.exec("n", "touch 0x400000 16 0x5a").starts_with("touched"));
+    let sum = env.exec("n", "sum 0x400000 16");
+    let full = env.run.with_extension("snap-n");
+    assert!(env.ok(&["snapshot", "n", full.to_str().unwrap()]).contains("full snapshot"));
+    let diff = env.run.with_extension("snap-n-diff");
+    env.fails(&["snapshot", "n", diff.to_str().unwrap(), "--diff"], "dirty page tracking is off");
+    env.ok(&["stop", "n"]);
+    env.ok(&["restore", full.to_str().unwrap(), "--name", "r", "--detach"]);
+    env.names.push("r".into());
+    assert_eq!(env.exec("r", "sum 0x400000 16"), sum);
+}
+
+#[test]
 fn bad_requests_get_clear_errors() {
     let mut env = Env::new("bad");
     env.fails(&["exec", "ghost", "ping"], "no running VM named \"ghost\"");
