@@ -1,11 +1,15 @@
 //! vCPU threads and the control block that parks, resumes and stops them.
 //!
-//! Pausing: the controller sets `want = Pause` and kicks every vCPU thread with a signal until all
-//! of them acknowledge. A kick can land just before KVM_RUN and be lost, so it is repeated. A
+//! Pausing: the controller sets `want = Pause` and kicks every vCPU thread: it sets the thread's
+//! `kvm_run.immediate_exit` and sends it a signal. A vCPU thread clears `immediate_exit` before it
+//! reads `want`, so a kick that lands just before KVM_RUN is not lost (KVM_RUN then returns at
+//! once) and one kick per pause is enough; a slow fallback repeats it. Every kick of a vCPU in
+//! guest mode is an IPI and a VM exit on the host, which a nested host pays dearly for. A
 //! parked vCPU first re-enters KVM_RUN with `immediate_exit` set, which completes a pending port
 //! I/O instruction without running guest code, so the saved state is between two instructions.
 //! While parked a vCPU runs jobs (state capture/restore) on its own thread, where its fd lives.
 
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -62,7 +66,9 @@ impl Ctl {
 pub struct Control {
     ctl: Mutex<Ctl>,
     cond: Condvar,
-    threads: Mutex<Vec<libc::pthread_t>>,
+    /// The vCPU threads and the address of each one's `kvm_run.immediate_exit` (valid while the
+    /// thread is listed: it leaves the list before its vCPU fd and mapping go).
+    threads: Mutex<Vec<(libc::pthread_t, usize)>>,
     /// Kernel thread ids of the vCPU threads (for the fork audit, see [`crate::quiesce`]).
     tids: Mutex<Vec<i32>>,
 }
@@ -72,6 +78,10 @@ impl std::fmt::Debug for Control {
         f.debug_struct("Control").finish_non_exhaustive()
     }
 }
+
+/// How long a pause waits for the vCPUs to park before it kicks them again. One kick is enough
+/// (see the module doc); this is a fallback, not a poll.
+const KICK_AGAIN: Duration = Duration::from_millis(25);
 
 /// The signal that kicks a vCPU out of KVM_RUN.
 pub fn kick_signal() -> i32 {
@@ -100,7 +110,11 @@ impl Control {
     }
 
     fn kick_all(&self) {
-        for &t in lock(&self.threads).iter() {
+        for &(t, immediate_exit) in lock(&self.threads).iter() {
+            // SAFETY: the address is the u8 `immediate_exit` of this thread's live kvm_run mapping
+            // (the thread removes it under this lock before the mapping goes); the vCPU thread
+            // accesses the byte only atomically too (see `run_vcpu`).
+            unsafe { AtomicU8::from_ptr(immediate_exit as *mut u8) }.store(1, Ordering::SeqCst);
             // SAFETY: t is a live vCPU thread of this process (removed before it is joined); a
             // signal with an empty handler has no other effect.
             unsafe { libc::pthread_kill(t, kick_signal()) };
@@ -122,7 +136,7 @@ impl Control {
             let c = lock(&self.ctl);
             let (c, _) = self
                 .cond
-                .wait_timeout_while(c, Duration::from_millis(1), |c| c.parked < c.vcpus() && c.exit.is_none())
+                .wait_timeout_while(c, KICK_AGAIN, |c| c.parked < c.vcpus() && c.exit.is_none())
                 .unwrap_or_else(|p| p.into_inner());
             if c.exit.is_some() {
                 return Err("the VM stopped while pausing".into());
@@ -231,11 +245,12 @@ impl Control {
         rx.recv_timeout(Duration::from_secs(30)).map_err(|_| format!("vCPU {id} did not run the job"))
     }
 
-    /// Registers the calling thread as a vCPU thread (for kicks).
-    fn enter(&self) {
+    /// Registers the calling thread as a vCPU thread (for kicks), with the address of its
+    /// `kvm_run.immediate_exit`.
+    fn enter(&self, immediate_exit: *mut u8) {
         // SAFETY: pthread_self has no preconditions.
         let me = unsafe { libc::pthread_self() };
-        lock(&self.threads).push(me);
+        lock(&self.threads).push((me, immediate_exit as usize));
         lock(&self.tids).push(crate::quiesce::gettid());
         lock(&self.ctl).running += 1;
         self.cond.notify_all();
@@ -244,7 +259,7 @@ impl Control {
     fn leave(&self) {
         // SAFETY: pthread_self has no preconditions.
         let me = unsafe { libc::pthread_self() };
-        lock(&self.threads).retain(|&t| t != me);
+        lock(&self.threads).retain(|&(t, _)| t != me);
         let tid = crate::quiesce::gettid();
         lock(&self.tids).retain(|&t| t != tid);
         lock(&self.ctl).running -= 1;
@@ -253,11 +268,11 @@ impl Control {
 
     /// Parks the vCPU while the controller wants it paused; runs jobs meanwhile.
     /// Returns false if the vCPU should stop.
-    fn park(&self, vcpu: &mut Vcpu) -> bool {
-        // Complete a pending I/O instruction without running more guest code.
-        vcpu.fd.set_kvm_immediate_exit(1);
+    fn park(&self, vcpu: &mut Vcpu, immediate_exit: &AtomicU8) -> bool {
+        // Complete a pending I/O instruction without running more guest code (the run loop
+        // clears the flag again before it next reads what is wanted).
+        immediate_exit.store(1, Ordering::SeqCst);
         let _ = vcpu.fd.run();
-        vcpu.fd.set_kvm_immediate_exit(0);
         let id = vcpu.id as usize;
         let mut c = lock(&self.ctl);
         c.parked += 1;
@@ -291,14 +306,22 @@ impl Control {
 
 /// Body of a vCPU thread.
 pub fn run_vcpu(mut vcpu: Vcpu, bus: PioBus, mmio: MmioBus, ctl: Arc<Control>) {
-    ctl.enter();
+    let immediate_exit_ptr: *mut u8 = &mut vcpu.fd.get_kvm_run().immediate_exit;
+    // SAFETY: the byte lives in this vCPU's kvm_run mapping, which stays mapped as long as
+    // `vcpu` lives (to the end of this function, after `ctl.leave()`); it is aligned (u8) and
+    // every access to it while kicks can come is atomic: here and in `Control::kick_all`.
+    let immediate_exit = unsafe { AtomicU8::from_ptr(immediate_exit_ptr) };
+    ctl.enter(immediate_exit_ptr);
     // Whether this vCPU's own exit ended the VM (its state is logged there).
     let mut ended_here = false;
     loop {
+        // Cleared before `want` is read: a kick that comes after this read sets it again, so
+        // KVM_RUN returns at once instead of running the guest until some later exit.
+        immediate_exit.store(0, Ordering::SeqCst);
         match ctl.want() {
             Want::Stop => break,
             Want::Pause => {
-                if !ctl.park(&mut vcpu) {
+                if !ctl.park(&mut vcpu, immediate_exit) {
                     break;
                 }
                 continue;
