@@ -10,11 +10,14 @@
 #       (with L1_APPEND="LOOP_BURST=32 LOOP_SECS=540")
 # The monitor and the serial port are QEMU `pipe` chardevs (FIFOs <name>.in / <name>.out); the
 # script waits for each answer it needs (an `info status` after every pair, the echo of each check).
+# LOOP_CHURN=N starts N short-lived processes in L1 after each pair (the forkvm loop starts two
+# CLI processes per pair: this separates L1 process churn from forkvm's VMM).
 set -u
 secs="${LOOP_SECS:-540}"
 burst="${LOOP_BURST:-32}"
 storm="${LOOP_STORM:-2}"
 vcpus="${LOOP_VCPUS:-2}"
+churn="${LOOP_CHURN:-0}"
 cmdline="console=ttyS0 reboot=k panic=-1 quiet initcall_blacklist=i8042_init,cmos_init 8250.nr_uarts=1 ${LOOP_CMDLINE_EXTRA:-}"
 d=/tmp/qloop
 t_start=$(cut -d. -f1 /proc/uptime)
@@ -64,6 +67,10 @@ while [ "$(elapsed)" -lt "$secs" ]; do
         running=$((running + 1))
         wait_count "$d/mon.log" "$running" "VM status: running" 1200 || { echo "QEMULOOP $i: the monitor did not answer"; break; }
         b=$((b + 1)); pauses=$((pauses + 1))
+        # LOOP_CHURN short-lived L1 processes per pair, as the forkvm loop's `forkvm pause` and
+        # `forkvm resume` CLI processes are (L1 page-table churn, without forkvm's VMM).
+        k=0
+        while [ "$k" -lt "$churn" ]; do /bin/sh -c 'exit 0'; k=$((k + 1)); done
     done
     c=0 line=
     while [ "$c" -lt "$vcpus" ]; do line="${line}taskset -c $c echo CHK-$i-\$((40+$c)); "; c=$((c + 1)); done
@@ -92,5 +99,5 @@ while [ "$(elapsed)" -lt "$secs" ]; do
     i=$((i + 1))
 done
 kill "$qpid" 2>/dev/null
-echo "QEMULOOP done: stalls=$stalls ok=$ok of $((i - 1)) checks, $pauses pauses (burst $burst, vcpus $vcpus, storm $storm), in $(elapsed) s"
+echo "QEMULOOP done: stalls=$stalls ok=$ok of $((i - 1)) checks, $pauses pauses (burst $burst, vcpus $vcpus, storm $storm, churn $churn), in $(elapsed) s"
 [ "$stalls" -eq 0 ]
