@@ -63,7 +63,9 @@ ok=0 stalls=0 pauses=0 i=1 running=0
 while [ "$(elapsed)" -lt "$secs" ]; do
     b=0
     while [ "$b" -lt "$burst" ]; do
-        printf 'stop\ncont\ninfo status\n' >"$d/mon.in"
+        # A FIFO with no reader would block the open: QEMU (its only reader) must be alive.
+        kill -0 "$qpid" 2>/dev/null || { echo "QEMULOOP $i: the L2's QEMU exited"; sed 's/^/  qemu| /' "$d/qemu.err"; break; }
+        printf 'stop\ncont\ninfo status\n' >"$d/mon.in" || continue
         running=$((running + 1))
         wait_count "$d/mon.log" "$running" "VM status: running" 1200 || { echo "QEMULOOP $i: the monitor did not answer"; break; }
         b=$((b + 1)); pauses=$((pauses + 1))
