@@ -212,7 +212,10 @@ for i in range(1000):
     parent = f"bulk{(i - 1) // 3:04d}" if 0 < i < 200 else None
     rows.append((f"bulk{i:04d}", f"bulk-{i:04d}", "alpha", "private", None, parent, "crashed", 64, 1,
                  now - i, now - i, now - i, 300, 3600, None))
-c.executemany("INSERT INTO sandboxes VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+# Columns named: later migrations add columns with defaults (e.g. forks).
+c.executemany("""INSERT INTO sandboxes(id, name, workspace, privacy, template, parent, state,
+    memory_mib, vcpus, created_at, last_active, state_since, pause_after, hibernate_after, pid)
+    VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)""", rows)
 c.commit()`;
   execFileSync("python3", ["-c", py, join(stateDir, "forkvmd.db")]);
   await startDaemon();

@@ -21,7 +21,7 @@ if [[ ! -d "$here/node_modules/playwright-core" ]]; then
     (cd "$here" && npm ci --no-audit --no-fund --silent)
 fi
 cargo build -q -p forkvm
-export FORKVM_BIN="$root/target/debug/forkvm"
+export FORKVM_BIN="$(cd "$root" && realpath -m "${CARGO_TARGET_DIR:-target}")/debug/forkvm"
 export SHOTS="$root/.cache/console-shots"
 cd "$here"
 exec node --test --test-concurrency=1 console.test.mjs
