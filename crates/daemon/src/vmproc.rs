@@ -95,16 +95,12 @@ impl Vmms {
     /// Tops the warm pool up to `size` members of `mem_mib` MiB and `vcpus` vCPUs (`forkvm
     /// pool start`; members replace themselves once used).
     pub async fn fill_pool(&self, size: usize, mem_mib: u64, vcpus: u8) -> Result<(), String> {
-        let prefix = format!("m{mem_mib}-v{vcpus}-");
         // Only live members count: a crashed member leaves its socket behind.
         let have = std::fs::read_dir(self.run_dir.join(".pool"))
             .map(|rd| {
                 rd.flatten()
-                    .filter(|e| {
-                        let n = e.file_name().to_string_lossy().into_owned();
-                        let pid = n.strip_prefix(&prefix).and_then(|r| r.strip_suffix(".sock"));
-                        pid.and_then(|p| p.parse().ok()).is_some_and(vmm::pool::member_alive)
-                    })
+                    .filter_map(|e| vmm::pool::parse_member_socket(&e.file_name().to_string_lossy()))
+                    .filter(|&(m, v, pid)| m == mem_mib && v == vcpus && vmm::pool::member_alive(pid))
                     .count()
             })
             .unwrap_or(0);
@@ -138,9 +134,8 @@ impl Vmms {
         let Ok(rd) = std::fs::read_dir(self.run_dir.join(".pool")) else { return 0 };
         let mut pids = Vec::new();
         for e in rd.flatten() {
-            let n = e.file_name().to_string_lossy().into_owned();
-            let pid = n.strip_prefix('m').and_then(|r| r.strip_suffix(".sock")).and_then(|r| r.rsplit('-').next());
-            let Some(pid) = pid.and_then(|p| p.parse::<i32>().ok()).filter(|&p| p > 0) else { continue };
+            let member = vmm::pool::parse_member_socket(&e.file_name().to_string_lossy());
+            let Some((_, _, pid)) = member.filter(|&(_, _, p)| p > 0) else { continue };
             if vmm::pool::member_alive(pid) {
                 // SAFETY: kill with a plain pid and signal number.
                 unsafe { libc::kill(pid, libc::SIGTERM) };
@@ -165,16 +160,14 @@ impl Vmms {
         if let Err(e) = self.fill_pool(size, mem_mib, vcpus).await {
             tracing::warn!("warm pool of {mem_mib} MiB: {e}");
         }
-        let prefix = format!("m{mem_mib}-v{vcpus}-");
         let socks: Vec<PathBuf> = std::fs::read_dir(self.run_dir.join(".pool"))
             .ok()?
             .flatten()
-            .map(|e| e.path())
-            .filter(|p| {
-                p.file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .is_some_and(|n| n.starts_with(&prefix) && n.ends_with(".sock"))
+            .filter(|e| {
+                vmm::pool::parse_member_socket(&e.file_name().to_string_lossy())
+                    .is_some_and(|(m, v, _)| m == mem_mib && v == vcpus)
             })
+            .map(|e| e.path())
             .collect();
         let conn = socks.iter().find_map(|p| std::os::unix::net::UnixStream::connect(p).ok())?;
         let (dir, name) = (dir.to_path_buf(), id.to_string());

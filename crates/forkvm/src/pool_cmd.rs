@@ -101,10 +101,6 @@ pub fn pool_dir() -> PathBuf {
     vm::run_dir().join(".pool")
 }
 
-fn socket_name(mem: u64, vcpus: u8, pid: u32) -> String {
-    format!("m{}-v{vcpus}-{pid}.sock", mem >> 20)
-}
-
 /// Stops every live member (SIGTERM, then waits for it, at most 10 s each) and removes its
 /// socket and log; removes the sockets that crashed members left, but keeps their logs (they
 /// may say what went wrong), and says so.
@@ -195,13 +191,7 @@ fn sockets() -> Result<Vec<(PathBuf, u64, u8, i32)>, String> {
     let mut out = Vec::new();
     for e in rd.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        let Some(rest) = name.strip_prefix('m').and_then(|r| r.strip_suffix(".sock")) else { continue };
-        let parts: Vec<&str> = rest.split('-').collect();
-        if let [m, v, p] = parts[..] {
-            let (Ok(m), Some(Ok(v)), Ok(p)) = (m.parse::<u64>(), v.strip_prefix('v').map(str::parse::<u8>), p.parse())
-            else {
-                continue;
-            };
+        if let Some((m, v, p)) = vmm::pool::parse_member_socket(&name) {
             out.push((e.path(), m << 20, v, p));
         }
     }
@@ -256,7 +246,7 @@ fn member(a: &MemberArgs) -> Result<i32, String> {
     let dir = pool_dir();
     private_dir(&vm::run_dir())?;
     private_dir(&dir)?;
-    let sock = dir.join(socket_name(a.mem, a.vcpus, std::process::id()));
+    let sock = dir.join(vmm::pool::member_socket_name(a.mem >> 20, a.vcpus, std::process::id()));
     let listener = bind_private(&sock).map_err(|e| format!("cannot bind {}: {e}", sock.display()))?;
     {
         let mut out = std::io::stdout().lock();
